@@ -1,0 +1,197 @@
+"""RWKV-7 ("x070") inference: batched prefill and one-step decode with explicit state.
+
+Shapes: B rows, T tokens, C = n_embd, H = C / 64 heads, N = 64, V vocabulary.
+CPU computes in fp32; CUDA keeps weights and activations in fp16 (default) or bf16
+and the WKV state in fp32. ``forward`` never mutates the state it is given.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, ModelShape, load_checkpoint, model_identity
+from .state import State
+from .tokenizer import WorldTokenizer
+from .wkv import wkv7, wkv7_reference
+
+log = logging.getLogger("rwkv_engine")
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+           "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16}
+
+
+def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        if dtype not in (None, "auto", torch.float32, "fp32", "float32"):
+            log.info("device cpu computes in fp32 (asked for %s)", dtype)
+        return torch.float32
+    if dtype in (None, "auto"):
+        return torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
+    return _DTYPES[dtype]
+
+
+class _Layer:
+    """Weights of one block, prepared for inference (vectors flattened to [C])."""
+
+    def __init__(self, sd: dict, i: int, dtype, device, n_head: int):
+        def g(name, shape=None):
+            t = sd[f"blocks.{i}.{name}"].to(device=device, dtype=dtype)
+            return (t.reshape(shape) if shape is not None else t).contiguous()
+
+        C = sd["emb.weight"].shape[1]
+        self.ln1_w, self.ln1_b = g("ln1.weight"), g("ln1.bias")
+        self.ln2_w, self.ln2_b = g("ln2.weight"), g("ln2.bias")
+        # time-mix token-shift coefficients, each [C]
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (
+            g(f"att.x_{c}", (C,)) for c in "rwkvag")
+        self.w0, self.w1, self.w2 = g("att.w0", (C,)), g("att.w1"), g("att.w2")   # w1 [C, dw], w2 [dw, C]
+        self.a0, self.a1, self.a2 = g("att.a0", (C,)), g("att.a1"), g("att.a2")
+        self.has_v_mix = i > 0
+        if self.has_v_mix:
+            self.v0, self.v1, self.v2 = g("att.v0", (C,)), g("att.v1"), g("att.v2")
+        self.g1, self.g2 = g("att.g1"), g("att.g2")
+        self.k_k, self.k_a = g("att.k_k", (C,)), g("att.k_a", (C,))
+        self.r_k = g("att.r_k", (n_head, C // n_head))                            # [H, N]
+        self.W_r, self.W_k = g("att.receptance.weight"), g("att.key.weight")      # [C, C] (out, in)
+        self.W_v, self.W_o = g("att.value.weight"), g("att.output.weight")
+        self.lnx_w, self.lnx_b = g("att.ln_x.weight"), g("att.ln_x.bias")
+        self.ffn_x_k = g("ffn.x_k", (C,))
+        self.ffn_K, self.ffn_V = g("ffn.key.weight"), g("ffn.value.weight")       # [F, C], [C, F]
+
+
+class RWKV7:
+    """An RWKV-7 language model with an explicit, copyable recurrent state."""
+
+    def __init__(self, sd: dict, shape: ModelShape, device="cpu", dtype=None,
+                 world_ids=None, path: Optional[Path] = None, use_kernel: bool = True):
+        self.device = torch.device(device)
+        self.dtype = _parse_dtype(dtype, self.device)
+        self.shape = shape
+        self.path = path
+        self.use_kernel = use_kernel
+        self.world_ids = world_ids
+        self.tokenizer = (WorldTokenizer.from_world_ids(world_ids) if world_ids is not None
+                          else WorldTokenizer.default())
+        C, dt, dev = shape.n_embd, self.dtype, self.device
+        with torch.no_grad():
+            # fold blocks.0.ln0 into the embedding table (it only ever sees embeddings)
+            emb = F.layer_norm(sd["emb.weight"].float(), (C,), sd["blocks.0.ln0.weight"].float(),
+                               sd["blocks.0.ln0.bias"].float())
+            self.emb = emb.to(device=dev, dtype=dt).contiguous()                 # [V, C]
+            self.layers = [_Layer(sd, i, dt, dev, shape.n_head) for i in range(shape.n_layer)]
+            self.ln_out_w = sd["ln_out.weight"].to(device=dev, dtype=dt)
+            self.ln_out_b = sd["ln_out.bias"].to(device=dev, dtype=dt)
+            self.head = sd["head.weight"].to(device=dev, dtype=dt).contiguous()   # [V, C]
+        ident = f"{dev.type}|{dt}"
+        self.model_id = model_identity(path, ident) if path is not None else f"anon-{id(self)}"
+
+    # -- state ---------------------------------------------------------------
+    def new_state(self, batch: int = 1) -> State:
+        s = self.shape
+        return State.zeros(s.n_layer, batch, s.n_embd, s.n_head, s.head_size, self.dtype, self.device)
+
+    def state_bytes(self, batch: int = 1) -> int:
+        return self.shape.state_bytes(batch, torch.tensor([], dtype=self.dtype).element_size())
+
+    # -- forward -------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens, state: Optional[State] = None,
+                all_logits: bool = False) -> Tuple[torch.Tensor, State]:
+        """tokens LongTensor [B, T] -> (logits [B, V] fp32 of the last position, new state).
+
+        With ``all_logits`` the logits of every position are returned, [B, T, V].
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        if state is None:
+            state = self.new_state(B)
+        if state.batch != B:
+            raise ValueError(f"state has {state.batch} rows but tokens have {B}")
+        if int(tokens.max()) >= self.shape.vocab_size or int(tokens.min()) < 0:
+            raise ValueError(f"token id out of range for vocabulary size {self.shape.vocab_size}")
+        x = self.emb[tokens]                                                       # [B, T, C]
+        new = State([], [], [])
+        v_first = None
+        for i, layer in enumerate(self.layers):
+            x, v_first = self._time_mix(layer, x, state, new, i, v_first)
+            x = self._channel_mix(layer, x, state, new, i)
+        if not all_logits:
+            x = x[:, -1]                                                           # [B, C]
+        x = F.layer_norm(x, (self.shape.n_embd,), self.ln_out_w, self.ln_out_b)
+        return F.linear(x, self.head).float(), new
+
+    __call__ = forward
+
+    def _time_mix(self, p: _Layer, x, state: State, new: State, i: int, v_first):
+        B, T, C = x.shape
+        H, N = self.shape.n_head, self.shape.head_size
+        h = F.layer_norm(x, (C,), p.ln1_w, p.ln1_b)                                # [B, T, C]
+        prev = torch.cat([state.att_x[i][:, None], h[:, :-1]], dim=1) if T > 1 else state.att_x[i][:, None]
+        new.att_x.append(h[:, -1].contiguous())
+        d = prev - h
+        xr, xw, xk = torch.addcmul(h, d, p.x_r), torch.addcmul(h, d, p.x_w), torch.addcmul(h, d, p.x_k)
+        xv, xa, xg = torch.addcmul(h, d, p.x_v), torch.addcmul(h, d, p.x_a), torch.addcmul(h, d, p.x_g)
+        r = F.linear(xr, p.W_r)
+        k = F.linear(xk, p.W_k)
+        v = F.linear(xv, p.W_v)
+        w = -F.softplus(-(p.w0 + torch.tanh(xw @ p.w1) @ p.w2)) - 0.5             # log-log decay [B, T, C]
+        a = torch.sigmoid(p.a0 + (xa @ p.a1) @ p.a2)                               # in-context learning rate
+        g = torch.sigmoid(xg @ p.g1) @ p.g2                                        # output gate
+        kk = F.normalize((k * p.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k * (1 + (a - 1) * p.k_a)
+        if p.has_v_mix:
+            v = v + (v_first - v) * torch.sigmoid(p.v0 + (xv @ p.v1) @ p.v2)
+        else:
+            v_first = v
+        shp = (B, T, H, N)
+        wkv_fn = wkv7 if self.use_kernel else wkv7_reference
+        y, s_new = wkv_fn(state.wkv[i], r.view(shp).contiguous(), w.view(shp).contiguous(),
+                          k.view(shp).contiguous(), v.view(shp).contiguous(),
+                          (-kk).view(shp).contiguous(), (kk * a).view(shp).contiguous())
+        new.wkv.append(s_new)                                                      # [B, H, N, N] fp32
+        y = F.group_norm(y.reshape(B * T, C), H, p.lnx_w, p.lnx_b, eps=64e-5).view(B, T, C)
+        bonus = ((r * k).view(shp) * p.r_k).sum(dim=-1, keepdim=True) * v.view(shp)   # [B, T, H, N]
+        y = y + bonus.view(B, T, C)
+        return x + F.linear(y * g, p.W_o), v_first
+
+    def _channel_mix(self, p: _Layer, x, state: State, new: State, i: int):
+        B, T, C = x.shape
+        f = F.layer_norm(x, (C,), p.ln2_w, p.ln2_b)
+        prev = torch.cat([state.ffn_x[i][:, None], f[:, :-1]], dim=1) if T > 1 else state.ffn_x[i][:, None]
+        new.ffn_x.append(f[:, -1].contiguous())
+        kx = torch.addcmul(f, prev - f, p.ffn_x_k)
+        return x + F.linear(torch.relu(F.linear(kx, p.ffn_K)).square(), p.ffn_V)
+
+
+def load_model(path, device="cpu", dtype=None, use_kernel: bool = True) -> RWKV7:
+    """Load an official RWKV-7 ``.pth`` checkpoint (suffix optional) onto ``device``.
+
+    Raises CheckpointError (one line naming the file) for any unusable file, and
+    RuntimeError with a clear message when the device is not available.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA/ROCm GPU is available to torch")
+    p, sd, shape, world_ids = load_checkpoint(path)
+    try:
+        return RWKV7(sd, shape, device=dev, dtype=dtype, world_ids=world_ids, path=p,
+                     use_kernel=use_kernel)
+    except (RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        if "out of memory" in str(e).lower():
+            raise
+        raise CheckpointError(f"{p}: cannot build the model ({str(e).splitlines()[0][:160]})") from None
