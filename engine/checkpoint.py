@@ -79,11 +79,11 @@ def read_state_dict(path) -> tuple:
         mmap = zipfile.is_zipfile(str(p))
         sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+        text = str(e)
+        if "Unsupported global" in text or "GLOBAL" in text:
             raise CheckpointError(f"{p}: refused to load: the file contains Python objects, not only "
-                                  f"tensors (loaded with weights_only=True; {first[:160]})") from None
-        raise CheckpointError(f"{p}: corrupt checkpoint ({first[:160]})") from None
+                                  "tensors (loaded with weights_only=True, nothing was executed)") from None
+        raise CheckpointError(f"{p}: truncated or corrupt checkpoint (not a readable torch file)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "truncated or corrupt" if size < 1024 or "central directory" in msg or "EOF" in msg \

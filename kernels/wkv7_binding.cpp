@@ -1,13 +1,15 @@
 // Torch glue for the GPU WKV-7 kernel, shared by the CUDA build (with
-// kernels/wkv7_cuda.cu) and the ROCm build (with kernels/wkv7_hip.hip; torch's
-// JIT loader hipifies this file, mapping the c10::cuda names to their HIP twins).
-// Registers `torch.ops.rwkv_nvim_wkv7_gpu.wkv7_` (CUDA dispatch key; ROCm torch
-// uses the same key). The kernel sources stay free of torch headers and export
-// the plain extern "C" launcher declared below.
+// kernels/wkv7_cuda.cu) and the ROCm build (with kernels/wkv7_hip.hip).
+// Registers `torch.ops.rwkv_nvim_wkv7_gpu.wkv7_` under the CUDA dispatch key
+// (ROCm torch uses the same key for its HIP tensors). Only device-generic c10
+// APIs are used (DeviceGuard, the current Stream's native handle), so the same
+// file builds against CUDA and ROCm torch with nothing to hipify. The kernel
+// sources stay free of torch headers and export the extern "C" launcher below.
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -68,8 +70,11 @@ void wkv7_gpu_(at::Tensor state, const at::Tensor& r, const at::Tensor& w, const
                const at::Tensor& v, const at::Tensor& a, const at::Tensor& b, at::Tensor y) {
   check_inputs(state, r, w, k, v, a, b, y);
   const int code = dtype_code(r.scalar_type());
-  const c10::cuda::CUDAGuard guard(state.device());
-  void* stream = static_cast<void*>(c10::cuda::getCurrentCUDAStream(state.device().index()).stream());
+  const c10::DeviceGuard guard(state.device());
+  // The current stream (honours torch.cuda.stream(...) and CUDA-graph capture).
+  const c10::Stream current =
+      c10::impl::getDeviceGuardImpl(state.device().type())->getStream(state.device());
+  void* stream = current.native_handle();
   const int err = rwkv_wkv7_forward(
       code, static_cast<int>(r.size(0)), static_cast<int>(r.size(1)), static_cast<int>(r.size(2)),
       state.data_ptr<float>(), r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(),

@@ -1,0 +1,349 @@
+"""JIT build and load of the compiled WKV-7 kernels (CUDA, ROCm/HIP, CPU).
+
+``get_wkv7(device)`` returns a :class:`WKV7Kernel` for the device, or ``None`` when
+no kernel can be had; the caller (``rwkv_engine.wkv.wkv7``) then uses the pure-torch
+reference. The first request per backend and process builds the extension with
+``torch.utils.cpp_extension.load`` (ninja) into a per-user cache directory and
+loads it; later requests, from any thread, get the memoized result - including a
+failure, which is reported by exactly one ``RuntimeWarning`` naming the cause
+(first line of the compiler error).
+
+Sources (repository ``kernels/``):
+    cuda: wkv7_cuda.cu + wkv7_binding.cpp   -> torch.ops.rwkv_nvim_wkv7_gpu.wkv7_
+    hip:  wkv7_hip.hip + wkv7_binding.cpp   -> torch.ops.rwkv_nvim_wkv7_gpu.wkv7_
+    cpu:  wkv7_cpu.cpp                      -> torch.ops.rwkv_nvim_wkv7_cpu.wkv7_
+
+Cache directory: ``$RWKV_NVIM_KERNEL_DIR/<torch version>-<backend>`` or, by default,
+``$XDG_CACHE_HOME/rwkv.nvim/kernels/<torch version>-<backend>`` (``~/.cache`` when
+XDG_CACHE_HOME is unset); directories created here are mode 0700. The CPU build is
+tuned for the build machine (-march=native), so its directory name also carries a
+short hash of the CPU model.
+
+Environment:
+    RWKV_NVIM_NO_KERNEL=1        never use a compiled kernel (always the reference)
+    RWKV_NVIM_KERNEL_DIR=PATH    root of the kernel cache
+    RWKV_NVIM_KERNEL_VERBOSE=1   show the compiler command lines and output
+
+Importing this module imports neither torch.utils.cpp_extension nor a compiler;
+torch itself is imported on the first ``get_wkv7`` call.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str], None]
+
+HEAD_SIZE = 64
+BACKENDS = ("cuda", "hip", "cpu")
+STALE_LOCK_SECONDS = 600  # a build never takes this long; an older lock is a killed build
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What to compile for one backend and the op it registers."""
+
+    backend: str             # "cuda" | "hip" | "cpu"
+    sources: tuple[str, ...]  # file names under kernels/
+    namespace: str           # torch.ops namespace registered by the sources
+    extra_cflags: tuple[str, ...]
+    extra_cuda_cflags: tuple[str, ...]
+    with_cuda: bool
+
+
+def _cpu_cflags() -> tuple[str, ...]:
+    flags = ["-O3", "-fopenmp-simd"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-march=native")
+    return tuple(flags)
+
+
+def kernel_spec(backend: str) -> KernelSpec:
+    """The build recipe of a backend ("cuda", "hip" or "cpu")."""
+    if backend == "cuda":
+        return KernelSpec("cuda", ("wkv7_cuda.cu", "wkv7_binding.cpp"), "rwkv_nvim_wkv7_gpu",
+                          ("-O3",), ("-O3", "-Xptxas=-O3"), True)
+    if backend == "hip":
+        return KernelSpec("hip", ("wkv7_hip.hip", "wkv7_binding.cpp"), "rwkv_nvim_wkv7_gpu",
+                          ("-O3",), ("-O3",), True)
+    if backend == "cpu":
+        return KernelSpec("cpu", ("wkv7_cpu.cpp",), "rwkv_nvim_wkv7_cpu", _cpu_cflags(), (), False)
+    raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
+
+
+class WKV7Kernel:
+    """A loaded WKV-7 op: ``kernel(state, r, w, k, v, a, b) -> (y, new_state)``.
+
+    state [B, H, 64, 64] fp32 (S[value i, key j]); r, w, k, v, a, b [B, T, H, 64]
+    (fp16/bf16/fp32 on GPU; the CPU op computes in fp32 and casts y back);
+    w is the log-log decay. ``__call__`` never mutates its inputs; ``inplace``
+    updates ``state`` in place and writes ``y`` (for CUDA-graph decode).
+    """
+
+    def __init__(self, backend: str, op, build_seconds: float, build_dir: Path) -> None:
+        self.backend = backend
+        self.build_seconds = build_seconds  # 0.0 when loaded from the cache
+        self.build_dir = build_dir
+        self._op = op
+
+    def __repr__(self) -> str:
+        return f"WKV7Kernel(backend={self.backend!r}, build_dir={str(self.build_dir)!r})"
+
+    def __call__(self, state, r, w, k, v, a, b):
+        import torch
+
+        new_state = state.to(dtype=torch.float32, memory_format=torch.contiguous_format,
+                             copy=True)  # [B, H, 64, 64] fp32
+        y = self.inplace(new_state, r, w, k, v, a, b)
+        return y, new_state
+
+    def inplace(self, state, r, w, k, v, a, b, y=None):
+        """Advance ``state`` (contiguous fp32, modified) over T steps; return y [B, T, H, 64].
+
+        ``y`` may be a preallocated contiguous output of r's shape and dtype (it is
+        written and returned), which keeps the call allocation-free inside a CUDA graph.
+        """
+        import torch
+
+        if r.dim() != 4 or r.shape[-1] != HEAD_SIZE:
+            raise ValueError(f"wkv7: r must be [B, T, H, {HEAD_SIZE}], got {tuple(r.shape)}")
+        out_dtype = r.dtype
+        if self.backend == "cpu" and out_dtype != torch.float32:
+            r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+        r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+        if y is None:
+            y = torch.empty_like(r)
+        elif y.dtype != out_dtype or y.shape != r.shape:
+            raise ValueError(f"wkv7: y must be {tuple(r.shape)} {out_dtype}, "
+                             f"got {tuple(y.shape)} {y.dtype}")
+        if y.dtype == r.dtype:
+            self._op(state, r, w, k, v, a, b, y)
+            return y
+        y32 = torch.empty_like(r)  # CPU op on non-fp32 inputs: compute fp32, cast into y
+        self._op(state, r, w, k, v, a, b, y32)
+        y.copy_(y32)
+        return y
+
+
+# ---------------------------------------------------------------- build & cache
+
+_lock = threading.Lock()
+_memo: dict[str, Optional[WKV7Kernel]] = {}
+_errors: dict[str, str] = {}
+
+
+def kernels_source_dir() -> Path:
+    """The directory with the kernel sources (``kernels/`` of the repository)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "wkv7_cpu.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"WKV-7 kernel sources not found next to {here}")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def _cpu_model_tag() -> str:
+    """Short hash of the CPU model/flags (the CPU build uses -march=native)."""
+    info = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    info += line
+                if line.strip() == "":
+                    break  # first processor block is enough
+    except OSError:
+        pass
+    return hashlib.sha256(info.encode()).hexdigest()[:8]
+
+
+def cache_dir(backend: str) -> Path:
+    """Build directory for ``backend`` (not created)."""
+    import torch
+
+    root = os.environ.get("RWKV_NVIM_KERNEL_DIR")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = Path(xdg).expanduser() / "rwkv.nvim" / "kernels"
+    name = f"{_safe(torch.__version__)}-{backend}"
+    if backend == "cpu":
+        name += f"-{_safe(platform.machine())}-{_cpu_model_tag()}"
+    return base / name
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and missing parents with mode 0700 (existing ones untouched)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        os.chmod(d, 0o700)
+
+
+def _sync_sources(src_dir: Path, build_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy sources into the build dir, only when changed (ninja rebuilds on mtime)."""
+    out = []
+    for name in names:
+        src, dst = src_dir / name, build_dir / name
+        data = src.read_bytes()
+        if not dst.exists() or dst.read_bytes() != data:
+            tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+        out.append(str(dst))
+    return out
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"  # torch's FileBaton; left behind by a killed build
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+            log.info("removed stale kernel build lock %s", lock)
+    except FileNotFoundError:
+        pass
+
+
+def first_error_line(exc: BaseException) -> str:
+    """The most telling line of a build failure: the first compiler ``error`` line."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"\berror\b", ln, re.IGNORECASE) and not ln.startswith(("Error building", "FAILED:")):
+            return ln[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _check_compiler(backend: str) -> None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401  (the PyPI wheel puts the binary next to python)
+        except ImportError:
+            raise RuntimeError("ninja is not installed (pip install ninja)") from None
+
+
+def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
+    import torch
+
+    spec = kernel_spec(backend)
+    build_dir = cache_dir(backend)
+    _make_private_dirs(build_dir)
+    sources = _sync_sources(kernels_source_dir(), build_dir, spec.sources)
+    _clear_stale_lock(build_dir)
+    _check_compiler(backend)
+    name = f"rwkv_nvim_wkv7_{backend}"
+    fresh = not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd"))
+    if fresh and progress is not None:
+        progress(f"building the WKV-7 {backend} kernel (first use, takes a minute)…")
+    from torch.utils import cpp_extension  # deferred: heavy, and only needed here
+
+    started = time.perf_counter()
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=list(spec.extra_cflags),
+        extra_cuda_cflags=list(spec.extra_cuda_cflags) or None,
+        build_directory=str(build_dir),
+        with_cuda=spec.with_cuda,
+        is_python_module=False,
+        verbose=os.environ.get("RWKV_NVIM_KERNEL_VERBOSE") == "1",
+    )
+    seconds = time.perf_counter() - started
+    op = getattr(getattr(torch.ops, spec.namespace), "wkv7_")
+    if fresh and progress is not None:
+        progress(f"WKV-7 {backend} kernel ready ({seconds:.0f} s)")
+    log.info("WKV-7 %s kernel loaded from %s in %.1f s", backend, build_dir, seconds)
+    return WKV7Kernel(backend, op, seconds if fresh else 0.0, build_dir)
+
+
+def backend_for(device) -> Optional[str]:
+    """"cuda", "hip" or "cpu" for a torch device (or device string); None if unsupported."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        if torch.version.hip:
+            return "hip"
+        return "cuda" if torch.version.cuda else None
+    return None
+
+
+def kernels_disabled() -> bool:
+    return os.environ.get("RWKV_NVIM_NO_KERNEL", "").strip() not in ("", "0")
+
+
+def get_wkv7(device, progress: Optional[ProgressFn] = None) -> Optional[WKV7Kernel]:
+    """The compiled WKV-7 kernel for ``device``, built on first use; None to use the reference.
+
+    ``progress`` (optional) receives one-line messages while a first build runs, so
+    the editor can say "building kernel…". Thread-safe; the outcome per backend is
+    memoized for the process. A failed build warns once (RuntimeWarning) and
+    returns None from then on.
+    """
+    if kernels_disabled():
+        return None
+    backend = backend_for(device)
+    if backend is None:
+        return None
+    if backend in _memo:
+        return _memo[backend]
+    with _lock:
+        if backend in _memo:
+            return _memo[backend]
+        try:
+            kernel: Optional[WKV7Kernel] = _build(backend, progress)
+        except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the reference"
+            reason = first_error_line(exc)
+            _errors[backend] = reason
+            kernel = None
+            warnings.warn(f"rwkv.nvim: WKV-7 {backend} kernel unavailable, using the slower torch "
+                          f"reference: {reason}", RuntimeWarning, stacklevel=2)
+            log.debug("WKV-7 %s kernel build failed", backend, exc_info=True)
+        _memo[backend] = kernel
+        return kernel
+
+
+def kernel_status() -> dict[str, str]:
+    """Per backend tried so far: "ready (<dir>)" or "failed: <reason>" (for :RwkvStatus/health)."""
+    out = {}
+    for backend, kernel in _memo.items():
+        out[backend] = f"ready ({kernel.build_dir})" if kernel is not None else f"failed: {_errors.get(backend, '?')}"
+    return out
+
+
+def _reset_for_tests() -> None:
+    """Forget memoized outcomes (tests only; a loaded op stays registered)."""
+    with _lock:
+        _memo.clear()
+        _errors.clear()

@@ -1,0 +1,208 @@
+"""Prompt layout for state reuse: what changes most often goes at the END.
+
+    [0]                                          start token
+    [chunk 1] ... [chunk n]                      ring chunks, oldest first
+    [far prefix of this file]                    lines above the FIM window
+    ✿prefix✿✿suffix✿ {near suffix} ✿middle✿ {near prefix lines}{cursor line up to the cursor}
+
+(RWKV-7 G1c suffix-first FIM; generation continues the prefix.) When only
+whitespace follows the cursor the FIM markers are left out and the prompt is the
+plain text up to the cursor. Text is tokenized LINE BY LINE: every line with its
+"\n" is encoded on its own (cached per line text in an LRU), so a token never
+spans two lines and a 2,000-line window re-tokenizes from the cache.
+
+The prompt is a list of *segments* (start token, chunks, lines, markers, the cursor
+line); the state cache keys checkpoints by a hash chain over segments, so each
+segment boundary is a possible resume point. Boundaries are placed so that
+  * typing on one line changes only the last segment,
+  * moving one line changes only the FIM window: the far/near split is aligned to
+    ``NEAR_ALIGN`` lines and the far prefix start to ``FAR_ALIGN`` lines, so both
+    stay put while the cursor moves inside a block of lines.
+No torch import here.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from .context_ring import Chunk
+
+FIM_PREFIX = "✿prefix✿"
+FIM_SUFFIX = "✿suffix✿"
+FIM_MIDDLE = "✿middle✿"
+CHUNK_HEADER = "✿file✿{filename}\n"   # first line of a ring chunk in the prompt
+START_TOKEN = 0
+
+NEAR_ALIGN = 8        # the far/near split sits on a multiple of this many lines
+FAR_ALIGN = 64        # the far prefix starts on a multiple of this many lines
+FAR_DENSE = 32        # checkpoint every NEAR_ALIGN lines within this many lines above the split
+FAR_SPARSE = 64       # ... and every FAR_SPARSE lines further up
+
+# checkpoint kinds of a segment boundary
+CK_NONE, CK_MEM, CK_PERSIST = 0, 1, 2
+
+
+@dataclass
+class Segment:
+    kind: str                  # "start" | "chunk" | "far" | "marker" | "suffix" | "near" | "cursor"
+    tokens: Tuple[int, ...]
+    checkpoint: int = CK_NONE  # store the state after this segment: none / memory / memory+disk
+
+
+@dataclass
+class Prompt:
+    segments: List[Segment]
+    fim: bool                       # FIM layout (False = plain continuation)
+    line_prefix: str                # cursor line up to the cursor
+    line_suffix: str                # cursor line after the cursor
+    after_lines: List[str]          # text after the cursor: [line_suffix, following lines...]
+    indent: int                     # display width of the cursor line's indentation
+    around_cursor: List[str] = field(default_factory=list)   # lines near the cursor (ring eviction)
+    n_chunks: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.segments)
+
+    def tokens(self) -> List[int]:
+        out: List[int] = []
+        for s in self.segments:
+            out.extend(s.tokens)
+        return out
+
+
+class LineTokenizer:
+    """Encodes text pieces through an LRU cache keyed by the exact text."""
+
+    def __init__(self, tokenizer, max_entries: int = 16384):
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self._cache: "OrderedDict[str, Tuple[int, ...]]" = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def encode(self, text: str) -> Tuple[int, ...]:
+        cached = self._cache.get(text)
+        if cached is not None:
+            self._cache.move_to_end(text)
+            self.hits += 1
+            return cached
+        self.misses += 1
+        toks = tuple(self.tokenizer.encode(text))
+        self._cache[text] = toks
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return toks
+
+
+def indent_width(line: str, tabstop: int = 8) -> int:
+    """Display width of the leading whitespace of ``line``."""
+    lead = line[: len(line) - len(line.lstrip(" \t"))]
+    return len(lead.expandtabs(tabstop))
+
+
+def split_at_byte_col(line: str, col: int) -> Tuple[str, str]:
+    """Split ``line`` at byte column ``col`` (backs off to a character boundary)."""
+    raw = line.encode("utf-8")
+    col = max(0, min(col, len(raw)))
+    while col > 0 and col < len(raw) and (raw[col] & 0xC0) == 0x80:
+        col -= 1                       # inside a multi-byte character
+    return raw[:col].decode("utf-8", errors="replace"), raw[col:].decode("utf-8", errors="replace")
+
+
+def validate_request(req: dict) -> None:
+    """One-line ValueError for a malformed completion request."""
+    for key in ("lines", "first", "row", "col"):
+        if key not in req:
+            raise ValueError(f"completion request has no {key!r}")
+    lines = req["lines"]
+    if not isinstance(lines, (list, tuple)) or not all(isinstance(x, str) for x in lines):
+        raise ValueError("completion request 'lines' must be a list of strings")
+    first, row, col = req["first"], req["row"], req["col"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, row, col)):
+        raise ValueError("completion request 'first', 'row' and 'col' must be integers")
+    if first < 0 or col < 0:
+        raise ValueError("completion request 'first' and 'col' must be >= 0")
+    if not first <= row < first + len(lines):
+        raise ValueError(f"cursor row {row} is outside the window of lines {first}..{first + len(lines) - 1}")
+
+
+class PromptBuilder:
+    """Turns a request (window of buffer lines + cursor) and ring chunks into a Prompt."""
+
+    def __init__(self, config, tokenizer, line_cache_entries: int = 16384):
+        self.config = config
+        self.lines = LineTokenizer(tokenizer, line_cache_entries)
+
+    def chunk_segment(self, chunk: Chunk) -> Segment:
+        enc = self.lines.encode
+        toks: List[int] = list(enc(CHUNK_HEADER.format(filename=chunk.filename or "untitled")))
+        for ln in chunk.lines:
+            toks.extend(enc(ln + "\n"))
+        return Segment("chunk", tuple(toks), CK_PERSIST)
+
+    def build(self, req: dict, chunks: Sequence[Chunk] = ()) -> Prompt:
+        validate_request(req)
+        cfg = self.config
+        enc = self.lines.encode
+        lines: List[str] = list(req["lines"])
+        first, row = req["first"], req["row"]
+        r = row - first                                   # cursor index inside the window
+        line_prefix, line_suffix = split_at_byte_col(lines[r], req["col"])
+        below = lines[r + 1: r + 1 + cfg.n_suffix]
+        fim = bool(line_suffix.strip()) or any(ln.strip() for ln in below)
+
+        # far prefix start: aligned up to FAR_ALIGN so it moves only every FAR_ALIGN lines
+        far_start = max(first, _ceil_to(row - cfg.n_prefix, FAR_ALIGN))
+        # far/near split: aligned down to NEAR_ALIGN, at least near_prefix lines above the cursor
+        split = max(far_start, _floor_to(row - cfg.near_prefix, NEAR_ALIGN))
+        if not fim:
+            split = row                                   # plain text: every line is "far"
+
+        segments: List[Segment] = [Segment("start", (START_TOKEN,))]
+        for c in chunks:
+            segments.append(self.chunk_segment(c))
+
+        for ln_no in range(far_start, split):
+            end = ln_no + 1                               # boundary after this line
+            dense = end >= split - FAR_DENSE and end % NEAR_ALIGN == 0
+            ck = CK_MEM if (dense or end % FAR_SPARSE == 0 or end == split or end >= row - 1) else CK_NONE
+            segments.append(Segment("far", enc(lines[ln_no - first] + "\n"), ck))
+
+        if fim:
+            segments.append(Segment("marker", enc(FIM_PREFIX + FIM_SUFFIX)))
+            segments.append(Segment("suffix", enc(line_suffix + "\n")))
+            for ln in below[: cfg.near_suffix]:
+                segments.append(Segment("suffix", enc(ln + "\n")))
+            segments.append(Segment("marker", enc(FIM_MIDDLE), CK_MEM))
+            for ln_no in range(split, row):
+                ck = CK_MEM if ln_no + 1 >= row - 1 else CK_NONE
+                segments.append(Segment("near", enc(lines[ln_no - first] + "\n"), ck))
+
+        segments.append(Segment("cursor", enc(line_prefix) if line_prefix else ()))
+        segments = [s for s in segments if s.tokens]
+
+        lo = max(0, r - cfg.ring_chunk_size // 2)
+        around = [ln for ln in lines[lo: r + cfg.ring_chunk_size // 2] if ln.strip()]
+        return Prompt(
+            segments=segments, fim=fim, line_prefix=line_prefix, line_suffix=line_suffix,
+            after_lines=[line_suffix] + list(below), indent=_cursor_indent(line_prefix, lines[r]),
+            around_cursor=around, n_chunks=len(chunks),
+        )
+
+
+def _cursor_indent(line_prefix: str, line: str) -> int:
+    """Indentation that a completion must not leave: the cursor line's (or the cursor's
+    column when the line is blank up to the cursor)."""
+    if line_prefix.strip():
+        return indent_width(line)
+    return len(line_prefix.expandtabs(8))
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -((-x) // m) * m
+
+
+def _floor_to(x: int, m: int) -> int:
+    return (x // m) * m

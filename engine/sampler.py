@@ -1,0 +1,111 @@
+"""Batched token sampler: penalties with decay, temperature, top-p, top-k, per-row seeds.
+
+Per step and row (as in the rwkv package's sampler):
+    logit[n] -= alpha_presence * [n seen] + occurrences[n] * alpha_frequency
+    occurrences *= alpha_decay ; then softmax -> top_p -> top_k -> probs ** (1 / T)
+Temperature 0 is greedy. Each row draws from its own torch.Generator, so a row's
+tokens depend only on its seed and its own logits: N forked rows decoded together
+equal N separate decodes with the same seeds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0                 # 0 = off
+    alpha_presence: float = 0.0
+    alpha_frequency: float = 0.2
+    alpha_decay: float = 0.996
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.alpha_decay <= 1:
+            raise ValueError(f"alpha_decay must be in [0, 1], got {self.alpha_decay}")
+
+
+class Sampler:
+    """Samples one token per row from logits [B, V]; keeps per-row penalty counts."""
+
+    def __init__(self, params: SamplingParams, batch: int, vocab: int,
+                 seeds: Optional[Sequence[int]] = None, device="cpu"):
+        self.params = params
+        self.batch = batch
+        self.device = torch.device(device)
+        self.occurrences = torch.zeros(batch, vocab, dtype=torch.float32, device=self.device)  # [B, V]
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=self.device)             # [B, V]
+        seeds = list(seeds) if seeds is not None else list(range(batch))
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} rows")
+        # generators live on the CPU: sampling happens on a [V] row copied there
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (rows that stopped are dropped from the batch)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        self.occurrences = self.occurrences.index_select(0, idx)
+        self.seen = self.seen.index_select(0, idx)
+        self.generators = [self.generators[i] for i in rows]
+        self.batch = len(rows)
+
+    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] fp32 after presence/frequency penalties."""
+        p = self.params
+        logits = logits.float()
+        if p.alpha_presence or p.alpha_frequency:
+            logits = logits - self.seen.float() * p.alpha_presence - self.occurrences * p.alpha_frequency
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] -> (tokens [B] long, log-probabilities [B] under the penalized model)."""
+        p = self.params
+        logits = self.penalized(logits)
+        logp = torch.log_softmax(logits, dim=-1)                                  # [B, V]
+        if p.temperature == 0:
+            tokens = logits.argmax(dim=-1)
+        else:
+            probs = logp.exp().cpu()
+            tokens = torch.empty(self.batch, dtype=torch.long)
+            for b in range(self.batch):
+                tokens[b] = self._sample_row(probs[b], self.generators[b])
+            tokens = tokens.to(self.device)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+        self.update(tokens)
+        return tokens, chosen
+
+    def _sample_row(self, probs: torch.Tensor, gen: torch.Generator) -> int:
+        """probs [V] (sums to 1) -> one token id."""
+        p = self.params
+        if p.top_p < 1 or p.top_k:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.ones_like(sorted_p, dtype=torch.bool)
+            if p.top_p < 1:
+                cum = torch.cumsum(sorted_p, dim=0)
+                keep &= (cum - sorted_p) < p.top_p        # always keeps the first token
+            if p.top_k:
+                keep[p.top_k:] = False
+            cutoff = sorted_p[keep].min()
+            probs = torch.where(probs >= cutoff, probs, torch.zeros_like(probs))
+        if p.temperature != 1.0:
+            probs = probs ** (1.0 / p.temperature)
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Record sampled tokens [B] for the penalties."""
+        p = self.params
+        if p.alpha_decay != 1.0:
+            self.occurrences *= p.alpha_decay
+        rows = torch.arange(self.batch, device=self.device)
+        self.occurrences[rows, tokens] += 1.0
+        self.seen[rows, tokens] = True

@@ -1,0 +1,168 @@
+-- rwkv.nvim: the candidate window. A non-focusable float beside the cursor that lists
+-- every candidate, numbered, a few lines each, the current one highlighted. It is
+-- placed above the cursor line (or below the ghost text's extra lines) so that it never
+-- covers the ghost text, and it never takes the focus.
+local M = {}
+
+M.ns = vim.api.nvim_create_namespace("rwkv_float")
+
+local state = {
+  buf = nil, ---@type integer|nil
+  win = nil, ---@type integer|nil
+  ranges = {}, ---@type {first: integer, last: integer}[]  0-based float lines per candidate
+}
+
+function M.define_highlights()
+  vim.api.nvim_set_hl(0, "RwkvFloat", { link = "NormalFloat", default = true })
+  vim.api.nvim_set_hl(0, "RwkvFloatBorder", { link = "FloatBorder", default = true })
+  vim.api.nvim_set_hl(0, "RwkvFloatSelected", { link = "PmenuSel", default = true })
+  vim.api.nvim_set_hl(0, "RwkvFloatNumber", { link = "Number", default = true })
+end
+
+local function scratch_buf()
+  if state.buf and vim.api.nvim_buf_is_valid(state.buf) then
+    return state.buf
+  end
+  state.buf = vim.api.nvim_create_buf(false, true)
+  vim.bo[state.buf].bufhidden = "hide"
+  vim.bo[state.buf].filetype = "rwkv_candidates"
+  return state.buf
+end
+
+--- Render candidate texts into display lines.
+---@param items string[]
+---@param opts {max_lines: integer, ts: integer}
+---@return string[] lines, {first: integer, last: integer}[] ranges
+function M.layout(items, opts)
+  local ghost = require("rwkv.ghost")
+  local lines, ranges = {}, {}
+  local width = #tostring(#items)
+  for i, text in ipairs(items) do
+    local tlines = vim.split(text, "\n", { plain = true })
+    local first = #lines
+    local shown = math.min(#tlines, opts.max_lines)
+    for j = 1, shown do
+      local body = ghost.expand_tabs(tlines[j], 0, opts.ts)
+      if j == 1 and body == "" and #tlines > 1 then
+        body = "⏎"
+      end
+      local prefix = j == 1 and string.format("%" .. width .. "d ", i) or string.rep(" ", width + 1)
+      if j == shown and #tlines > shown then
+        body = body .. (" … +%d"):format(#tlines - shown)
+      end
+      lines[#lines + 1] = prefix .. body
+    end
+    ranges[i] = { first = first, last = #lines - 1 }
+  end
+  return lines, ranges
+end
+
+local function highlight(index)
+  local buf = state.buf
+  vim.api.nvim_buf_clear_namespace(buf, M.ns, 0, -1)
+  local width = #tostring(#state.ranges)
+  for i, r in ipairs(state.ranges) do
+    vim.api.nvim_buf_set_extmark(buf, M.ns, r.first, 0, { end_col = width, hl_group = "RwkvFloatNumber" })
+    if i == index then
+      for l = r.first, r.last do
+        vim.api.nvim_buf_set_extmark(buf, M.ns, l, 0, { line_hl_group = "RwkvFloatSelected", priority = 100 })
+      end
+    end
+  end
+end
+
+local function title(index, n)
+  return (" rwkv %d/%d "):format(index, n)
+end
+
+--- Show (or update) the window for `items` with `index` selected.
+---@param items string[]
+---@param index integer
+---@param opts {max_lines: integer, max_width: integer, border: any, below: integer}
+---   below: screen lines the ghost text takes under the cursor line
+function M.show(items, index, opts)
+  local buf = scratch_buf()
+  local lines, ranges = M.layout(items, { max_lines = opts.max_lines, ts = vim.bo.tabstop })
+  state.ranges = ranges
+  vim.api.nvim_buf_set_lines(buf, 0, -1, false, lines)
+
+  local width = 1
+  for _, l in ipairs(lines) do
+    width = math.max(width, vim.fn.strdisplaywidth(l))
+  end
+  local has_border = opts.border ~= "none" and opts.border ~= ""
+  local frame = has_border and 2 or 0
+  width = math.min(width + 1, opts.max_width, math.max(10, vim.o.columns - frame - 2))
+  local height = math.min(#lines, math.max(1, vim.o.lines - 4 - frame))
+
+  -- above the cursor line when it fits, else under the ghost text's lines
+  local room_above = vim.fn.winline() - 1
+  local cfg = {
+    relative = "cursor",
+    col = 0,
+    width = width,
+    height = height,
+    style = "minimal",
+    border = opts.border,
+    focusable = false,
+    zindex = 60,
+  }
+  if room_above >= height + frame then
+    cfg.row, cfg.anchor = 0, "SW"
+  else
+    cfg.row, cfg.anchor = 1 + (opts.below or 0), "NW"
+  end
+  if has_border then
+    cfg.title = title(index, #items)
+    cfg.title_pos = "right"
+  end
+
+  if state.win and vim.api.nvim_win_is_valid(state.win) then
+    vim.api.nvim_win_set_config(state.win, cfg)
+  else
+    cfg.noautocmd = true
+    state.win = vim.api.nvim_open_win(buf, false, cfg)
+    vim.wo[state.win].wrap = false
+    vim.wo[state.win].winhighlight = "Normal:RwkvFloat,NormalFloat:RwkvFloat,FloatBorder:RwkvFloatBorder"
+  end
+  highlight(index)
+  pcall(vim.api.nvim_win_set_cursor, state.win, { ranges[index].first + 1, 0 })
+end
+
+--- Move the highlight to `index` (no re-layout).
+function M.select(index, n)
+  if not M.is_open() or not state.ranges[index] then
+    return
+  end
+  highlight(index)
+  pcall(vim.api.nvim_win_set_cursor, state.win, { state.ranges[index].first + 1, 0 })
+  local cfg = vim.api.nvim_win_get_config(state.win)
+  if cfg.title then
+    pcall(vim.api.nvim_win_set_config, state.win, { title = title(index, n), title_pos = "right" })
+  end
+end
+
+function M.is_open()
+  return state.win ~= nil and vim.api.nvim_win_is_valid(state.win)
+end
+
+--- Lines currently shown (tests and debugging).
+function M.lines()
+  if not M.is_open() then
+    return nil
+  end
+  return vim.api.nvim_buf_get_lines(state.buf, 0, -1, false)
+end
+
+function M.win()
+  return M.is_open() and state.win or nil
+end
+
+function M.close()
+  if state.win and vim.api.nvim_win_is_valid(state.win) then
+    pcall(vim.api.nvim_win_close, state.win, true)
+  end
+  state.win = nil
+end
+
+return M
