@@ -22,6 +22,7 @@ class EngineConfig:
     model: Optional[str] = None          # None = engine/data/default-model.pth; a path; or a short name
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
     dtype: str = "auto"                  # "auto" | "fp16" | "bf16" | "fp32"
+    download_dir: Optional[str] = None   # where `download` put models (None = the Hugging Face cache)
     # candidates and sampling
     candidates: int = 4                  # rows decoded in one batch (1..16)
     max_tokens: int = 64                 # per candidate

@@ -32,12 +32,11 @@ SUBPROCESS_TIMEOUT = 90  # seconds; the unreachable-endpoint case needs ~25 (hub
 
 # -- helpers ------------------------------------------------------------------------------
 def _console_script() -> list[str]:
-    """`rwkv-nvim download` (the lead's console script) when it has the subcommand, else the
-    module entry point `python -m rwkv_engine.download` with the same arguments."""
+    """`rwkv-nvim download`: the installed console script next to this interpreter (or on
+    PATH); without one, the same entry point run as `python -m rwkv_engine.cli`."""
     script = Path(sys.executable).with_name("rwkv-nvim")
-    if script.exists() and (Path(dl.__file__).with_name("cli.py")).exists():
-        return [str(script), "download"]
-    return [sys.executable, "-m", "rwkv_engine.download"]
+    found = str(script) if script.exists() else shutil.which("rwkv-nvim")
+    return [found, "download"] if found else [sys.executable, "-m", "rwkv_engine.cli", "download"]
 
 
 def _env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
@@ -211,4 +210,7 @@ def test_console_script_end_to_end(hub, payloads, tmp_path):
     assert result.returncode == 0, f"{cmd}: {result.stderr}"
     path = Path(_lines(result.stdout)[-1])
     assert path.name == NEW_01B and path.read_bytes() == payloads[NEW_01B]
-    assert shutil.which(cmd[0]) or Path(cmd[0]).exists()
+
+    unknown = _run(["g1-99b", "--quiet"], hub.url, tmp_path / "hf", cmd=cmd)
+    assert unknown.returncode == 1 and len(_lines(unknown.stderr)) == 1
+    assert "Traceback" not in unknown.stderr

@@ -1,0 +1,169 @@
+"""Candidates: fork the prompt state into N rows, decode them in one batch, stop each
+row on its own rules, then filter and rank.
+
+Per step the whole batch is one ``model.forward(tokens [B, 1], state)`` call; rows
+that stop are dropped from the batch (``State.select`` / ``Sampler.select``). Each
+row samples from its own seeded generator, so row i of a forked decode equals a
+single-row decode with seed i.
+
+Stop rules per row: token 0 (end of text), a stop string, leaving the block (a
+non-empty line indented less than the cursor line), ``max_lines`` lines,
+``max_tokens`` tokens, or the request's deadline (all rows). Afterwards candidates
+that are whitespace-only, that only repeat the text already after the cursor, or
+that duplicate a better one are dropped; the rest are ranked by mean log-probability.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .prompt_layout import indent_width
+from .sampler import Sampler, SamplingParams
+
+EOS = 0
+
+
+@dataclass
+class StopRules:
+    max_tokens: int = 64
+    max_lines: int = 8
+    stop_strings: Sequence[str] = ()
+    indent: int = 0                      # cursor line indentation; a dedent below it ends the block
+    deadline: Optional[float] = None     # time.monotonic() value after which every row stops
+
+
+@dataclass
+class Row:
+    tokens: List[int] = field(default_factory=list)      # sampled tokens (without the final 0)
+    logprobs: List[float] = field(default_factory=list)  # of every sampled token (with the final 0)
+    raw: str = ""                                        # decoded text of ``tokens``
+    text: str = ""                                       # raw text cut by the stop rules
+    done: bool = False
+    reason: str = ""                                     # eos|stop|block|max_lines|max_tokens|time
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
+
+
+def apply_text_rules(text: str, rules: StopRules):
+    """(text cut at the first text-based stop, reason or "") for a row's decoded text."""
+    cut, reason = len(text), ""
+    for s in rules.stop_strings:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut, reason = i, "stop"
+    lines = text[:cut].split("\n")
+    pos = len(lines[0])
+    for n, line in enumerate(lines[1:], start=1):
+        if n >= rules.max_lines:              # the max_lines-th newline ends the candidate
+            return text[:pos], "max_lines"
+        if line.strip() and indent_width(line) < rules.indent:
+            return text[:pos], "block"        # cut before the newline that starts the dedented line
+        pos += 1 + len(line)
+    return text[:cut], reason
+
+
+def decode_candidates(model, state, logits: torch.Tensor, n: int, params: SamplingParams,
+                      seeds: Sequence[int], rules: StopRules,
+                      should_stop: Optional[Callable[[], bool]] = None,
+                      on_partial: Optional[Callable[[str], None]] = None) -> Optional[List[Row]]:
+    """Decode ``n`` rows forked from a batch-1 ``state`` whose last logits are ``logits`` [1, V].
+
+    Returns the rows, or None when ``should_stop`` said the request was superseded.
+    """
+    tok = model.tokenizer
+    V = logits.shape[-1]
+    state = state.fork(n) if state.batch != n else state               # [n, ...]
+    logits = logits.reshape(1, V).expand(n, V)                          # [n, V] fp32
+    sampler = Sampler(params, n, V, seeds=seeds, device=logits.device)
+    rows = [Row() for _ in range(n)]
+    streams = [tok.stream() for _ in range(n)]
+    active = list(range(n))                                             # row ids in batch order
+    shown = None
+    while True:
+        if should_stop is not None and should_stop():
+            return None
+        tokens, logps = sampler.sample(logits)                          # [B], [B]
+        t_list, lp_list = tokens.tolist(), logps.tolist()
+        keep = []
+        for j, rid in enumerate(active):
+            row = rows[rid]
+            row.logprobs.append(float(lp_list[j]))
+            t = int(t_list[j])
+            if t == EOS:
+                row.done, row.reason = True, "eos"
+                continue
+            row.tokens.append(t)
+            row.raw += streams[rid].feed(t)
+            row.text, reason = apply_text_rules(row.raw, rules)
+            if not reason and len(row.tokens) >= rules.max_tokens:
+                reason = "max_tokens"
+            if reason:
+                row.done, row.reason = True, reason
+            else:
+                keep.append(j)
+        if on_partial is not None:
+            best = _best_row(rows)
+            if best is not None and best.text != shown:
+                shown = best.text
+                on_partial(shown)
+        if not keep:
+            break
+        if rules.deadline is not None and time.monotonic() >= rules.deadline:
+            for j in keep:
+                rows[active[j]].done, rows[active[j]].reason = True, "time"
+            break
+        if len(keep) < len(active):
+            state = state.select(keep)
+            sampler.select(keep)
+            tokens = tokens[torch.as_tensor(keep, device=tokens.device)]
+            active = [active[j] for j in keep]
+        logits, state = model.forward(tokens[:, None], state)           # [B, V], state [B, ...]
+    for rid in active:
+        rows[rid].text, _ = apply_text_rules(rows[rid].raw + streams[rid].flush(), rules)
+    return rows
+
+
+def _best_row(rows: Sequence[Row]) -> Optional[Row]:
+    best = None
+    for r in rows:
+        if r.text.strip() and (best is None or r.mean_logprob > best.mean_logprob):
+            best = r
+    return best
+
+
+_TRAILING_BLANK_LINES = re.compile(r"(\n[ \t]*)+\Z")
+
+
+def clean_text(text: str) -> str:
+    """Drop trailing blank lines (a suggestion never ends with empty lines)."""
+    return _TRAILING_BLANK_LINES.sub("", text)
+
+
+def repeats_after_cursor(text: str, after_lines: Sequence[str]) -> bool:
+    """True when ``text`` only repeats what already follows the cursor (line by line,
+    ignoring surrounding whitespace and blank lines)."""
+    cand = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    after = [ln.strip() for ln in after_lines if ln.strip()]
+    return bool(cand) and cand == after[: len(cand)]
+
+
+def rank_candidates(rows: Sequence[Row], after_lines: Sequence[str]) -> List[dict]:
+    """Filtered, deduplicated candidates, best mean log-probability first:
+    [{"text": str, "logprob": float, "row": int}]."""
+    best_by_text = {}
+    for i, r in enumerate(rows):
+        text = clean_text(r.text)
+        if not text.strip() or repeats_after_cursor(text, after_lines):
+            continue
+        norm = "\n".join(ln.rstrip() for ln in text.split("\n"))
+        lp = r.mean_logprob
+        old = best_by_text.get(norm)
+        if old is None or lp > old["logprob"]:
+            best_by_text[norm] = {"text": text, "logprob": lp, "row": i}
+    return sorted(best_by_text.values(), key=lambda c: -c["logprob"])

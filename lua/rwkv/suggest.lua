@@ -1,0 +1,370 @@
+-- rwkv.nvim: the suggestion state machine.
+--
+-- Typing (debounced) -> request {buf, changedtick, cursor, window of lines} to Python ->
+-- streamed partial text (ghost only) -> final candidates (ghost + float). A result is
+-- drawn only while the buffer, changedtick and cursor still match its request, in insert
+-- mode, with no popup menu. Python calls on_partial / on_done through nvim.async_call.
+local config = require("rwkv.config")
+local ghost = require("rwkv.ghost")
+local float = require("rwkv.float")
+local remote = require("rwkv.remote")
+
+local api = vim.api
+local M = {}
+
+---@class rwkv.Position
+---@field buf integer
+---@field tick integer
+---@field row integer  0-based
+---@field col integer  0-based byte column
+
+local S = {
+  seq = 0, -- last request id
+  sent = nil, ---@type (rwkv.Position|{id: integer|nil, done: boolean})|nil  last request (id nil: dismissed)
+  shown = nil, ---@type table|nil  {id, buf, tick, row, col, items: string[], index, done, consumed}
+  timer = nil, ---@type uv.uv_timer_t|nil
+  last = nil, ---@type table|nil  stats of the last finished request
+  requests = 0, -- counters for :RwkvStatus
+  shown_count = 0,
+  accepted = 0,
+}
+M.state = S
+
+local function pos()
+  local buf = api.nvim_get_current_buf()
+  local cur = api.nvim_win_get_cursor(0)
+  return { buf = buf, tick = api.nvim_buf_get_changedtick(buf), row = cur[1] - 1, col = cur[2] }
+end
+
+local function same(a, b)
+  return a ~= nil and b ~= nil and a.buf == b.buf and a.tick == b.tick and a.row == b.row and a.col == b.col
+end
+
+local function in_insert()
+  return api.nvim_get_mode().mode:sub(1, 1) == "i"
+end
+
+local function fire(pattern, data)
+  pcall(api.nvim_exec_autocmds, "User", { pattern = pattern, modeline = false, data = data })
+end
+
+local function stop_timer()
+  if S.timer then
+    S.timer:stop()
+  end
+end
+
+--- Whether a result for position `p` may be drawn now.
+local function drawable(p)
+  return config.current.enabled and in_insert() and vim.fn.pumvisible() == 0 and same(p, pos())
+end
+
+local function blank(s)
+  return s:match("^%s*$") ~= nil
+end
+
+local function render()
+  local s = S.shown
+  local c = config.current
+  local text = s.items[s.index]
+  local n = #s.items
+  local use_float = c.float.enabled and s.done and n > 1
+  local note = (not use_float and n > 1 and c.ghost.annotation) and ("(%d/%d)"):format(s.index, n) or nil
+  ghost.show(s.buf, s.row, s.col, text, note)
+  if use_float then
+    local below = select(2, text:gsub("\n", ""))
+    float.show(s.items, s.index, {
+      max_lines = c.float.max_lines,
+      max_width = c.float.max_width,
+      border = c.float.border,
+      below = below,
+    })
+  else
+    float.close()
+  end
+end
+
+--- Hide the ghost text and the float.
+function M.hide()
+  ghost.clear()
+  float.close()
+  S.shown = nil
+end
+
+--- Whether a suggestion is visible and still valid at the cursor.
+function M.visible()
+  return S.shown ~= nil and drawable(S.shown)
+end
+
+--- The current candidate's full text (nil when none shows).
+function M.current_text()
+  if not M.visible() then
+    return nil
+  end
+  return S.shown.items[S.shown.index]
+end
+
+--- All candidates shown and the selected index (nil when none shows).
+function M.candidates()
+  if not M.visible() then
+    return nil
+  end
+  return vim.deepcopy(S.shown.items), S.shown.index
+end
+
+--- Send a request for the cursor position now. `manual` skips the "already asked" check.
+function M.request(manual)
+  stop_timer()
+  if not config.current.enabled or not in_insert() then
+    return false
+  end
+  local p = pos()
+  if not config.buffer_allowed(p.buf) then
+    return false
+  end
+  if not manual and S.sent and same(S.sent, p) then
+    return false
+  end
+  if not remote.state.started then
+    require("rwkv").start_engine()
+    if not remote.state.started then
+      return false
+    end
+  end
+  local first = math.max(0, p.row - config.engine("n_prefix"))
+  local last = math.min(api.nvim_buf_line_count(p.buf), p.row + config.engine("n_suffix") + 1)
+  S.seq = S.seq + 1
+  local req = {
+    id = S.seq,
+    buf = p.buf,
+    tick = p.tick,
+    filename = api.nvim_buf_get_name(p.buf),
+    filetype = vim.bo[p.buf].filetype,
+    lines = api.nvim_buf_get_lines(p.buf, first, last, false),
+    first = first,
+    row = p.row,
+    col = p.col,
+  }
+  p.id, p.done = S.seq, false
+  S.sent = p
+  if remote.call("RwkvRequest", req) == nil then
+    S.sent = nil
+    return false
+  end
+  S.requests = S.requests + 1
+  fire("RwkvRequestStarted", { id = req.id, buf = p.buf, row = p.row, col = p.col, manual = manual or false })
+  return true
+end
+
+--- Manual trigger: request even with text right of the cursor or auto_trigger off.
+function M.trigger()
+  M.hide()
+  return M.request(true)
+end
+
+--- Follow typing that matches the shown suggestion: trim it instead of asking again.
+local function typeahead(p)
+  local s = S.shown
+  if not s or not s.done or p.buf ~= s.buf or p.row ~= s.row or p.col <= s.col then
+    return false
+  end
+  local line = api.nvim_buf_get_lines(p.buf, p.row, p.row + 1, false)[1] or ""
+  local typed = line:sub(s.col + 1, p.col)
+  local kept, index = {}, 1
+  for i, t in ipairs(s.items) do
+    if #t > #typed and t:sub(1, #typed) == typed and not blank(t:sub(#typed + 1)) then
+      kept[#kept + 1] = t:sub(#typed + 1)
+      if i == s.index then
+        index = #kept
+      end
+    end
+  end
+  if #kept == 0 then
+    return false
+  end
+  s.items, s.index, s.tick, s.col = kept, index, p.tick, p.col
+  s.consumed = (s.consumed or "") .. typed
+  S.sent = { id = s.id, buf = p.buf, tick = p.tick, row = p.row, col = p.col, done = true }
+  render()
+  return true
+end
+
+--- TextChangedI / CursorMovedI: drop a stale suggestion, schedule a new request.
+function M.on_change()
+  local p = pos()
+  if S.shown and not same(S.shown, p) and not typeahead(p) then
+    M.hide()
+  end
+  local c = config.current
+  if not c.enabled or not c.auto_trigger or not in_insert() then
+    return
+  end
+  if vim.fn.pumvisible() == 1 then
+    M.hide()
+    stop_timer()
+    return
+  end
+  if (S.shown and same(S.shown, p)) or (S.sent and same(S.sent, p)) then
+    return -- showing or already asked for this position
+  end
+  if not config.buffer_allowed(p.buf) then
+    return
+  end
+  local right = api.nvim_get_current_line():sub(p.col + 1):gsub("%s", "")
+  if vim.fn.strchars(right) > config.engine("max_line_suffix") then
+    stop_timer()
+    return
+  end
+  S.timer = S.timer or vim.uv.new_timer()
+  S.timer:stop()
+  S.timer:start(c.debounce_ms, 0, vim.schedule_wrap(function()
+    M.request(false)
+  end))
+end
+
+--- From Python: the best row's text so far (ghost text only).
+---@param msg {id: integer, text: string}
+function M.on_partial(msg)
+  local s = S.sent
+  if not s or msg.id ~= s.id or s.done or type(msg.text) ~= "string" or blank(msg.text) then
+    return
+  end
+  if not drawable(s) then
+    return
+  end
+  S.shown = { id = s.id, buf = s.buf, tick = s.tick, row = s.row, col = s.col, items = { msg.text }, index = 1, done = false }
+  render()
+end
+
+--- From Python: the final candidates and the request's stats.
+---@param msg {id: integer, candidates: {text: string, logprob: number}[], stats: table}
+function M.on_done(msg)
+  if type(msg.stats) == "table" then
+    S.last = msg.stats
+  end
+  local s = S.sent
+  if not s or msg.id ~= s.id then
+    return
+  end
+  s.done = true
+  if not drawable(s) then
+    return
+  end
+  local items, seen = {}, {}
+  for _, c in ipairs(msg.candidates or {}) do
+    local t = type(c) == "table" and c.text or c
+    if type(t) == "string" and not blank(t) and not seen[t] then
+      seen[t] = true
+      items[#items + 1] = t
+    end
+  end
+  if #items == 0 then
+    M.hide()
+    return
+  end
+  S.shown = { id = s.id, buf = s.buf, tick = s.tick, row = s.row, col = s.col, items = items, index = 1, done = true }
+  S.shown_count = S.shown_count + 1
+  render()
+  fire("RwkvSuggestionShown", { id = s.id, count = #items })
+end
+
+--- Select the next (delta 1) / previous (-1) candidate; the ghost text follows.
+function M.cycle(delta)
+  if not M.visible() then
+    return false
+  end
+  local s = S.shown
+  s.index = (s.index - 1 + delta) % #s.items + 1
+  render()
+  return true
+end
+
+--- The part of `text` that "accept line" inserts.
+function M.first_line(text)
+  if text:sub(1, 1) == "\n" then
+    return "\n" .. (text:sub(2):match("^[^\n]*"))
+  end
+  return text:match("^[^\n]*")
+end
+
+--- The part of `text` that "accept word" inserts (UTF-8 safe: bytes >= 0x80 are word bytes).
+function M.first_word(text)
+  return text:match("^\n[ \t]*")
+    or text:match("^[ \t]*[%w_\128-\255]+")
+    or text:match("^[ \t]*[^%w_\128-\255%s]+")
+    or text:match("^[ \t]+")
+    or text:sub(1, 1)
+end
+
+--- Insert (part of) the current candidate. kind: "all" | "line" | "word"; index picks a candidate.
+---@return boolean accepted
+function M.accept(kind, index)
+  if not M.visible() then
+    return false
+  end
+  local s = S.shown
+  if index then
+    if not s.items[index] then
+      return false
+    end
+    s.index = index
+  end
+  local text = s.items[s.index]
+  local part = (kind == "line" and M.first_line(text)) or (kind == "word" and M.first_word(text)) or text
+  if part == "" then
+    return false
+  end
+  stop_timer()
+  local lines = vim.split(part, "\n", { plain = true })
+  api.nvim_buf_set_text(s.buf, s.row, s.col, s.row, s.col, lines)
+  local end_row = s.row + #lines - 1
+  local end_col = (#lines == 1 and s.col or 0) + #lines[#lines]
+  api.nvim_win_set_cursor(0, { end_row + 1, end_col })
+
+  local accepted = (s.consumed or "") .. part
+  S.accepted = S.accepted + 1
+  if remote.state.started then
+    remote.call("RwkvAccept", s.id, accepted)
+  end
+  fire("RwkvAccepted", { id = s.id, kind = kind, text = part })
+
+  local rest = text:sub(#part + 1)
+  local p = pos()
+  if kind ~= "all" and not blank(rest) then
+    -- keep showing the rest of this candidate where the cursor is now
+    S.shown = { id = s.id, buf = p.buf, tick = p.tick, row = p.row, col = p.col, items = { rest }, index = 1, done = true, consumed = accepted }
+    S.sent = { id = s.id, buf = p.buf, tick = p.tick, row = p.row, col = p.col, done = true }
+    render()
+  else
+    M.hide()
+    M.request(false) -- the next suggestion at once (the engine continues from the accepted text)
+  end
+  return true
+end
+
+--- Hide the suggestion and do not ask again at this position.
+function M.dismiss()
+  if not S.shown then
+    return false
+  end
+  M.hide()
+  stop_timer()
+  local p = pos()
+  if S.sent and not S.sent.done and remote.state.started then
+    remote.call("RwkvCancel")
+  end
+  S.sent = { id = nil, buf = p.buf, tick = p.tick, row = p.row, col = p.col, done = true }
+  return true
+end
+
+--- InsertLeave / disable: hide, stop the timer and the running request.
+function M.reset()
+  stop_timer()
+  M.hide()
+  if S.sent and not S.sent.done and remote.state.started then
+    remote.call("RwkvCancel")
+  end
+  S.sent = nil
+end
+
+return M
