@@ -223,10 +223,10 @@ def download(name: str, local_dir: Optional[str | Path] = None, progress: bool =
         raise _unknown(name, ())
     try:
         files = list_models(repo)
-    except HubUnreachableError:
+    except HubUnreachableError as unreachable:
         local = resolve_local(name, local_dir=local_dir, repo=repo)
         if local is not None:
-            log.warning("Hugging Face is unreachable; using the copy already on disk")
+            log.warning("%s -- using the copy already on disk", unreachable)
             return local
         raise
     filename = resolve_name(name, files)

@@ -77,7 +77,7 @@ def kernel_spec(backend: str) -> KernelSpec:
     """The build recipe of a backend ("cuda", "hip" or "cpu")."""
     if backend == "cuda":
         return KernelSpec("cuda", ("wkv7_cuda.cu", "wkv7_binding.cpp"), "rwkv_nvim_wkv7_gpu",
-                          ("-O3",), ("-O3", "-Xptxas=-O3"), True)
+                          ("-O3",), ("-O3",), True)
     if backend == "hip":
         return KernelSpec("hip", ("wkv7_hip.hip", "wkv7_binding.cpp"), "rwkv_nvim_wkv7_gpu",
                           ("-O3",), ("-O3",), True)

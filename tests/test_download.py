@@ -203,6 +203,41 @@ def test_dir_option_stores_the_file_there(hub, payloads, tmp_path):
     assert not (hf_home / "hub" / "models--BlinkDL--rwkv7-g1").exists()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="needs a pseudo-terminal")
+def test_progress_bar_on_a_terminal_and_quiet_hides_it(hub, tmp_path):
+    """huggingface_hub's own tqdm bar is drawn on a terminal; --quiet turns it off."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def stderr_on_a_terminal(args: list[str], hf_home: Path) -> str:
+        controller, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm needs a width
+        try:
+            proc = subprocess.run([sys.executable, "-m", "rwkv_engine.download", *args], stdout=subprocess.PIPE,
+                                  stderr=terminal, env=_env(hub.url, hf_home), timeout=SUBPROCESS_TIMEOUT)
+        finally:
+            os.close(terminal)
+        assert proc.returncode == 0
+        out = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(controller)
+        return out.decode("utf-8", "replace")
+
+    shown = stderr_on_a_terminal(["g1-0.1b"], tmp_path / "a")
+    assert "100%" in shown and NEW_01B in shown
+    hidden = stderr_on_a_terminal(["g1-0.1b", "--quiet"], tmp_path / "b")
+    assert "%" not in hidden and hidden.strip() == ""
+
+
 def test_console_script_end_to_end(hub, payloads, tmp_path):
     """`rwkv-nvim download NAME` prints the path of the downloaded file."""
     cmd = _console_script()

@@ -105,8 +105,10 @@ function M.setup(keys)
     local lhs = keys[name]
     if lhs then
       if name == "trigger" then
+        local orig = vim.fn.maparg(lhs, "i", false, true)
+        local keep = not vim.tbl_isempty(orig) and orig.buffer ~= 1 and (orig.desc or ""):sub(1, #DESC) ~= DESC
+        mapped[lhs] = { orig = keep and orig or nil }
         vim.keymap.set("i", lhs, plug, { remap = true, silent = true, desc = DESC .. name })
-        mapped[lhs] = {}
       else
         map_key(lhs, plug, name)
       end

@@ -1,0 +1,366 @@
+"""Synchronous completion pipeline: one request in, ranked candidates + stats out.
+
+``Completer`` owns the model, the state cache, the context ring and the prompt
+builder. Per request:
+
+    prompt (segments) -> longest cached prefix (hash chain) -> prefill the rest,
+    storing checkpoints at segment boundaries and at the last few token positions
+    -> fork into N rows -> batched decode with stops -> filter/rank -> stats
+
+It is single-threaded; ``rwkv_engine.service.CompletionService`` runs it on a worker
+thread, and ``rwkv-nvim complete`` / ``bench`` drive it directly. ``should_stop``
+is polled between prefill pieces (``config.prefill_chunk`` tokens) and decode steps;
+a stopped request returns None and leaves every checkpoint it reached in the cache.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .candidates import Row, StopRules, decode_candidates, rank_candidates
+from .checkpoint import CheckpointError
+from .config import EngineConfig
+from .context_ring import ContextRing
+from .prompt_layout import CK_NONE, CK_PERSIST, Prompt, PromptBuilder, Segment
+from .sampler import SamplingParams
+from .state_cache import Snapshot, StateCache, chain_key, partial_keys
+
+log = logging.getLogger("rwkv_engine")
+
+DEFAULT_MODEL = Path(__file__).with_name("data") / "default-model.pth"
+_PARTIAL_PARENTS = 256     # segment starts remembered as having checkpoints inside the segment
+_SPEC_CONTEXT = 8          # lines above/below the cursor compared to confirm a speculation
+
+ShouldStop = Optional[Callable[[], bool]]
+
+
+# -- model selection -----------------------------------------------------------------
+def resolve_model_path(config: EngineConfig) -> Path:
+    """The checkpoint file for ``config.model`` (None = the shipped default model)."""
+    if config.model is None:
+        if not DEFAULT_MODEL.is_file():
+            raise CheckpointError(f"{DEFAULT_MODEL}: the default model is missing; set engine.model "
+                                  "to a checkpoint path or a downloaded model such as g1-0.1b")
+        return DEFAULT_MODEL
+    p = Path(os.path.expanduser(config.model))
+    if p.is_file() or Path(str(p) + ".pth").is_file():
+        return p
+    if os.sep not in config.model and "/" not in config.model:
+        from .download import resolve_local
+        found = resolve_local(config.model, config.download_dir)
+        if found is not None:
+            return found
+        raise CheckpointError(f"model {config.model!r} is neither a file nor a downloaded model; "
+                              f"run: rwkv-nvim download {config.model}")
+    return p        # load_model raises a CheckpointError naming the missing file
+
+
+def pick_device(config: EngineConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def load_configured_model(config: EngineConfig):
+    from .model import load_model
+    dtype = None if config.dtype == "auto" else config.dtype
+    return load_model(resolve_model_path(config), device=pick_device(config), dtype=dtype)
+
+
+# -- bookkeeping -----------------------------------------------------------------------
+@dataclass
+class PrefillResult:
+    snapshot: Snapshot        # state + logits after the whole prompt
+    key: str                  # cache key of the whole prompt
+    reused: int               # tokens taken from the cache
+    fed: int                  # tokens run through the model
+    tier: Optional[str]       # tier of the resume checkpoint (None = cold start)
+
+
+@dataclass
+class _LastRequest:
+    id: object
+    request: dict
+    prompt: Prompt
+    key: str                  # cache key of the state after the prompt
+    rows: List[Row]
+
+
+@dataclass
+class _Speculation:
+    parent_key: str           # state after the accepted request's prompt
+    tokens: List[int]         # accepted text as the model's tokens
+    expect: dict              # what the next request must look like to use it
+
+
+class Completer:
+    """Owns model + state cache + context ring; does one request at a time."""
+
+    def __init__(self, config: Optional[EngineConfig] = None, model=None):
+        self.config = config if config is not None else EngineConfig()
+        self.model = model if model is not None else load_configured_model(self.config)
+        self.tokenizer = self.model.tokenizer
+        self.builder = PromptBuilder(self.config, self.tokenizer)
+        cfg = self.config
+        self.ring = ContextRing(cfg.ring_n_chunks, cfg.ring_chunk_size, cfg.ring_queue)
+        self.cache = StateCache.from_config(cfg, self.model.model_id, self.model.device)
+        self._partial_parents: "OrderedDict[str, None]" = OrderedDict()
+        self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
+        self._last: Optional[_LastRequest] = None
+        self._spec: Optional[_Speculation] = None
+        self.last_stats: dict = {}
+        self.last_prime: dict = {}
+
+    # -- public API --------------------------------------------------------------------
+    def add_chunk(self, text: str, filename: str = "") -> bool:
+        """Queue an extra-context chunk (moved into the ring by ``prime_step``)."""
+        return self.ring.add(text, filename)
+
+    def cache_stats(self) -> dict:
+        s = self.cache.stats()
+        s["ring"] = {"chunks": len(self.ring.chunks), "queued": len(self.ring.queue)}
+        s["line_cache"] = {"hits": self.builder.lines.hits, "misses": self.builder.lines.misses}
+        return s
+
+    def build_prompt(self, request: dict) -> Prompt:
+        """The prompt ``complete`` would use now (evicts ring chunks too similar to the cursor)."""
+        probe = self.builder.build(request, ())
+        self.ring.evict_similar(probe.around_cursor)
+        return self.builder.build(request, self._ring_chunks())
+
+    def complete(self, request: dict, on_partial: Optional[Callable[[str], None]] = None,
+                 should_stop: ShouldStop = None) -> Optional[dict]:
+        """Candidates for ``request`` ({lines, first, row, col, ...}); None if stopped."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        prompt = self.build_prompt(request)
+        hits = {"device": 0, "host": 0, "disk": 0, "miss": 0}
+        pre = self._speculative_prefill(request, prompt)
+        speculative = pre is not None
+        if pre is None:
+            pre = self.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints)
+            if pre is None:
+                return None
+        hits[pre.tier or "miss"] += 1
+        self.cache.count_hit(pre.tier)
+        t1 = time.perf_counter()
+
+        single_line = bool(prompt.line_suffix.strip())   # inside a line: finish that line only
+        rules = StopRules(max_tokens=cfg.max_tokens, max_lines=1 if single_line else cfg.max_lines,
+                          stop_strings=list(cfg.stop), indent=prompt.indent,
+                          deadline=time.monotonic() + cfg.time_budget_ms / 1000.0)
+        n = cfg.candidates
+        params = SamplingParams(**cfg.sampling_dict())
+        rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n, params,
+                                 [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
+                                 on_partial=on_partial)
+        if rows is None:
+            return None
+        ranked = rank_candidates(rows, prompt.after_lines)
+        t2 = time.perf_counter()
+        stats = {
+            "reused_tokens": pre.reused, "prefilled_tokens": pre.fed,
+            "decoded_tokens": sum(len(r.logprobs) for r in rows),
+            "ms_prefill": round((t1 - t0) * 1000, 2), "ms_decode": round((t2 - t1) * 1000, 2),
+            "ms_total": round((t2 - t0) * 1000, 2), "candidates": len(ranked), "cache_hits": hits,
+            "prompt_tokens": pre.snapshot.n_tokens, "fim": prompt.fim, "speculative": speculative,
+            "stop_reasons": [r.reason for r in rows],
+        }
+        self.last_stats = stats
+        self._last = _LastRequest(request.get("id"), _request_copy(request), prompt, pre.key, rows)
+        return {"id": request.get("id"),
+                "candidates": [{"text": c["text"], "logprob": round(c["logprob"], 4)} for c in ranked],
+                "stats": stats}
+
+    def accept(self, request_id, text: str) -> bool:
+        """The user accepted ``text`` of the last request: the next request that shows
+        exactly that buffer continues from the state after the accepted tokens."""
+        last = self._last
+        if last is None or not text or (request_id is not None and last.id is not None
+                                        and request_id != last.id):
+            return False
+        want = text.encode("utf-8")
+        best: List[int] = []
+        for r in sorted(last.rows, key=lambda r: -r.mean_logprob):
+            toks, got = [], b""
+            for t in r.tokens:
+                b = self.tokenizer.token_bytes(t)
+                if not want.startswith(got + b):
+                    break
+                toks.append(t)
+                got += b
+            if len(got) > len(self.tokenizer.decode_bytes(best)):
+                best = toks
+        rest = want[len(self.tokenizer.decode_bytes(best)):]
+        tokens = best + (list(self.tokenizer.encode(rest)) if rest else [])
+        self._spec = _Speculation(last.key, tokens, _expected_after_accept(last, text))
+        return True
+
+    def prime_step(self, should_stop: ShouldStop = None) -> bool:
+        """One unit of idle work: move a queued chunk into the ring and prefill the ring's
+        checkpoints, then the last request's prompt. True = did work (call again)."""
+        promoted = self.ring.promote()
+        t0 = time.perf_counter()
+        segments = [Segment("start", (0,))] + [self._chunk_segment(c) for c in self.ring.chunks]
+        what = "chunks"
+        if self.cache.tier_of(self._final_key(segments)) is not None:
+            if self._last is None:
+                return promoted
+            segments, what = self.build_prompt(self._last.request).segments, "request"
+            if self.cache.tier_of(self._final_key(segments)) is not None:
+                return promoted
+        pre = self.prefill(segments, should_stop, tail=self.config.tail_checkpoints if what == "request" else 0)
+        self.last_prime = {"what": what, "done": pre is not None,
+                           "reused_tokens": pre.reused if pre else None,
+                           "prefilled_tokens": pre.fed if pre else None,
+                           "ms": round((time.perf_counter() - t0) * 1000, 2)}
+        return True
+
+    # -- prefill -------------------------------------------------------------------------
+    def segment_keys(self, segments: Sequence[Segment]) -> List[str]:
+        keys, k = [], self.cache.root
+        for s in segments:
+            k = chain_key(k, s.tokens)
+            keys.append(k)
+        return keys
+
+    def _final_key(self, segments: Sequence[Segment]) -> str:
+        return self.segment_keys(segments)[-1]
+
+    def find_resume(self, segments: Sequence[Segment], keys: Sequence[str]):
+        """(snapshot, tier, segment index, position in it) of the longest cached prefix."""
+        root = self.cache.root
+        for i in range(len(segments) - 1, -1, -1):
+            if self.cache.tier_of(keys[i]) is not None:
+                got = self.cache.get(keys[i])
+                if got is not None:
+                    return got[0], got[1], i + 1, 0
+            parent = keys[i - 1] if i else root
+            if parent in self._partial_parents and len(segments[i].tokens) > 1:
+                pks = partial_keys(parent, segments[i].tokens[:-1])
+                for p in range(len(pks), 0, -1):
+                    if self.cache.tier_of(pks[p - 1]) is not None:
+                        got = self.cache.get(pks[p - 1])
+                        if got is not None:
+                            return got[0], got[1], i, p
+        return None, None, 0, 0
+
+    def prefill(self, segments: Sequence[Segment], should_stop: ShouldStop = None,
+                tail: int = 0) -> Optional[PrefillResult]:
+        """Run the uncached part of ``segments``; checkpoints go to the cache as they are
+        reached. ``tail`` extra checkpoints are stored at the last token positions."""
+        model, cache = self.model, self.cache
+        keys = self.segment_keys(segments)
+        snap, tier, si, pos = self.find_resume(segments, keys)
+        reused = snap.n_tokens if snap is not None else 0
+        state = snap.state if snap is not None else model.new_state(1)
+        logits = snap.logits if snap is not None else None
+        n_tokens, fed = reused, 0
+        last = len(segments) - 1
+        tail_from = max(1, len(segments[last].tokens) - tail) if tail > 0 else None
+        chunk = self.config.prefill_chunk
+        for i in range(si, len(segments)):
+            seg = segments[i]
+            toks = seg.tokens
+            parent = keys[i - 1] if i else cache.root
+            p = pos if i == si else 0
+            while p < len(toks):
+                if should_stop is not None and should_stop():
+                    if fed and p > 0:        # keep the work done so far
+                        self._put_partial(parent, toks[:p], Snapshot(state, logits, n_tokens))
+                    elif fed:                # stopped on a segment boundary
+                        cache.put(parent, Snapshot(state, logits, n_tokens))
+                    return None
+                nxt = min(len(toks), p + chunk)
+                if i == last and tail_from is not None and nxt > tail_from:
+                    nxt = tail_from if p < tail_from else p + 1     # one token at a time in the tail
+                piece = torch.tensor([toks[p:nxt]], dtype=torch.long, device=model.device)   # [1, T]
+                logits, state = model.forward(piece, state)         # [1, V]
+                fed += nxt - p
+                n_tokens += nxt - p
+                p = nxt
+                if i == last and tail_from is not None and tail_from <= p < len(toks):
+                    self._put_partial(parent, toks[:p], Snapshot(state, logits, n_tokens))
+            if seg.checkpoint != CK_NONE or i == last:
+                cache.put(keys[i], Snapshot(state, logits, n_tokens), persist=seg.checkpoint == CK_PERSIST)
+        if logits is None:
+            raise RuntimeError("empty prompt")       # segments always start with token 0
+        final = Snapshot(state, logits, n_tokens)
+        return PrefillResult(final, keys[last], reused, fed, tier)
+
+    def _put_partial(self, parent: str, tokens: Sequence[int], snap: Snapshot) -> None:
+        self.cache.put(chain_key(parent, tokens), snap)
+        self._partial_parents[parent] = None
+        self._partial_parents.move_to_end(parent)
+        while len(self._partial_parents) > _PARTIAL_PARENTS:
+            self._partial_parents.popitem(last=False)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _ring_chunks(self):
+        return list(self.ring.chunks)
+
+    def _chunk_segment(self, chunk) -> Segment:
+        k = (chunk.filename, chunk.lines)
+        seg = self._chunk_segments.get(k)
+        if seg is None:
+            seg = self._chunk_segments[k] = self.builder.chunk_segment(chunk)
+            while len(self._chunk_segments) > 4 * max(1, self.config.ring_n_chunks):
+                self._chunk_segments.popitem(last=False)
+        return seg
+
+    def _speculative_prefill(self, request: dict, prompt: Prompt) -> Optional[PrefillResult]:
+        spec, self._spec = self._spec, None
+        if spec is None or not _matches(spec.expect, request, prompt):
+            return None
+        got = self.cache.get(spec.parent_key)
+        if got is None:
+            return None
+        snap, tier = got
+        key = chain_key(spec.parent_key, spec.tokens)
+        have = self.cache.get(key)
+        if have is not None:
+            return PrefillResult(have[0], key, have[0].n_tokens, 0, have[1])
+        piece = torch.tensor([spec.tokens], dtype=torch.long, device=self.model.device)
+        logits, state = self.model.forward(piece, snap.state)
+        new = Snapshot(state, logits, snap.n_tokens + len(spec.tokens))
+        self.cache.put(key, new)
+        return PrefillResult(new, key, snap.n_tokens, len(spec.tokens), tier)
+
+
+def _request_copy(req: dict) -> dict:
+    keep = ("id", "buf", "filename", "lines", "first", "row", "col")
+    return {k: (list(req[k]) if k == "lines" else req[k]) for k in keep if k in req}
+
+
+def _expected_after_accept(last: _LastRequest, text: str) -> dict:
+    """The buffer around the cursor after inserting ``text`` at the last request's cursor."""
+    req, prompt = last.request, last.prompt
+    lines, first, row = req["lines"], req["first"], req["row"]
+    r = row - first
+    inserted = (prompt.line_prefix + text).split("\n")
+    above = lines[max(0, r - _SPEC_CONTEXT): r] + inserted[:-1]
+    below = lines[r + 1: r + 1 + _SPEC_CONTEXT]
+    return {"buf": req.get("buf"), "filename": req.get("filename"), "row": row + len(inserted) - 1,
+            "line_prefix": inserted[-1], "line_suffix": prompt.line_suffix,
+            "above": above[-_SPEC_CONTEXT:], "below": below}
+
+
+def _matches(expect: dict, req: dict, prompt: Prompt) -> bool:
+    if req.get("buf") != expect["buf"] or req.get("filename") != expect["filename"]:
+        return False
+    if req["row"] != expect["row"] or prompt.line_prefix != expect["line_prefix"] \
+            or prompt.line_suffix != expect["line_suffix"]:
+        return False
+    lines, r = req["lines"], req["row"] - req["first"]
+    above = lines[max(0, r - len(expect["above"])): r]
+    if above != expect["above"][len(expect["above"]) - len(above):]:
+        return False
+    below = lines[r + 1: r + 1 + len(expect["below"])]
+    return below == expect["below"][: len(below)]

@@ -1,0 +1,212 @@
+"""Completion service: one worker thread owns the model; the latest request wins.
+
+The Neovim plugin (and anything else) talks to ``CompletionService`` from its own
+thread; every method except ``close`` returns at once. The worker thread
+
+* loads the model (events "loading", then "ready" or "error"),
+* runs the newest submitted request; an older one stops between prefill pieces or
+  decode steps and calls nothing (it is *superseded*),
+* applies queued chunks and accepts between requests,
+* does idle priming (``prime()``) only while no request is waiting; a request that
+  arrives during priming waits for at most one prefill piece.
+
+Callbacks (``on_partial``, ``on_done``, ``on_event``) run on the worker thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, List, Optional, Tuple
+
+from .config import EngineConfig
+
+log = logging.getLogger("rwkv_engine")
+
+Callback = Optional[Callable[[dict], None]]
+
+
+class CompletionService:
+    def __init__(self, config: Optional[EngineConfig] = None,
+                 on_event: Optional[Callable[[str, dict], None]] = None, model=None):
+        """``model``: an already loaded model to use instead of loading ``config.model``."""
+        self.config = config if config is not None else EngineConfig()
+        self.on_event = on_event
+        self._model = model
+        self._cv = threading.Condition()
+        self._generation = 0                  # bumped by submit/cancel/close: older work stops
+        self._pending: Optional[Tuple[int, int, dict, Callback, Callback]] = None
+        self._chunks: List[Tuple[str, str]] = []
+        self._accepts: List[Tuple[int, str]] = []
+        self._prime_wanted = False
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self._completer = None
+        self._ids = itertools.count(1)
+        self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
+                        "dtype": "", "error": None, "cache": {}, "last": {}}
+
+    # -- caller side ----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="rwkv-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: dict, on_partial: Callback = None, on_done: Callback = None) -> int:
+        """Queue ``request`` (replacing any older one); returns its id."""
+        rid = request.get("id")
+        if rid is None:
+            rid = next(self._ids)
+            request = dict(request, id=rid)
+        with self._cv:
+            self._generation += 1
+            self._pending = (self._generation, rid, request, on_partial, on_done)
+            self._cv.notify_all()
+        return rid
+
+    def add_chunk(self, text: str, filename: str = "") -> None:
+        with self._cv:
+            self._chunks.append((text, filename))
+            self._cv.notify_all()
+
+    def prime(self) -> None:
+        with self._cv:
+            self._prime_wanted = True
+            self._cv.notify_all()
+
+    def accept(self, request_id: int, text: str) -> None:
+        with self._cv:
+            self._accepts.append((request_id, text))
+            self._cv.notify_all()
+
+    def cancel(self) -> None:
+        with self._cv:
+            self._generation += 1
+            self._pending = None
+
+    def status(self) -> dict:
+        with self._cv:
+            s = dict(self._status)
+            s["cache"] = dict(s["cache"])
+            s["last"] = dict(s["last"])
+            s["busy"] = self._pending is not None
+        return s
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._closing = True
+            self._generation += 1
+            self._pending = None
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- worker side ----------------------------------------------------------------------
+    def _emit(self, kind: str, info: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, info)
+            except Exception:                         # a broken listener must not kill the worker
+                log.exception("rwkv.nvim: on_event(%s) failed", kind)
+
+    def _load(self) -> None:
+        from .completion import Completer
+        name = self.config.model or "default"
+        self._emit("loading", {"model": name})
+        t0 = time.perf_counter()
+        try:
+            self._completer = Completer(self.config, model=self._model)
+        except Exception as e:                          # CheckpointError, RuntimeError, OSError...
+            msg = _one_line(e)
+            with self._cv:
+                self._status["error"] = msg
+            self._emit("error", {"message": msg})
+            return
+        m = self._completer.model
+        info = {"model": name, "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+                "load_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        with self._cv:
+            self._status.update(loaded=True, device=info["device"], dtype=info["dtype"], error=None,
+                                cache=self._completer.cache_stats())
+        self._emit("ready", info)
+
+    def _run(self) -> None:
+        self._load()
+        while True:
+            with self._cv:
+                while not (self._closing or self._pending or self._chunks or self._accepts
+                           or (self._prime_wanted and self._completer is not None)):
+                    self._cv.wait()
+                if self._closing:
+                    return
+                chunks, self._chunks = self._chunks, []
+                accepts, self._accepts = self._accepts, []
+                job, self._pending = self._pending, None
+            try:
+                self._work(chunks, accepts, job)
+            except Exception as e:                      # never let the worker die silently
+                log.exception("rwkv.nvim: engine error")
+                self._emit("error", {"message": _one_line(e)})
+
+    def _work(self, chunks, accepts, job) -> None:
+        c = self._completer
+        if c is None:
+            if job is not None:
+                _, rid, _, _, on_done = job
+                if on_done is not None:
+                    on_done({"id": rid, "candidates": [], "stats": {}, "error": self._status["error"]})
+            with self._cv:
+                self._prime_wanted = False
+            return
+        for text, filename in chunks:
+            c.add_chunk(text, filename)
+        for rid, text in accepts:
+            c.accept(rid, text)
+        if job is not None:
+            self._run_request(c, job)
+        elif self._prime_wanted:
+            self._prime(c)
+
+    def _run_request(self, c, job) -> None:
+        gen, rid, request, on_partial, on_done = job
+
+        def superseded() -> bool:
+            return self._generation != gen or self._closing
+
+        def partial(text: str) -> None:
+            if on_partial is not None and not superseded():
+                on_partial({"id": rid, "text": text})
+
+        try:
+            result = c.complete(request, on_partial=partial, should_stop=superseded)
+        except ValueError as e:                         # a malformed request
+            result = {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
+        if result is None or superseded():
+            return
+        result["id"] = rid
+        with self._cv:
+            if result.get("stats"):
+                self._status["last"] = result["stats"]
+            self._status["cache"] = c.cache_stats()
+        if on_done is not None:
+            on_done(result)
+
+    def _prime(self, c) -> None:
+        def interrupted() -> bool:
+            return self._pending is not None or self._closing or bool(self._chunks)
+
+        while not interrupted():
+            if not c.prime_step(should_stop=interrupted):
+                with self._cv:
+                    self._prime_wanted = False
+                break
+        with self._cv:
+            self._status["cache"] = c.cache_stats()
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

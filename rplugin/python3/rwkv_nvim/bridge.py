@@ -1,0 +1,241 @@
+"""Between Neovim (pynvim, one event loop) and the completion service (one worker thread).
+
+Rules kept here:
+- The nvim API is touched only from the pynvim event loop. Service callbacks arrive on
+  the worker thread and are forwarded with ``nvim.async_call`` (thread-safe) to Lua
+  (``require('rwkv.suggest').on_partial/on_done``, ``require('rwkv').on_event``).
+- ``rwkv_engine.service`` (torch) is imported lazily, on a background thread, the first
+  time the engine starts, so host start and :UpdateRemotePlugins stay fast.
+- Nothing raises into pynvim (it would print a traceback while the user types): errors
+  become one line in the "error" event.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+LUA_SUGGEST = "require('rwkv.suggest')"
+LUA_MAIN = "require('rwkv')"
+
+
+def one_line(exc: BaseException) -> str:
+    """A user-facing one-line message for `exc`."""
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return msg if msg else type(exc).__name__
+
+
+def lua_dict(value: Any) -> dict:
+    """A Lua table that arrived as a list (an empty table is sent as []) -> dict."""
+    if isinstance(value, dict):
+        return value
+    if value in (None, [], ()):
+        return {}
+    raise ValueError(f"expected a table of options, got {type(value).__name__}")
+
+
+def plain(value: Any) -> Any:
+    """`value` with only msgpack-friendly types (dict/list/str/int/float/bool/None)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item"):          # a 0-d tensor / numpy scalar
+        try:
+            return value.item()
+        except Exception:
+            pass
+    return str(value)
+
+
+class Bridge:
+    """Owns the CompletionService for one Neovim instance."""
+
+    def __init__(self, nvim) -> None:
+        self.nvim = nvim
+        self._lock = threading.Lock()
+        self._service = None          # rwkv_engine.service.CompletionService, once started
+        self._options: Optional[dict] = None   # engine options of the running/starting service
+        self._starting = False
+        self._error: Optional[str] = None
+        self._pending_request: Optional[dict] = None   # arrived while the service was starting
+        self._pending_chunks: list = []
+        self._next_options: Optional[dict] = None
+
+    # -- to Lua (from any thread) ------------------------------------------------------
+    def _to_lua(self, code: str, *args: Any) -> None:
+        def call() -> None:
+            self.nvim.exec_lua(code, *args, async_=True)
+
+        try:
+            self.nvim.async_call(call)
+        except Exception:  # the loop is closing (editor exit)
+            log.debug("async_call failed", exc_info=True)
+
+    def event(self, kind: str, info: dict) -> None:
+        """Service event -> require('rwkv').on_event(kind, info)."""
+        if kind == "error":
+            self._error = info.get("message")
+        self._to_lua(f"return {LUA_MAIN}.on_event(...)", kind, plain(info))
+
+    def _on_partial(self, msg: dict) -> None:
+        self._to_lua(f"return {LUA_SUGGEST}.on_partial(...)", plain(msg))
+
+    def _on_done(self, msg: dict) -> None:
+        self._to_lua(f"return {LUA_SUGGEST}.on_done(...)", plain(msg))
+
+    # -- engine lifecycle --------------------------------------------------------------
+    def start(self, options: Any) -> None:
+        """Create (or re-create with new options) the service; loads in the background."""
+        try:
+            options = lua_dict(options)
+        except ValueError as exc:
+            self.event("error", {"message": one_line(exc)})
+            return
+        with self._lock:
+            if self._starting:
+                self._next_options = options     # applied when the current start finishes
+                return
+            if self._service is not None and options == self._options:
+                return
+            self._starting = True
+            self._options = options
+            old, self._service = self._service, None
+        threading.Thread(target=self._start_thread, args=(options, old),
+                         name="rwkv-start", daemon=True).start()
+
+    def _start_thread(self, options: dict, old) -> None:
+        service = None
+        try:
+            if old is not None:
+                old.close()
+            from rwkv_engine.config import EngineConfig
+            from rwkv_engine.service import CompletionService
+
+            config = EngineConfig.from_dict(options)
+            service = CompletionService(config, on_event=self.event)
+            service.start()
+        except Exception as exc:  # bad option, missing torch, ...
+            self._error = one_line(exc)
+            if isinstance(exc, ImportError):
+                self._error = f"cannot import the engine ({self._error}); see :checkhealth rwkv"
+            self.event("error", {"message": self._error})
+            service = None
+        with self._lock:
+            self._service = service
+            self._starting = False
+            request, self._pending_request = self._pending_request, None
+            chunks, self._pending_chunks = self._pending_chunks, []
+            next_options, self._next_options = self._next_options, None
+        if next_options is not None and next_options != options:
+            with self._lock:              # keep what arrived for the service that follows
+                self._pending_request = self._pending_request or request
+                self._pending_chunks = chunks + self._pending_chunks
+            self.start(next_options)
+            return
+        if service is None:
+            return
+        for text, filename in chunks:
+            self._guard(service.add_chunk, text, filename)
+        if request is not None:
+            self._guard(service.submit, request, self._on_partial, self._on_done)
+
+    def _guard(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log.exception("rwkv service call failed")
+            self.event("error", {"message": one_line(exc)})
+            return None
+
+    def _running(self):
+        with self._lock:
+            return self._service
+
+    # -- requests from Lua (pynvim event loop) -----------------------------------------
+    def request(self, request: Any) -> None:
+        if not isinstance(request, dict):
+            return
+        with self._lock:
+            service = self._service
+            if service is None:
+                self._pending_request = request   # latest wins
+                return
+        self._guard(service.submit, request, self._on_partial, self._on_done)
+
+    def accept(self, request_id: Any, text: Any) -> None:
+        service = self._running()
+        if service is not None and isinstance(text, str):
+            self._guard(service.accept, int(request_id), text)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._pending_request = None
+            service = self._service
+        if service is not None:
+            self._guard(service.cancel)
+
+    def add_chunk(self, text: Any, filename: Any) -> None:
+        if not isinstance(text, str):
+            return
+        filename = filename if isinstance(filename, str) else ""
+        with self._lock:
+            service = self._service
+            if service is None:
+                self._pending_chunks.append((text, filename))
+                del self._pending_chunks[:-64]
+                return
+        self._guard(service.add_chunk, text, filename)
+
+    def prime(self) -> None:
+        service = self._running()
+        if service is not None:
+            self._guard(service.prime)
+
+    def status(self) -> dict:
+        service = self._running()
+        if service is None:
+            return {"loaded": False, "starting": self._starting, "error": self._error,
+                    "model": (self._options or {}).get("model")}
+        try:
+            st = dict(service.status())
+        except Exception as exc:
+            return {"loaded": False, "error": one_line(exc)}
+        if st.get("error") is None and self._error:
+            st["error"] = self._error
+        return plain(st)
+
+    def download(self, name: Any) -> None:
+        threading.Thread(target=self._download_thread, args=(str(name),),
+                         name="rwkv-download", daemon=True).start()
+
+    def _download_thread(self, name: str) -> None:
+        try:
+            from rwkv_engine.download import DownloadError, download
+        except Exception as exc:
+            self.event("download", {"ok": False, "message": f"download unavailable: {one_line(exc)}"})
+            return
+        try:
+            path = download(name, progress=False)
+        except DownloadError as exc:
+            self.event("download", {"ok": False, "message": f"download of {name} failed: {one_line(exc)}"})
+        except Exception as exc:  # a bug or an unexpected failure: still one line
+            log.exception("download failed")
+            self.event("download", {"ok": False, "message": f"download of {name} failed: {one_line(exc)}"})
+        else:
+            self.event("download", {"ok": True,
+                                    "message": f"downloaded {name} to {path} (use it with engine.model = {name!r})"})
+
+    def close(self) -> None:
+        with self._lock:
+            service, self._service = self._service, None
+        if service is not None:
+            try:
+                service.close()
+            except Exception:
+                log.debug("close failed", exc_info=True)

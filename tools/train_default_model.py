@@ -1,0 +1,199 @@
+"""Train the small RWKV-7 code model that ships with the plugin (engine/data/default-model.pth).
+
+    python tools/train_default_model.py --minutes 50 --out engine/data/default-model.pth
+
+Reproducible: the seed drives the corpus split, the vocabulary, the samples and the
+init. The run stops at a wall-time cap (the learning-rate schedule follows the
+fraction of that time used, since the CPU is shared and steps/s vary), writes a
+checkpoint every --save-minutes, the loss curve (TSV) and the training record
+(JSON next to the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus  # noqa: E402
+from train_model import ModelConfig, RWKV7Train, export_state_dict  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    n_layer: int = 4
+    n_embd: int = 256
+    vocab_size: int = 4096
+    batch: int = 8
+    ctx_len: int = 512
+    lr_max: float = 2e-3
+    lr_min: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+    minutes: float = 50.0          # wall-time cap of the training loop
+    save_minutes: float = 5.0
+    heldout_rows: int = 16
+    threads: int = 2
+    export_dtype: str = "bfloat16"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = TrainConfig()
+    for name, val in asdict(d).items():
+        if isinstance(val, tuple):
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+    p.add_argument("--out", default="engine/data/default-model.pth", help="checkpoint path")
+    p.add_argument("--curve", default="tools/loss_curve.tsv", help="loss curve TSV path")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time cap only)")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="scale every language's byte budget")
+    p.add_argument("--no-kernel", action="store_true", help="use the slow torch WKV loop")
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d) if not isinstance(getattr(d, k), tuple)})
+    return cfg, args
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over steps, then cosine from lr_max to lr_min over the wall-time fraction."""
+    if step < cfg.warmup_steps:
+        return cfg.lr_max * (step + 1) / cfg.warmup_steps
+    p = min(1.0, max(0.0, progress))
+    return cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * p))
+
+
+def build_data(cfg: TrainConfig, budget_scale: float = 1.0, sources=None):
+    """Corpus -> (train_maker, heldout_rows [R, T+1], world_ids, record dict)."""
+    from rwkv_engine.tokenizer import WorldTokenizer
+
+    t0 = time.time()
+    sources = sources or corpus.default_sources()
+    for s in sources:
+        s.budget_bytes = int(s.budget_bytes * budget_scale)
+    train, heldout, src_record = corpus.collect_files(sources, cfg.seed)
+    full = WorldTokenizer.default()
+    counts = corpus.count_world_tokens(train, full)
+    world_ids = corpus.choose_world_ids(counts, cfg.vocab_size, full)
+    tok = WorldTokenizer.from_world_ids(world_ids)
+    n_train = corpus.tokenize_files(train, tok)
+    n_held = corpus.tokenize_files(heldout, tok)
+    maker = corpus.SampleMaker(train, tok, corpus.SampleConfig(), cfg.seed)
+    held_maker = corpus.SampleMaker(heldout, tok, corpus.SampleConfig(), cfg.seed + 1)
+    held_rows = torch.tensor([held_maker.row(cfg.ctx_len + 1) for _ in range(cfg.heldout_rows)])
+    record = {"sources": src_record, "train_files": len(train), "heldout_files": len(heldout),
+              "train_tokens": n_train, "heldout_tokens": n_held,
+              "train_bytes": sum(len("\n".join(f.lines)) for f in train),
+              "data_prep_seconds": round(time.time() - t0, 1)}
+    return maker, held_rows, world_ids, record, [f.path for f in heldout]
+
+
+@torch.no_grad()
+def heldout_loss(model: RWKV7Train, rows: torch.Tensor, use_kernel: bool = True) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, rows.shape[0], 8):
+        x = rows[i:i + 8]
+        logits = model(x[:, :-1], use_kernel)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item() * x.shape[0]
+    model.train()
+    return total / rows.shape[0]
+
+
+def save(model, world_ids, cfg, args, record, path: Path) -> None:
+    dtype = getattr(torch, cfg.export_dtype)
+    sd = export_state_dict(model, torch.tensor(world_ids), dtype)
+    tmp = path.with_suffix(".tmp")
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    cfg, args = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print("config:", json.dumps(asdict(cfg)), flush=True)
+
+    maker, held_rows, world_ids, data_record, heldout_paths = build_data(cfg, args.budget_scale)
+    print("data:", json.dumps(data_record), flush=True)
+    mcfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size)
+    model = RWKV7Train(mcfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {mcfg.to_dict()} lora {mcfg.lora_dims()} params {n_params / 1e6:.2f}M", flush=True)
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr_max, betas=cfg.betas, eps=1e-8)
+    use_kernel = not args.no_kernel
+
+    record = {"config": asdict(cfg), "model": {**mcfg.to_dict(), "lora": mcfg.lora_dims(), "params": n_params},
+              "data": data_record, "heldout_paths": heldout_paths, "torch": torch.__version__}
+    curve = open(args.curve, "w")
+    curve.write("step\telapsed_s\ttokens\tlr\ttrain_loss\theldout_loss\n")
+    t_start = time.time()
+    budget = cfg.minutes * 60
+    next_save = cfg.save_minutes * 60
+    step, tokens, ema = 0, 0, None
+    while True:
+        elapsed = time.time() - t_start
+        if elapsed >= budget or (args.max_steps and step >= args.max_steps):
+            break
+        lr = lr_at(cfg, step, elapsed / budget)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = torch.tensor([maker.row(cfg.ctx_len + 1) for _ in range(cfg.batch)])  # [B, T+1]
+        logits = model(x[:, :-1], use_kernel)                                      # [B, T, V]
+        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens += cfg.batch * cfg.ctx_len
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        elapsed = time.time() - t_start
+        held = ""
+        if elapsed >= next_save or step == 1:
+            held = f"{heldout_loss(model, held_rows, use_kernel):.4f}"
+            if elapsed >= next_save:
+                next_save += cfg.save_minutes * 60
+                record.update(steps=step, tokens_seen=tokens, train_seconds=round(elapsed, 1),
+                              train_loss_ema=round(ema, 4), heldout_loss=float(held), final=False)
+                save(model, world_ids, cfg, args, record, out)
+        if step % 10 == 0 or held:
+            curve.write(f"{step}\t{elapsed:.1f}\t{tokens}\t{lr:.6f}\t{ema:.4f}\t{held}\n")
+            curve.flush()
+            print(f"step {step} t {elapsed:.0f}s tok {tokens} lr {lr:.2e} loss {ema:.4f} {held}"
+                  f" ({tokens / max(elapsed, 1e-9):.0f} tok/s)", flush=True)
+
+    elapsed = time.time() - t_start
+    held = heldout_loss(model, held_rows, use_kernel)
+    record.update(steps=step, tokens_seen=tokens, train_seconds=round(elapsed, 1),
+                  train_loss_ema=round(ema, 4) if ema is not None else None,
+                  heldout_loss=round(held, 4), final=True)
+    save(model, world_ids, cfg, args, record, out)
+    # held-out loss of the weights as shipped (rounded to the export dtype)
+    from train_model import load_exported
+    shipped, _ = load_exported(str(out))
+    record["heldout_loss_shipped_weights"] = round(heldout_loss(shipped, held_rows, use_kernel), 4)
+    record["checkpoint_bytes"] = out.stat().st_size
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    curve.write(f"{step}\t{elapsed:.1f}\t{tokens}\t{0:.6f}\t{ema:.4f}\t{held:.4f}\n")
+    curve.close()
+    print("done:", json.dumps({k: record[k] for k in ("steps", "tokens_seen", "train_seconds", "heldout_loss",
+                                                       "heldout_loss_shipped_weights", "checkpoint_bytes")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
