@@ -143,11 +143,12 @@ def run(args) -> int:
     import torch
 
     from . import load_model
-    from .model_resolve import resolve_model_path
+    from .completion import resolve_model_path
+    from .config import EngineConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_model_path(args.model)
+    path = resolve_model_path(EngineConfig(model=args.model))
     model = load_model(path, device=args.device, dtype=args.dtype)
     dev = model.device
     if dev.type == "cuda":

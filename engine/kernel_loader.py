@@ -127,7 +127,7 @@ class WKV7Kernel:
             r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         if y is None:
-            y = torch.empty_like(r)
+            y = torch.empty(r.shape, dtype=out_dtype, device=r.device)  # [B, T, H, 64]
         elif y.dtype != out_dtype or y.shape != r.shape:
             raise ValueError(f"wkv7: y must be {tuple(r.shape)} {out_dtype}, "
                              f"got {tuple(y.shape)} {y.dtype}")

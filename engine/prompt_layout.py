@@ -153,10 +153,7 @@ class PromptBuilder:
         below = lines[r + 1: r + 1 + cfg.n_suffix]
         fim = bool(line_suffix.strip()) or any(ln.strip() for ln in below)
 
-        # far prefix start: aligned up to FAR_ALIGN so it moves only every FAR_ALIGN lines
-        far_start = max(first, _ceil_to(row - cfg.n_prefix, FAR_ALIGN))
-        # far/near split: aligned down to NEAR_ALIGN, at least near_prefix lines above the cursor
-        split = max(far_start, _floor_to(row - cfg.near_prefix, NEAR_ALIGN))
+        far_start, split = window_split(first, row, cfg.n_prefix, cfg.near_prefix)
         if not fim:
             split = row                                   # plain text: every line is "far"
 
@@ -166,7 +163,7 @@ class PromptBuilder:
 
         for ln_no in range(far_start, split):
             end = ln_no + 1                               # boundary after this line
-            dense = end >= split - FAR_DENSE and end % NEAR_ALIGN == 0
+            dense = end >= split - FAR_DENSE and end % min(NEAR_ALIGN, max(1, cfg.near_prefix)) == 0
             ck = CK_MEM if (dense or end % FAR_SPARSE == 0 or end == split or end >= row - 1) else CK_NONE
             segments.append(Segment("far", enc(lines[ln_no - first] + "\n"), ck))
 
@@ -190,6 +187,20 @@ class PromptBuilder:
             after_lines=[line_suffix] + list(below), indent=_cursor_indent(line_prefix, lines[r]),
             around_cursor=around, n_chunks=len(chunks),
         )
+
+
+def window_split(first: int, row: int, n_prefix: int, near_prefix: int) -> Tuple[int, int]:
+    """(far prefix start, far/near split) as buffer line numbers, first <= start <= split <= row.
+
+    The start is aligned UP to a multiple of ``far_align`` (so it stays within n_prefix
+    lines of the cursor and moves only every ``far_align`` lines); the split is
+    aligned DOWN to NEAR_ALIGN, leaving at least ``near_prefix`` lines in the FIM window.
+    """
+    near_align = min(NEAR_ALIGN, max(1, near_prefix))
+    far_align = min(FAR_ALIGN, max(1, (n_prefix - near_prefix) // 2))
+    start = min(row, max(first, _ceil_to(row - n_prefix, far_align)))
+    split = min(row, max(start, _floor_to(row - near_prefix, near_align)))
+    return start, split
 
 
 def _cursor_indent(line_prefix: str, line: str) -> int:

@@ -113,7 +113,7 @@ class NvimSession:
             delay = min(delay * 1.5, 0.2)
 
     def messages(self) -> str:
-        return self.nvim.exec2("messages", {"output": True})["output"]
+        return self.nvim.api.exec2("messages", {"output": True})["output"]
 
     def errors_in_messages(self) -> list:
         bad = ("E5108", "Error", "error", "Traceback", "E117", "E492")

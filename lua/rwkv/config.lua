@@ -61,6 +61,7 @@ M.defaults = {
 -- Engine options: name -> Lua type(s). Must match EngineConfig's fields (a test checks).
 M.engine_types = {
   model = "string",
+  download_dir = "string",
   device = "string",
   dtype = "string",
   candidates = "number",

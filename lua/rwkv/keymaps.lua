@@ -72,11 +72,16 @@ end
 --- Remove our mappings and restore the ones they replaced.
 function M.clear()
   for lhs, m in pairs(mapped) do
-    pcall(vim.keymap.del, "i", lhs)
     if m.fallback then
       pcall(vim.keymap.del, "i", m.fallback)
     end
-    if m.orig then
+    -- only undo what is still ours: a mapping made after setup() belongs to the user
+    local now = vim.fn.maparg(lhs, "i", false, true)
+    local ours = not vim.tbl_isempty(now) and now.buffer ~= 1 and (now.desc or ""):sub(1, #DESC) == DESC
+    if ours then
+      pcall(vim.keymap.del, "i", lhs)
+    end
+    if ours and m.orig then
       local ok = pcall(vim.fn.mapset, "i", false, m.orig)
       if not ok then
         vim.keymap.set("i", lhs, m.orig.callback or m.orig.rhs, {

@@ -221,7 +221,7 @@ class Bridge:
             self.event("download", {"ok": False, "message": f"download unavailable: {one_line(exc)}"})
             return
         try:
-            path = download(name, progress=False)
+            path = download(name, local_dir=(self._options or {}).get("download_dir"), progress=False)
         except DownloadError as exc:
             self.event("download", {"ok": False, "message": f"download of {name} failed: {one_line(exc)}"})
         except Exception as exc:  # a bug or an unexpected failure: still one line

@@ -1,0 +1,205 @@
+-- :checkhealth rwkv. One python3 call probes the host interpreter with
+-- importlib.util.find_spec (no torch import), so the check stays fast.
+local M = {}
+
+local h = vim.health
+
+-- argv[1]: the configured model ("" = the shipped default model); argv[2]: download_dir ("" = HF cache)
+M.PROBE = [[
+import importlib.util, json, os, re, sys
+from importlib.metadata import PackageNotFoundError, version
+
+out = {"python": sys.version.split()[0], "executable": sys.executable}
+
+def has(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except Exception:
+        return False
+
+def ver(dist):
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+for mod in ("pynvim", "torch", "rwkv_engine", "huggingface_hub", "msgpack"):
+    out[mod] = has(mod)
+out["pynvim_version"] = ver("pynvim")
+out["torch_version"] = ver("torch")
+if out["torch"]:
+    root = os.path.dirname(importlib.util.find_spec("torch").origin)
+    try:
+        text = open(os.path.join(root, "version.py")).read()
+    except OSError:
+        text = ""
+    for key in ("cuda", "hip"):
+        m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]" % key, text, re.M)
+        out["torch_" + key] = m.group(1) if m else None
+out["nvidia_device"] = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+out["rocm_device"] = os.path.exists("/dev/kfd")
+model = sys.argv[1] if len(sys.argv) > 1 else ""
+download_dir = (sys.argv[2] if len(sys.argv) > 2 else "") or None
+if out["rwkv_engine"]:
+    pkg = list(importlib.util.find_spec("rwkv_engine").submodule_search_locations)[0]
+    if model == "":
+        path = os.path.join(pkg, "data", "default-model.pth")
+        out["model_path"], out["model_found"] = path, os.path.isfile(path)
+    else:
+        path = os.path.expanduser(model)
+        if os.path.isfile(path) or os.path.isfile(path + ".pth"):
+            out["model_path"], out["model_found"] = path, True
+        elif "/" not in model and os.sep not in model:
+            try:
+                from rwkv_engine.download import resolve_local
+                found = resolve_local(model, local_dir=download_dir)
+            except Exception as exc:
+                found, out["model_error"] = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            out["model_path"], out["model_found"] = (str(found) if found else None), found is not None
+        else:
+            out["model_path"], out["model_found"] = path, False
+print(json.dumps(out))
+]]
+
+--- The python3 interpreter Neovim uses for remote plugins (nil, reason when none).
+function M.host_python()
+  if vim.g.loaded_python3_provider == 0 then
+    return nil, "the python3 provider is disabled (g:loaded_python3_provider = 0)"
+  end
+  local prog = vim.g.python3_host_prog
+  if type(prog) == "string" and prog ~= "" then
+    prog = vim.fn.expand(prog)
+    if vim.fn.executable(prog) == 1 then
+      return prog
+    end
+    return nil, ("g:python3_host_prog = %s is not executable"):format(prog)
+  end
+  local ok, detected = pcall(function()
+    return vim.provider.python.detect_by_module("neovim")
+  end)
+  if ok and type(detected) == "string" and detected ~= "" then
+    return detected
+  end
+  for _, name in ipairs({ "python3", "python" }) do
+    if vim.fn.executable(name) == 1 then
+      return vim.fn.exepath(name)
+    end
+  end
+  return nil, "no python3 found: set g:python3_host_prog to a Python with pynvim"
+end
+
+--- Run the probe in `python`; returns the decoded table or nil, error.
+function M.probe(python, model, download_dir)
+  local res = vim.system({ python, "-c", M.PROBE, model or "", download_dir or "" }, { text = true }):wait(30000)
+  if res.code ~= 0 then
+    return nil, vim.trim((res.stderr or ""):match("[^\n]*\n?$") or "")
+  end
+  local ok, info = pcall(vim.json.decode, res.stdout)
+  if not ok then
+    return nil, "unexpected probe output: " .. tostring(res.stdout)
+  end
+  return info
+end
+
+function M.check()
+  local config = require("rwkv.config")
+  local remote = require("rwkv.remote")
+  local c = config.current
+
+  h.start("rwkv: Neovim")
+  if vim.fn.has("nvim-0.10") == 1 then
+    h.ok(("Neovim %s (inline virtual text available)"):format(tostring(vim.version())))
+  else
+    h.error("Neovim 0.10 or newer is needed (inline virtual text)")
+  end
+  h.info(("suggestions %s; filetypes off: %s"):format(c.enabled and "enabled" or "disabled",
+    table.concat(vim.tbl_filter(function(ft)
+      return c.filetypes[ft] == false
+    end, vim.tbl_keys(c.filetypes)), ", ")))
+
+  h.start("rwkv: Python host")
+  local python, why = M.host_python()
+  if not python then
+    h.error(why, { "install pynvim into a Python 3 and set g:python3_host_prog to it" })
+    return
+  end
+  h.ok(("python3 host: %s%s"):format(python, vim.g.python3_host_prog and " (g:python3_host_prog)" or " (detected)"))
+  local info, err = M.probe(python, c.engine.model, c.engine.download_dir)
+  if not info then
+    h.error("could not run " .. python .. ": " .. tostring(err))
+    return
+  end
+  h.info("Python " .. tostring(info.python))
+  if info.pynvim then
+    h.ok("pynvim " .. tostring(info.pynvim_version or "(version unknown)"))
+  else
+    h.error("pynvim is not installed in " .. python, { python .. " -m pip install pynvim" })
+  end
+  if info.rwkv_engine then
+    h.ok("rwkv_engine importable")
+  else
+    h.error("rwkv_engine is not installed in " .. python,
+      { python .. " -m pip install -e <path to rwkv.nvim> (see README)" })
+  end
+  if info.torch then
+    h.ok("torch " .. tostring(info.torch_version or "(version unknown)"))
+    if info.torch_cuda and info.torch_cuda ~= vim.NIL then
+      h.ok(("torch built with CUDA %s%s"):format(info.torch_cuda, info.nvidia_device and "; an NVIDIA device is present" or "; no NVIDIA device found"))
+    elseif info.torch_hip and info.torch_hip ~= vim.NIL then
+      h.ok(("torch built with ROCm/HIP %s%s"):format(info.torch_hip, info.rocm_device and "; /dev/kfd present" or "; no ROCm device found"))
+    else
+      h.info("torch is CPU-only: the model runs on the CPU")
+      if c.engine.device == "cuda" then
+        h.warn("engine.device = \"cuda\" but this torch has no CUDA support", { "use device = \"auto\" or install a CUDA build of torch" })
+      end
+    end
+  else
+    h.error("torch is not installed in " .. python, { python .. " -m pip install torch" })
+  end
+  if info.huggingface_hub then
+    h.ok("huggingface_hub installed (:RwkvDownload)")
+  else
+    h.warn("huggingface_hub is missing: :RwkvDownload will not work", { python .. " -m pip install huggingface_hub" })
+  end
+
+  h.start("rwkv: model")
+  local model = c.engine.model or "(the shipped default model)"
+  if info.model_found then
+    h.ok(("model %s: %s"):format(model, tostring(info.model_path)))
+  elseif info.rwkv_engine then
+    local advice = { "set engine.model to a checkpoint path, or download one: :RwkvDownload g1-0.1b" }
+    h.error(("model %s not found%s"):format(model,
+      (info.model_path and info.model_path ~= vim.NIL) and (" at " .. info.model_path) or ""), advice)
+  end
+  local st = require("rwkv").status()
+  if st.loaded then
+    h.ok(("loaded on %s"):format(tostring(st.device)))
+  elseif st.loading then
+    h.info("loading …")
+  else
+    h.info("not loaded yet (it loads on the first InsertEnter)")
+  end
+
+  h.start("rwkv: remote plugin")
+  if remote.registered() then
+    h.ok("remote plugin rwkv_nvim is registered")
+  else
+    h.error("remote plugin rwkv_nvim is not registered (its functions are unknown to Neovim)",
+      { "run :UpdateRemotePlugins, then restart Neovim", "the manifest is " .. tostring(vim.g.loaded_remote_plugins) })
+  end
+  if remote.state.failed then
+    h.error(remote.state.failed)
+  elseif remote.state.started then
+    local alive, why_not = remote.host_alive()
+    if alive then
+      h.ok("the python3 host is running")
+    else
+      h.error(why_not or "the python3 host is not running")
+    end
+  end
+  if st.error and not remote.state.failed then
+    h.error("engine: " .. tostring(st.error))
+  end
+end
+
+return M

@@ -1,0 +1,140 @@
+"""Prompt layout: FIM/plain text, line-by-line tokenization, stable segment boundaries."""
+from __future__ import annotations
+
+import pytest
+
+from rwkv_engine.context_ring import ContextRing
+from rwkv_engine.prompt_layout import (CHUNK_HEADER, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, LineTokenizer,
+                                       PromptBuilder, split_at_byte_col, window_split)
+from rwkv_engine.tokenizer import WorldTokenizer
+
+from pipeline_fixtures import SOURCE_LINES, fast_config, make_request, type_text
+
+TOK = WorldTokenizer.default()
+
+
+def builder(**kw) -> PromptBuilder:
+    return PromptBuilder(fast_config(**kw), TOK)
+
+
+def text_of(prompt) -> str:
+    return TOK.decode(prompt.tokens())
+
+
+def test_fim_layout_is_suffix_first_and_ends_at_the_cursor():
+    lines = ["a = 1", "b = 2", "def f(x):", "    return x", "c = 3"]
+    p = builder(n_prefix=8, near_prefix=1, near_suffix=2).build(make_request(lines, 3, col=4))
+    assert p.fim
+    tokens = p.tokens()
+    assert tokens[0] == 0                                 # start token
+    expected = ("a = 1\nb = 2\n" + FIM_PREFIX + FIM_SUFFIX + "return x\n" + "c = 3\n" + FIM_MIDDLE
+                + "def f(x):\n" + "    ")
+    assert TOK.decode(tokens[1:]) == expected
+    assert p.line_prefix == "    " and p.line_suffix == "return x"
+    assert p.after_lines == ["return x", "c = 3"]
+    kinds = [s.kind for s in p.segments]
+    assert kinds == ["start", "far", "far", "marker", "suffix", "suffix", "marker", "near", "cursor"]
+
+
+def test_plain_continuation_when_only_whitespace_follows():
+    lines = ["import os", "", "def main():", "    pri", "   ", ""]
+    p = builder().build(make_request(lines, 3))
+    assert not p.fim
+    assert p.tokens()[0] == 0 and text_of(p) == "import os\n\ndef main():\n    pri"
+    assert all(s.kind in ("start", "far", "cursor") for s in p.segments)
+
+
+def test_tokens_never_span_lines():
+    lines = SOURCE_LINES[:20]
+    p = builder().build(make_request(lines, 18))
+    for seg in p.segments:
+        if seg.kind in ("far", "near", "suffix"):
+            text = TOK.decode(seg.tokens)
+            assert text.endswith("\n") and text.count("\n") == 1
+            assert seg.tokens == tuple(TOK.encode(text))
+    # whole-prompt tokens equal the per-segment encodings concatenated
+    assert p.tokens() == [t for s in p.segments for t in s.tokens]
+
+
+def test_ring_chunks_come_first_oldest_first_with_filenames():
+    ring = ContextRing(4, 8, 4)
+    ring.add("x = 1\ny = 2\nz = 3", "one.py")
+    ring.add("p = 1\nq = 2\nr = 3", "two.py")
+    ring.promote(), ring.promote()
+    p = builder().build(make_request(SOURCE_LINES, 10), ring.chunks)
+    text = text_of(p)
+    one = CHUNK_HEADER.format(filename="one.py") + "x = 1\ny = 2\nz = 3\n"
+    two = CHUNK_HEADER.format(filename="two.py") + "p = 1\nq = 2\nr = 3\n"
+    assert text.startswith(one + two)
+    assert [s.kind for s in p.segments[:3]] == ["start", "chunk", "chunk"]
+    assert p.segments[1].checkpoint == 2                  # chunk checkpoints persist to disk
+
+
+def test_typing_changes_only_the_last_segment():
+    b = builder()
+    lines = list(SOURCE_LINES)
+    lines[21] = "    y = x"
+    p1 = b.build(make_request(lines, 21, col=7))
+    lines2, col2 = type_text(lines, 21, 7, "zz")           # typing keeps the text after the cursor
+    p2 = b.build(make_request(lines2, 21, col=col2))
+    assert [s.tokens for s in p1.segments[:-1]] == [s.tokens for s in p2.segments[:-1]]
+    assert p1.segments[-1].kind == p2.segments[-1].kind == "cursor"
+
+
+def test_window_split_is_aligned_and_bounded():
+    for row in range(0, 400):
+        start, split = window_split(0, row, 256, 24)
+        assert 0 <= start <= split <= row
+        assert row - start <= 256 and (row - split >= 24 or split == start)
+        assert split % 8 == 0 or split == start
+    # moving one line keeps the far start for 64-line stretches
+    starts = {window_split(0, row, 256, 24)[0] for row in range(300, 364)}
+    assert len(starts) <= 2
+    # the window's first line bounds the start
+    assert window_split(100, 120, 256, 24)[0] == 100
+
+
+def test_moving_one_line_keeps_far_segments_within_an_aligned_block():
+    b = builder(n_prefix=40, near_prefix=8, near_suffix=4)
+    p1 = b.build(make_request(SOURCE_LINES, 33))
+    p2 = b.build(make_request(SOURCE_LINES, 34))
+    far1 = [s.tokens for s in p1.segments if s.kind == "far"]
+    far2 = [s.tokens for s in p2.segments if s.kind == "far"]
+    assert far1 == far2 and far1
+
+
+def test_line_cache_hits_on_rebuild_and_is_bounded():
+    lines = [f"line_{i} = {i}" for i in range(2000)]
+    b = builder(n_prefix=1900, n_suffix=60, near_prefix=24, near_suffix=8)
+    b.build(make_request(lines, 1950))
+    misses = b.lines.misses
+    b.build(make_request(lines, 1950, col=3))
+    assert b.lines.misses - misses <= 2                   # only the two halves of the cursor line
+    small = LineTokenizer(TOK, max_entries=4)
+    for i in range(10):
+        small.encode(f"x{i}\n")
+    assert len(small._cache) == 4
+
+
+def test_byte_column_splits_multibyte_lines():
+    assert split_at_byte_col("héllo", 3) == ("hé", "llo")
+    assert split_at_byte_col("héllo", 2) == ("h", "éllo")  # inside é: backs off
+    assert split_at_byte_col("abc", 99) == ("abc", "")
+
+
+def test_cursor_indentation():
+    b = builder()
+    lines = ["def f():", "    if x:", "        ", "    return 1"]
+    assert b.build(make_request(lines, 2)).indent == 8
+    assert b.build(make_request(lines, 1)).indent == 4
+
+
+@pytest.mark.parametrize("req,msg", [
+    ({"lines": ["a"], "first": 0, "row": 3, "col": 0}, "outside"),
+    ({"lines": "abc", "first": 0, "row": 0, "col": 0}, "list of strings"),
+    ({"lines": ["a"], "first": 0, "row": 0}, "'col'"),
+    ({"lines": ["a"], "first": 0, "row": 0, "col": -1}, ">= 0"),
+])
+def test_bad_requests_raise_one_line_errors(req, msg):
+    with pytest.raises(ValueError, match=msg):
+        builder().build(req)

@@ -1,0 +1,228 @@
+"""State cache: hash-chain keys, tier budgets, the disk tier, and reuse through the pipeline."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rwkv_engine.state import State
+from rwkv_engine.state_cache import Snapshot, StateCache, chain_key, partial_keys, root_key
+
+from pipeline_fixtures import SOURCE_LINES, completer_factory, make_request, type_text  # noqa: F401
+
+
+def random_snapshot(seed: int, n_tokens: int = 5) -> Snapshot:
+    g = torch.Generator().manual_seed(seed)
+    st = State.zeros(2, 1, 64, 1, 64, torch.float32, "cpu")
+    st = State([torch.randn(t.shape, generator=g) for t in st.att_x],
+               [torch.randn(t.shape, generator=g) for t in st.wkv],
+               [torch.randn(t.shape, generator=g) for t in st.ffn_x])
+    return Snapshot(st, torch.randn(1, 50, generator=g), n_tokens)
+
+
+def snap_equal(a: Snapshot, b: Snapshot) -> bool:
+    return a.state.equal(b.state) and torch.equal(a.logits, b.logits) and a.n_tokens == b.n_tokens
+
+
+# -- keys -------------------------------------------------------------------------------
+def test_keys_chain_over_segments_and_name_the_model():
+    r = root_key("model-a")
+    assert r != root_key("model-b")
+    k1 = chain_key(r, [1, 2, 3])
+    assert chain_key(k1, [4]) != chain_key(r, [1, 2, 3, 4])      # segment boundaries matter
+    assert partial_keys(r, [1, 2, 3]) == [chain_key(r, [1]), chain_key(r, [1, 2]), k1]
+
+
+# -- memory tiers ----------------------------------------------------------------------------
+def test_device_overflow_demotes_to_host_and_host_overflow_drops():
+    size = random_snapshot(0).nbytes
+    cache = StateCache("m", "cpu", device_bytes=2 * size, host_bytes=2 * size)
+    for i in range(5):
+        cache.put(f"k{i}", random_snapshot(i))
+    assert cache.tier_of("k4") == cache.tier_of("k3") == "device"
+    assert cache.tier_of("k2") == cache.tier_of("k1") == "host"
+    assert cache.tier_of("k0") is None
+    s = cache.stats()
+    assert s["device"]["bytes"] <= 2 * size and s["host"]["bytes"] <= 2 * size
+    snap, tier = cache.get("k1")                 # a host hit is promoted to the device tier
+    assert tier == "host" and cache.tier_of("k1") == "device"
+    assert snap_equal(snap, random_snapshot(1))
+    assert cache.tier_of("k3") == "host"         # ... pushing the LRU device entry down
+
+
+def test_zero_budgets_keep_nothing():
+    cache = StateCache("m", "cpu", device_bytes=0, host_bytes=0)
+    cache.put("k", random_snapshot(0))
+    assert cache.tier_of("k") is None and cache.get("k") is None
+
+
+def test_only_batch_one_states_are_cached():
+    snap = random_snapshot(0)
+    with pytest.raises(ValueError):
+        StateCache("m").put("k", Snapshot(snap.state.fork(2), None, 1))
+
+
+# -- disk tier ----------------------------------------------------------------------------------
+def disk_cache(tmp_path, budget=1 << 20):
+    return StateCache("model-x", "cpu", device_bytes=1 << 20, host_bytes=0, disk_bytes=budget,
+                      disk_dir=tmp_path / "rwkv.nvim" / "states")
+
+
+def test_disk_tier_is_private_and_persists_only_marked_entries(tmp_path):
+    cache = disk_cache(tmp_path)
+    cache.put("global", random_snapshot(1), persist=True)
+    cache.put("local", random_snapshot(2))
+    d = tmp_path / "rwkv.nvim" / "states"
+    files = list(d.glob("*.rwst"))
+    assert [f.stem for f in files] == ["global"]
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "rwkv.nvim").stat().st_mode) == 0o700
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert not list(d.glob(".tmp-*"))             # atomic write leaves no temp file
+
+
+def test_disk_round_trip_is_bit_exact_across_processes(tmp_path):
+    d = tmp_path / "states"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_state_cache import random_snapshot
+        from rwkv_engine.state_cache import StateCache
+        c = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, {str(d)!r})
+        c.put("abc", random_snapshot(7, n_tokens=42), persist=True)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    cache = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, d)
+    snap, tier = cache.get("abc")
+    assert tier == "disk"
+    assert snap_equal(snap, random_snapshot(7, n_tokens=42))
+    # a different model never sees it
+    assert StateCache("model-y", "cpu", 1 << 20, 0, 1 << 20, d).get("abc") is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
+def test_corrupt_disk_entries_are_ignored_and_rebuilt(tmp_path, damage):
+    d = tmp_path / "rwkv.nvim" / "states"
+    disk_cache(tmp_path).put("k", random_snapshot(3), persist=True)
+    f = d / "k.rwst"
+    raw = bytearray(f.read_bytes())
+    if damage == "flip":
+        raw[-7] ^= 0x10
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = bytearray(b"not a snapshot at all" * 10)
+    else:
+        raw = bytearray()
+    f.write_bytes(bytes(raw))
+    cache = disk_cache(tmp_path)                  # a new session: memory tiers are empty
+    assert cache.tier_of("k") == "disk"
+    assert cache.get("k") is None                 # detected, dropped, counted as a miss
+    assert not f.exists()
+    cache.put("k", random_snapshot(3), persist=True)
+    snap, tier = disk_cache(tmp_path).get("k")
+    assert tier == "disk" and snap_equal(snap, random_snapshot(3))
+
+
+def test_disk_budget_evicts_least_recently_used_files(tmp_path):
+    size = len(__import__("rwkv_engine.state_cache", fromlist=["x"]).encode_snapshot(
+        "k0", "model-x", random_snapshot(0)))
+    cache = disk_cache(tmp_path, budget=int(2.5 * size))
+    for i in range(4):
+        cache.put(f"k{i}", random_snapshot(i), persist=True)
+    d = tmp_path / "rwkv.nvim" / "states"
+    assert sorted(f.stem for f in d.glob("*.rwst")) == ["k2", "k3"]
+    assert cache.stats()["disk"]["bytes"] <= 2.5 * size
+
+
+# -- reuse through the pipeline (tiny random model) -------------------------------------------
+def test_typing_on_one_line_refeeds_at_most_8_tokens_per_keystroke(completer_factory):
+    c = completer_factory(candidates=1, max_tokens=1, tail_checkpoints=4)
+    lines = list(SOURCE_LINES[:24])
+    row = 17
+    lines[row] = "    return "
+    col = len(lines[row])
+    first = c.complete(make_request(lines, row, col))
+    assert first["stats"]["reused_tokens"] == 0
+    for ch in "value_of(x) + 12":
+        lines, col = type_text(lines, row, col, ch)
+        s = c.complete(make_request(lines, row, col))["stats"]
+        assert s["prefilled_tokens"] <= 8, (ch, s)
+        assert s["reused_tokens"] + s["prefilled_tokens"] == s["prompt_tokens"]
+        assert s["cache_hits"]["device"] == 1
+
+
+def test_moving_one_line_refeeds_no_more_than_the_near_window(completer_factory):
+    c = completer_factory(candidates=1, max_tokens=1, n_prefix=40, near_prefix=8, near_suffix=4)
+    prev = None
+    for row in (26, 27, 28, 29, 28):             # crosses an 8-line alignment both ways
+        req = make_request(SOURCE_LINES, row)
+        prompt = c.build_prompt(req)
+        s = c.complete(req)["stats"]
+        if prev is not None:
+            window = sum(len(seg.tokens) for seg in prompt.segments
+                         if seg.kind in ("marker", "suffix", "near", "cursor"))
+            old_far = {seg.tokens for seg in prev.segments if seg.kind == "far"}
+            new_far = sum(len(seg.tokens) for seg in prompt.segments
+                          if seg.kind == "far" and seg.tokens not in old_far)
+            assert s["prefilled_tokens"] <= window + new_far, (row, s)
+            assert s["reused_tokens"] > 0
+        prev = prompt
+
+
+def test_a_new_ring_chunk_costs_only_its_own_tokens(completer_factory):
+    c = completer_factory()
+    c.add_chunk("alpha = 1\nbeta = 2\ngamma = 3\n", "a.py")
+    c.add_chunk("def helper(z):\n    return z * 2\n# end\n", "b.py")
+    while c.prime_step():
+        pass
+    c.add_chunk("class K:\n    x = 1\n    y = 2\n", "c.py")
+    assert c.prime_step()
+    new_seg = c.builder.chunk_segment(c.ring.chunks[-1])
+    assert c.last_prime["what"] == "chunks"
+    assert c.last_prime["prefilled_tokens"] == len(new_seg.tokens)
+
+
+def test_priming_yields_to_a_request_within_one_prefill_piece(completer_factory):
+    c = completer_factory(prefill_chunk=4)
+    c.add_chunk("\n".join(f"line_{i} = {i} * {i}" for i in range(8)), "big.py")
+    calls = []
+    real_forward = c.model.forward
+
+    def counting_forward(*a, **k):
+        calls.append(1)
+        return real_forward(*a, **k)
+
+    flag = {"stop": False}
+    c.model.forward = counting_forward
+    try:
+        def should_stop():
+            if len(calls) >= 2:
+                flag["stop"] = True               # "a request arrived" after the 2nd piece
+            return flag["stop"]
+        assert c.prime_step(should_stop)
+        assert len(calls) == 2 and c.last_prime["done"] is False
+    finally:
+        del c.model.forward
+    # the work done so far is kept: finishing the prime feeds only the rest
+    total = 1 + len(c.builder.chunk_segment(c.ring.chunks[0]).tokens)
+    assert c.prime_step()
+    assert c.last_prime["reused_tokens"] == 8 and c.last_prime["prefilled_tokens"] == total - 8
+
+
+def test_chunk_checkpoints_survive_a_new_session_on_disk(completer_factory):
+    c1 = completer_factory()
+    c1.add_chunk("alpha = 1\nbeta = 2\ngamma = 3\n", "a.py")
+    while c1.prime_step():
+        pass
+    c2 = completer_factory()                      # same cache_dir, empty memory tiers
+    c2.add_chunk("alpha = 1\nbeta = 2\ngamma = 3\n", "a.py")
+    c2.ring.promote()
+    s = c2.complete(make_request(SOURCE_LINES[:12], 9))["stats"]
+    assert s["cache_hits"]["disk"] == 1
+    assert s["reused_tokens"] == 1 + len(c2.builder.chunk_segment(c2.ring.chunks[0]).tokens)
