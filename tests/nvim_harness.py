@@ -44,7 +44,8 @@ def require_nvim() -> None:
     pytest.importorskip("pynvim")
 
 
-def nvim_env(root: Path, opts: Optional[dict] = None, manifest: bool = True) -> dict:
+def nvim_env(root: Path, opts: Optional[dict] = None, manifest: bool = True,
+             extra_env: Optional[dict] = None) -> dict:
     """Environment variables for an isolated nvim under `root`."""
     env = {
         "XDG_CONFIG_HOME": str(root / "config"),
@@ -55,6 +56,7 @@ def nvim_env(root: Path, opts: Optional[dict] = None, manifest: bool = True) -> 
         "NVIM_RPLUGIN_MANIFEST": str(root / ("rplugin.vim" if manifest else "no-manifest.vim")),
         "RWKV_TEST_PYTHON": sys.executable,
         "RWKV_TEST_OPTS": json.dumps(opts) if opts is not None else "",
+        **(extra_env or {}),
     }
     for key in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
@@ -137,13 +139,14 @@ class NvimSession:
             pass
 
 
-def start_nvim(root: Path, opts: Optional[dict] = None, manifest: bool = True) -> NvimSession:
+def start_nvim(root: Path, opts: Optional[dict] = None, manifest: bool = True,
+               extra_env: Optional[dict] = None) -> NvimSession:
     """Start an isolated headless nvim with the plugin (and its registered rplugin)."""
     import pynvim
 
     require_nvim()
     root.mkdir(parents=True, exist_ok=True)
-    env = nvim_env(root, opts, manifest=manifest)
+    env = nvim_env(root, opts, manifest=manifest, extra_env=extra_env)
     if manifest:
         update_remote_plugins(env)
     argv = ["env"] + [f"{k}={v}" for k, v in env.items()] + [
@@ -156,11 +159,13 @@ def start_nvim(root: Path, opts: Optional[dict] = None, manifest: bool = True) -
 
 @pytest.fixture
 def nvim_session(tmp_path):
-    """Factory: ``nvim_session(opts=None, manifest=True) -> NvimSession``; closed after the test."""
+    """Factory: ``nvim_session(opts=None, manifest=True, extra_env=None) -> NvimSession``;
+    every session is closed after the test."""
     sessions = []
 
-    def make(opts: Optional[dict] = None, manifest: bool = True, name: str = "nvim") -> NvimSession:
-        s = start_nvim(tmp_path / f"{name}{len(sessions)}", opts, manifest=manifest)
+    def make(opts: Optional[dict] = None, manifest: bool = True, name: str = "nvim",
+             extra_env: Optional[dict] = None) -> NvimSession:
+        s = start_nvim(tmp_path / f"{name}{len(sessions)}", opts, manifest=manifest, extra_env=extra_env)
         sessions.append(s)
         return s
 

@@ -45,6 +45,17 @@ def type_text(lines: List[str], row: int, col: int, text: str):
     return out, col + len(text.encode("utf-8"))
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny models run fastest single-threaded, especially on a busy 2-core machine
+    (OpenMP barriers dominate a [1, 128] forward)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def completer_factory(tiny_model, tmp_path):
     """Completer(config) sharing the session's tiny model; fresh cache per call."""

@@ -13,7 +13,8 @@ import torch
 from rwkv_engine.state import State
 from rwkv_engine.state_cache import Snapshot, StateCache, chain_key, partial_keys, root_key
 
-from pipeline_fixtures import SOURCE_LINES, completer_factory, make_request, type_text  # noqa: F401
+from pipeline_fixtures import (SOURCE_LINES, completer_factory, make_request, one_torch_thread,  # noqa: F401
+                               type_text)
 
 
 def random_snapshot(seed: int, n_tokens: int = 5) -> Snapshot:
@@ -149,7 +150,7 @@ def test_typing_on_one_line_refeeds_at_most_8_tokens_per_keystroke(completer_fac
     col = len(lines[row])
     first = c.complete(make_request(lines, row, col))
     assert first["stats"]["reused_tokens"] == 0
-    for ch in "value_of(x) + 12":
+    for ch in "val(x) + 1":
         lines, col = type_text(lines, row, col, ch)
         s = c.complete(make_request(lines, row, col))["stats"]
         assert s["prefilled_tokens"] <= 8, (ch, s)
@@ -190,7 +191,7 @@ def test_a_new_ring_chunk_costs_only_its_own_tokens(completer_factory):
 
 def test_priming_yields_to_a_request_within_one_prefill_piece(completer_factory):
     c = completer_factory(prefill_chunk=4)
-    c.add_chunk("\n".join(f"line_{i} = {i} * {i}" for i in range(8)), "big.py")
+    c.add_chunk("\n".join(f"line_{i} = {i}" for i in range(4)), "big.py")
     calls = []
     real_forward = c.model.forward
 
@@ -212,7 +213,8 @@ def test_priming_yields_to_a_request_within_one_prefill_piece(completer_factory)
     # the work done so far is kept: finishing the prime feeds only the rest
     total = 1 + len(c.builder.chunk_segment(c.ring.chunks[0]).tokens)
     assert c.prime_step()
-    assert c.last_prime["reused_tokens"] == 8 and c.last_prime["prefilled_tokens"] == total - 8
+    done = 1 + 4                                  # the start token, then one piece of 4 tokens
+    assert c.last_prime["reused_tokens"] == done and c.last_prime["prefilled_tokens"] == total - done
 
 
 def test_chunk_checkpoints_survive_a_new_session_on_disk(completer_factory):

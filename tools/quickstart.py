@@ -35,8 +35,9 @@ def say(msg: str) -> None:
     print(f"[rwkv.nvim] {msg}", flush=True)
 
 
-def sh(*cmd, env=None, check=True) -> int:
-    rc = subprocess.call([str(c) for c in cmd], env=env, stdin=subprocess.DEVNULL)
+def sh(*cmd, env=None, check=True, quiet=False) -> int:
+    out = subprocess.DEVNULL if quiet else None
+    rc = subprocess.call([str(c) for c in cmd], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     if check and rc:
         sys.exit(f"[rwkv.nvim] failed ({rc}): {' '.join(map(str, cmd))}")
     return rc
@@ -53,7 +54,7 @@ def ensure_venv() -> None:
 
 
 def ensure_torch() -> None:
-    if sh(PY, "-c", "import torch", check=False) == 0:
+    if sh(PY, "-c", "import torch", check=False, quiet=True) == 0:
         return
     spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     extra = ["--extra-index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []

@@ -178,12 +178,12 @@ function M.statusline()
   if engine.error or remote.state.failed then
     return "rwkv:err"
   end
-  if engine.loading and not engine.loaded then
-    return "rwkv:…"
-  end
   local items, index = require("rwkv.suggest").candidates()
   if items then
     return ("rwkv:%d/%d"):format(index, #items)
+  end
+  if engine.loading and not engine.loaded then
+    return "rwkv:…"
   end
   return "rwkv:on"
 end

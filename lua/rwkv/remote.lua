@@ -72,6 +72,13 @@ function M.call(fname, ...)
     notify_once("rwkv: the remote plugin is not registered: " .. M.FIX .. ".", vim.log.levels.WARN)
     return nil
   end
+  if M.state.started then
+    local alive, why = M.host_alive()
+    if not alive then
+      notify_once(("rwkv: suggestions stopped: %s (see :RwkvStatus, :checkhealth rwkv)"):format(why), vim.log.levels.WARN)
+      return nil
+    end
+  end
   local ok, res = pcall(vim.fn[fname], ...)
   if not ok then
     local msg = one_line(res)

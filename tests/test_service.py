@@ -1,0 +1,170 @@
+"""CompletionService: worker thread, latest request wins, events, chunks, priming, accept."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from rwkv_engine.service import CompletionService
+
+from pipeline_fixtures import SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
+
+WAIT = 60.0   # generous: the machine may be busy; tests never assert on time
+
+
+class Recorder:
+    def __init__(self):
+        self.events, self.partials, self.done = [], [], []
+        self.ready = threading.Event()
+        self.finished = threading.Event()
+
+    def on_event(self, kind, info):
+        self.events.append((kind, info))
+        if kind in ("ready", "error"):
+            self.ready.set()
+
+    def on_partial(self, p):
+        self.partials.append(p)
+
+    def on_done(self, r):
+        self.done.append(r)
+        self.finished.set()
+
+
+@pytest.fixture
+def service(tiny_model, tmp_path):
+    rec = Recorder()
+    svc = CompletionService(fast_config(tmp_path, max_tokens=4), on_event=rec.on_event, model=tiny_model)
+    svc.start()
+    assert rec.ready.wait(WAIT)
+    yield svc, rec
+    svc.close()
+
+
+def test_ready_event_then_a_result_with_stats(service):
+    svc, rec = service
+    assert [k for k, _ in rec.events] == ["loading", "ready"]
+    ready = rec.events[1][1]
+    assert ready["device"] == "cpu" and ready["dtype"] == "float32" and "load_ms" in ready
+    rid = svc.submit(make_request(SOURCE_LINES[:12], 9, rid=7), rec.on_partial, rec.on_done)
+    assert rid == 7 and rec.finished.wait(WAIT)
+    (res,) = rec.done
+    assert res["id"] == 7 and res["candidates"]
+    assert all(set(c) == {"text", "logprob"} for c in res["candidates"])
+    s = res["stats"]
+    for key in ("reused_tokens", "prefilled_tokens", "decoded_tokens", "ms_prefill", "ms_decode",
+                "ms_total", "candidates"):
+        assert key in s
+    assert set(s["cache_hits"]) == {"device", "host", "disk", "miss"}
+    assert rec.partials and all(p["id"] == 7 for p in rec.partials)
+    st = svc.status()
+    assert st["loaded"] and st["error"] is None and st["last"] == s
+    assert st["cache"]["device"]["entries"] > 0
+
+
+def test_a_superseded_request_yields_nothing(service):
+    svc, rec = service
+    first_done, second = [], Recorder()
+    started = threading.Event()
+
+    def first_partial(p):
+        if not started.is_set():
+            started.set()
+            # a newer request arrives while the first one is decoding
+            svc.submit(make_request(SOURCE_LINES[:12], 10, rid=2), second.on_partial, second.on_done)
+
+    svc.submit(make_request(SOURCE_LINES[:12], 9, rid=1), first_partial, first_done.append)
+    assert second.finished.wait(WAIT)
+    assert started.is_set() and first_done == []
+    assert [r["id"] for r in second.done] == [2]
+
+
+def test_only_the_latest_of_queued_requests_runs(tiny_model, tmp_path):
+    rec = Recorder()
+    svc = CompletionService(fast_config(tmp_path, max_tokens=2), on_event=rec.on_event, model=tiny_model)
+    try:
+        for i in range(1, 4):                      # queued before the worker even starts
+            svc.submit(make_request(SOURCE_LINES[:12], 9, rid=i), None, rec.on_done)
+        svc.start()
+        assert rec.finished.wait(WAIT)
+        svc.close()
+        assert [r["id"] for r in rec.done] == [3]
+    finally:
+        svc.close()
+
+
+def test_cancel_drops_the_pending_request(tiny_model, tmp_path):
+    rec = Recorder()
+    svc = CompletionService(fast_config(tmp_path), on_event=rec.on_event, model=tiny_model)
+    svc.submit(make_request(SOURCE_LINES[:12], 9), None, rec.on_done)
+    svc.cancel()
+    svc.start()
+    assert rec.ready.wait(WAIT)
+    svc.close()
+    assert rec.done == []
+
+
+def wait_until(cond, timeout=WAIT):
+    done = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return True
+        done.wait(0.05)
+    return cond()
+
+
+def test_chunks_and_priming_fill_the_ring(service):
+    svc, rec = service
+    svc.add_chunk("alpha = 1\nbeta = 2\ngamma = 3\n", "a.py")
+    svc.prime()
+    assert wait_until(lambda: svc.status()["cache"]["ring"]["chunks"] == 1)
+    assert wait_until(lambda: not svc._prime_wanted)
+    svc.submit(make_request(SOURCE_LINES[:12], 9), None, rec.on_done)
+    assert rec.finished.wait(WAIT)
+    s = rec.done[0]["stats"]
+    assert s["cache_hits"]["device"] == 1 and s["reused_tokens"] > 10     # start token + the chunk
+
+
+def test_accept_continues_from_the_state_after_the_accepted_text(service):
+    svc, rec = service
+    lines = SOURCE_LINES[:12]
+    svc.submit(make_request(lines, 9, rid=1), None, rec.on_done)
+    assert rec.finished.wait(WAIT)
+    texts = [c["text"].split("\n")[0] for c in rec.done[0]["candidates"]]
+    text = next((t for t in texts if t), None)
+    if text is None:
+        pytest.skip("the random model proposed no single-line text to accept")
+    rec.finished.clear()
+    svc.accept(1, text)
+    after = list(lines)
+    after[9] = lines[9] + text
+    svc.submit(make_request(after, 9, rid=2), None, rec.on_done)
+    assert rec.finished.wait(WAIT)
+    s = rec.done[1]["stats"]
+    assert s["speculative"] is True
+    assert s["reused_tokens"] == rec.done[0]["stats"]["prompt_tokens"]
+    assert 0 < s["prefilled_tokens"] <= 4 + len(text.encode("utf-8"))   # only the accepted text
+
+
+def test_a_missing_model_reports_one_clear_error(tmp_path):
+    rec = Recorder()
+    missing = tmp_path / "nope.pth"
+    svc = CompletionService(fast_config(tmp_path, model=str(missing)), on_event=rec.on_event)
+    svc.start()
+    try:
+        assert rec.ready.wait(WAIT)
+        kind, info = rec.events[-1]
+        assert kind == "error" and "nope" in info["message"] and "\n" not in info["message"]
+        svc.submit(make_request(SOURCE_LINES[:12], 9), None, rec.on_done)
+        assert rec.finished.wait(WAIT)
+        assert rec.done[0]["candidates"] == [] and "nope" in rec.done[0]["error"]
+        assert svc.status()["loaded"] is False
+    finally:
+        svc.close()
+
+
+def test_a_malformed_request_gets_an_error_result(service):
+    svc, rec = service
+    svc.submit({"id": 5, "lines": ["x"], "first": 0, "row": 4, "col": 0}, None, rec.on_done)
+    assert rec.finished.wait(WAIT)
+    assert rec.done[0]["id"] == 5 and "outside" in rec.done[0]["error"]
