@@ -24,13 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--time-budget-ms", type=int, default=None, metavar="MS",
                         help="decode time budget (default: the engine's, 1000)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="state cache directory (default: $XDG_CACHE_HOME/rwkv.nvim)")
     parser.add_argument("--json", action="store_true", help="print JSON {candidates, stats}")
 
 
 def _config(args: argparse.Namespace):
     from .config import EngineConfig
     opts = {"model": args.model, "device": args.device}
-    for name in ("candidates", "max_tokens", "temperature", "seed", "time_budget_ms"):
+    for name in ("candidates", "max_tokens", "temperature", "seed", "time_budget_ms", "cache_dir"):
         v = getattr(args, name, None)
         if v is not None:
             opts[name] = v

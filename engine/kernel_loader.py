@@ -15,9 +15,10 @@ Sources (repository ``kernels/``):
 
 Cache directory: ``$RWKV_NVIM_KERNEL_DIR/<torch version>-<backend>`` or, by default,
 ``$XDG_CACHE_HOME/rwkv.nvim/kernels/<torch version>-<backend>`` (``~/.cache`` when
-XDG_CACHE_HOME is unset); directories created here are mode 0700. The CPU build is
-tuned for the build machine (-march=native), so its directory name also carries a
-short hash of the CPU model.
+XDG_CACHE_HOME is unset); directories created here are mode 0700. GPU builds target
+only the visible GPUs' architectures, named in the directory (``...-cuda-8.0``);
+the CPU build is tuned for the build machine (-march=native), so its directory
+name carries the machine type and a short hash of the CPU model.
 
 Environment:
     RWKV_NVIM_NO_KERNEL=1        never use a compiled kernel (always the reference)
@@ -29,21 +30,20 @@ torch itself is imported on the first ``get_wkv7`` call.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import torch
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ def cache_dir(backend: str) -> Path:
     name = f"{_safe(torch.__version__)}-{backend}"
     if backend == "cpu":
         name += f"-{_safe(platform.machine())}-{_cpu_model_tag()}"
+    elif gpu_archs(backend):  # a build for one GPU generation does not run on another
+        name += "-" + _safe(gpu_archs(backend).replace(";", "_").replace(" ", "_"))
     return base / name
 
 
@@ -240,8 +242,15 @@ def first_error_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def _build_digest(spec: KernelSpec, sources: list[str]) -> str:
+    h = hashlib.sha256(repr(spec).encode())
+    for src in sources:
+        h.update(Path(src).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _check_compiler(backend: str) -> None:
-    cxx = os.environ.get("CXX", "c++")
+    cxx = (shlex.split(os.environ.get("CXX", "")) or ["c++"])[0]
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
     if shutil.which("ninja") is None:
@@ -249,6 +258,44 @@ def _check_compiler(backend: str) -> None:
             import ninja  # noqa: F401  (the PyPI wheel puts the binary next to python)
         except ImportError:
             raise RuntimeError("ninja is not installed (pip install ninja)") from None
+
+
+_ARCH_ENV = {"cuda": "TORCH_CUDA_ARCH_LIST", "hip": "PYTORCH_ROCM_ARCH"}
+
+
+def gpu_archs(backend: str) -> str:
+    """The GPU architectures to compile for: the user's TORCH_CUDA_ARCH_LIST /
+    PYTORCH_ROCM_ARCH if set, else those of the visible devices ("8.0;9.0", "gfx90a")."""
+    import torch
+
+    var = _ARCH_ENV.get(backend)
+    if var is None:
+        return ""
+    if os.environ.get(var):
+        return os.environ[var]
+    archs: list[str] = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            arch = (getattr(props, "gcnArchName", "").split(":")[0] if backend == "hip"
+                    else f"{props.major}.{props.minor}")
+            if arch and arch not in archs:
+                archs.append(arch)
+    return ";".join(archs)
+
+
+@contextlib.contextmanager
+def _gpu_arch_env(backend: str, archs: str):
+    """Build only for ``archs`` (faster, and no torch warning about a missing arch list)."""
+    var = _ARCH_ENV.get(backend)
+    if var is None or not archs or os.environ.get(var):
+        yield
+        return
+    os.environ[var] = archs
+    try:
+        yield
+    finally:
+        os.environ.pop(var, None)
 
 
 def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
@@ -261,24 +308,27 @@ def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     _clear_stale_lock(build_dir)
     _check_compiler(backend)
     name = f"rwkv_nvim_wkv7_{backend}"
-    fresh = not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd"))
+    stamp = build_dir / f".built-{_build_digest(spec, sources)}"
+    fresh = not stamp.exists()  # these sources and flags were never built here: announce it
     if fresh and progress is not None:
         progress(f"building the WKV-7 {backend} kernel (first use, takes a minute)…")
     from torch.utils import cpp_extension  # deferred: heavy, and only needed here
 
     started = time.perf_counter()
-    cpp_extension.load(
-        name=name,
-        sources=sources,
-        extra_cflags=list(spec.extra_cflags),
-        extra_cuda_cflags=list(spec.extra_cuda_cflags) or None,
-        build_directory=str(build_dir),
-        with_cuda=spec.with_cuda,
-        is_python_module=False,
-        verbose=os.environ.get("RWKV_NVIM_KERNEL_VERBOSE") == "1",
-    )
+    with _gpu_arch_env(backend, gpu_archs(backend)):
+        cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=list(spec.extra_cflags),
+            extra_cuda_cflags=list(spec.extra_cuda_cflags) or None,
+            build_directory=str(build_dir),
+            with_cuda=spec.with_cuda,
+            is_python_module=False,
+            verbose=os.environ.get("RWKV_NVIM_KERNEL_VERBOSE") == "1",
+        )
     seconds = time.perf_counter() - started
     op = getattr(getattr(torch.ops, spec.namespace), "wkv7_")
+    stamp.touch()
     if fresh and progress is not None:
         progress(f"WKV-7 {backend} kernel ready ({seconds:.0f} s)")
     log.info("WKV-7 %s kernel loaded from %s in %.1f s", backend, build_dir, seconds)
@@ -341,9 +391,3 @@ def kernel_status() -> dict[str, str]:
         out[backend] = f"ready ({kernel.build_dir})" if kernel is not None else f"failed: {_errors.get(backend, '?')}"
     return out
 
-
-def _reset_for_tests() -> None:
-    """Forget memoized outcomes (tests only; a loaded op stays registered)."""
-    with _lock:
-        _memo.clear()
-        _errors.clear()

@@ -127,12 +127,26 @@ class CompletionService:
             self._emit("error", {"message": msg})
             return
         m = self._completer.model
+        self._warm_kernel(m)
         info = {"model": name, "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
                 "load_ms": round((time.perf_counter() - t0) * 1000, 1)}
         with self._cv:
             self._status.update(loaded=True, device=info["device"], dtype=info["dtype"], error=None,
                                 cache=self._completer.cache_stats())
         self._emit("ready", info)
+
+    def _warm_kernel(self, model) -> None:
+        """Build/load the compiled WKV kernel now (with "progress" events) rather than
+        inside the first request; a failure falls back to the reference silently here
+        (the loader warns once)."""
+        if not getattr(model, "use_kernel", False):
+            return
+        try:
+            from .kernel_loader import get_wkv7, kernels_disabled
+            if not kernels_disabled():
+                get_wkv7(model.device, progress=lambda msg: self._emit("progress", {"message": msg}))
+        except Exception as e:                          # never fatal: the reference path works
+            log.warning("rwkv.nvim: WKV kernel unavailable (%s)", _one_line(e))
 
     def _run(self) -> None:
         self._load()

@@ -44,6 +44,16 @@ def require_nvim() -> None:
     pytest.importorskip("pynvim")
 
 
+def shared_kernel_dir() -> str:
+    """The engine's compiled-kernel cache as it would be outside the tests: shared by all
+    test sessions so that the WKV kernel is built once, not once per temp XDG_CACHE_HOME."""
+    root = os.environ.get("RWKV_NVIM_KERNEL_DIR")
+    if root:
+        return root
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(xdg).expanduser() / "rwkv.nvim" / "kernels")
+
+
 def nvim_env(root: Path, opts: Optional[dict] = None, manifest: bool = True,
              extra_env: Optional[dict] = None) -> dict:
     """Environment variables for an isolated nvim under `root`."""
@@ -56,6 +66,7 @@ def nvim_env(root: Path, opts: Optional[dict] = None, manifest: bool = True,
         "NVIM_RPLUGIN_MANIFEST": str(root / ("rplugin.vim" if manifest else "no-manifest.vim")),
         "RWKV_TEST_PYTHON": sys.executable,
         "RWKV_TEST_OPTS": json.dumps(opts) if opts is not None else "",
+        "RWKV_NVIM_KERNEL_DIR": shared_kernel_dir(),
         **(extra_env or {}),
     }
     for key in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):

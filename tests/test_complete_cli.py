@@ -13,6 +13,16 @@ from rwkv_engine import complete_cmd
 from pipeline_fixtures import SOURCE_LINES, one_torch_thread  # noqa: F401
 
 
+def kernel_dir() -> str:
+    """Where the WKV kernel is normally built: keep using it when XDG_CACHE_HOME is changed
+    (a fresh XDG dir would otherwise rebuild the kernel)."""
+    root = os.environ.get("RWKV_NVIM_KERNEL_DIR")
+    if root:
+        return root
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(xdg, "rwkv.nvim", "kernels")
+
+
 @pytest.fixture
 def source_file(tmp_path):
     p = tmp_path / "demo.py"
@@ -21,7 +31,8 @@ def source_file(tmp_path):
 
 
 def test_complete_json_end_to_end_in_a_subprocess(tiny_model_path, source_file, tmp_path):
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, RWKV_NVIM_KERNEL_DIR=kernel_dir(), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+               OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "rwkv_engine.cli", "complete", str(source_file), "--line", "10",
          "--col", "4", "--model", str(tiny_model_path), "--candidates", "3", "--max-tokens", "4",
@@ -40,14 +51,15 @@ def test_complete_json_end_to_end_in_a_subprocess(tiny_model_path, source_file, 
     assert (tmp_path / "xdg" / "rwkv.nvim").is_dir()     # the cache lives under XDG_CACHE_HOME
 
 
-def test_complete_text_output_in_process(tiny_model_path, source_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+def test_complete_text_output_in_process(tiny_model_path, source_file, tmp_path, capsys):
     rc = complete_cmd.main([str(source_file), "--line", "12", "--col", "0", "--model",
-                            str(tiny_model_path), "--candidates", "2", "--max-tokens", "3"])
+                            str(tiny_model_path), "--candidates", "2", "--max-tokens", "3",
+                            "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr()
     assert rc == 0
     assert "--- candidate 1" in out.out or "(no candidates)" in out.out
     assert "prefilled" in out.err
+    assert (tmp_path / "cache").is_dir()
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -61,8 +73,7 @@ def test_bad_arguments_give_one_line_errors(source_file, capsys, args, msg):
     assert rc == 2 and msg in err and err.count("\n") == 1
 
 
-def test_a_missing_model_file_is_named(source_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+def test_a_missing_model_file_is_named(source_file, tmp_path, capsys):
     missing = tmp_path / "nope.pth"
     rc = complete_cmd.main([str(source_file), "--line", "1", "--col", "0", "--model", str(missing)])
     err = capsys.readouterr().err

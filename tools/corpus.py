@@ -152,9 +152,10 @@ class SampleConfig:
     chunk_frac: float = 0.3        # samples with ring chunks in front
     max_chunks: int = 2
     chunk_lines: Tuple[int, int] = (4, 24)
-    near_prefix: Tuple[int, int] = (0, 31)
-    near_suffix: Tuple[int, int] = (0, 8)
-    far_prefix: Tuple[int, int] = (0, 24)
+    near_prefix: Tuple[int, int] = (24, 31)   # the pipeline's window (config near_prefix 24, aligned to 8)
+    near_suffix: Tuple[int, int] = (1, 8)     # config near_suffix 8
+    short_window_frac: float = 0.3            # samples with a shorter window (top of file, other configs)
+    far_prefix: Tuple[int, int] = (0, 48)
     middle_lines: Tuple[int, int] = (1, 3)
     plain_lines: Tuple[int, int] = (8, 64)
 
@@ -219,9 +220,11 @@ class SampleMaker:
             middle = "\n".join([line[col:]] + f.lines[row + 1:last + 1])
             line_suffix = ""
         line_prefix = line[:col]
-        near = rng.randint(*cfg.near_prefix)
+        if rng.random() < cfg.short_window_frac:
+            near, n_suf = rng.randint(0, cfg.near_prefix[1]), rng.randint(*cfg.near_suffix)
+        else:
+            near, n_suf = rng.randint(*cfg.near_prefix), cfg.near_suffix[1]
         far = rng.randint(*cfg.far_prefix)
-        n_suf = rng.randint(*cfg.near_suffix)
         seq = [END] + self._chunks(f) + self._lines(f, row - near - far, row - near)
         seq += list(self.m_prefix_suffix) + self._enc(line_suffix + "\n")
         seq += self._lines(f, last + 1, last + 1 + n_suf)
@@ -235,8 +238,18 @@ class SampleMaker:
         return self.fim(f) if self.rng.random() < self.cfg.fim_frac else self.plain(f)
 
     def row(self, length: int) -> List[int]:
-        """``length`` tokens of packed samples (each starts with token 0)."""
+        """``length`` tokens of whole packed samples (each starts with token 0); a sample
+        that does not fit is replaced by plain code cut at the row end, and a first sample
+        longer than the row keeps its end (the middle)."""
         out: List[int] = []
         while len(out) < length:
-            out += self.sample()
-        return out[:length]
+            s = self.sample()
+            if len(out) + len(s) <= length:
+                out += s
+            elif not out:
+                out = s[-length:]
+            else:
+                out += self.plain(self.rng.choice(self.files))[: length - len(out)]
+                while len(out) < length:  # a very short plain sample: top up with more code
+                    out += self.plain(self.rng.choice(self.files))[: length - len(out)]
+        return out

@@ -31,10 +31,10 @@ from train_model import ModelConfig, RWKV7Train, export_state_dict  # noqa: E402
 class TrainConfig:
     seed: int = 1234
     n_layer: int = 4
-    n_embd: int = 256
+    n_embd: int = 192
     vocab_size: int = 4096
-    batch: int = 8
-    ctx_len: int = 512
+    batch: int = 2
+    ctx_len: int = 1024
     lr_max: float = 2e-3
     lr_min: float = 1e-4
     warmup_steps: int = 50
@@ -43,7 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     minutes: float = 50.0          # wall-time cap of the training loop
     save_minutes: float = 5.0
-    heldout_rows: int = 16
+    heldout_rows: int = 12
     threads: int = 2
     export_dtype: str = "bfloat16"
 

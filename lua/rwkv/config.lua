@@ -113,20 +113,20 @@ local function fail(msg)
   error("rwkv.setup: " .. msg, 0)
 end
 
+local has_011 = vim.fn.has("nvim-0.11") == 1
+
+--- vim.validate with our error prefix; `expected` is "type" or "type|type".
 local function check_type(name, value, expected, optional)
-  if value == nil then
-    if optional then
-      return
-    end
-    fail(name .. " is required")
+  local types = vim.split(expected, "|", { plain = true })
+  local ok, err
+  if has_011 then
+    ok, err = pcall(vim.validate, name, value, types, optional or false)
+  else
+    ok, err = pcall(vim.validate, { [name] = { value, types, optional or false } })
   end
-  local t = type(value)
-  for e in expected:gmatch("[^|]+") do
-    if t == e then
-      return
-    end
+  if not ok then
+    fail(tostring(err):gsub("^.-:%d+: ", ""))
   end
-  fail(("%s must be %s, got %s"):format(name, expected:gsub("|", " or "), t))
 end
 
 local function check_range(name, value, lo, hi)

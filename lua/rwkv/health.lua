@@ -63,9 +63,6 @@ print(json.dumps(out))
 
 --- The python3 interpreter Neovim uses for remote plugins (nil, reason when none).
 function M.host_python()
-  if vim.g.loaded_python3_provider == 0 then
-    return nil, "the python3 provider is disabled (g:loaded_python3_provider = 0)"
-  end
   local prog = vim.g.python3_host_prog
   if type(prog) == "string" and prog ~= "" then
     prog = vim.fn.expand(prog)
@@ -73,6 +70,9 @@ function M.host_python()
       return prog
     end
     return nil, ("g:python3_host_prog = %s is not executable"):format(prog)
+  end
+  if vim.g.loaded_python3_provider == 0 then
+    return nil, "the python3 provider is off (g:loaded_python3_provider = 0: disabled, or no Python with pynvim found)"
   end
   local ok, detected = pcall(function()
     return vim.provider.python.detect_by_module("neovim")

@@ -218,16 +218,24 @@ function M.status_lines()
   add("model: %s  device: %s  dtype: %s  %s", model, where, py.dtype or engine.dtype or "?",
     loaded and "loaded" or (st.loading and "loading" or "not loaded"))
   local err = py.error or st.error
-  if err and err ~= vim.NIL then
+  if err and err ~= vim.NIL and err ~= remote.state.failed then
     add("error: %s", err)
   end
   if type(py.cache) == "table" then
     local parts = {}
-    for tier, v in pairs(py.cache) do
-      if type(v) == "table" then
-        parts[#parts + 1] = ("%s %s/%s (%s entries)"):format(tier, fmt_bytes(v.bytes), fmt_bytes(v.budget), tostring(v.entries or "?"))
+    for name, v in pairs(py.cache) do
+      if type(v) == "table" and v.bytes ~= nil then -- a tier: device / host / disk
+        parts[#parts + 1] = ("%s %s/%s (%s entries)"):format(name, fmt_bytes(v.bytes), fmt_bytes(v.budget),
+          tostring(v.entries or "?"))
+      elseif type(v) == "table" then -- counters: hits, ring, line cache ...
+        local kv = {}
+        for k, x in pairs(v) do
+          kv[#kv + 1] = ("%s=%s"):format(k, tostring(x))
+        end
+        table.sort(kv)
+        parts[#parts + 1] = ("%s {%s}"):format(name, table.concat(kv, " "))
       else
-        parts[#parts + 1] = ("%s %s"):format(tier, tostring(v))
+        parts[#parts + 1] = ("%s %s"):format(name, tostring(v))
       end
     end
     table.sort(parts)

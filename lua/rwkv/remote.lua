@@ -56,10 +56,13 @@ function M.host_alive()
   return true
 end
 
-local function one_line(err)
-  local s = tostring(err):gsub("^Vim:", ""):gsub("^Vim%(%a+%):", "")
-  s = s:gsub("%s*\n.*", "")
-  return s
+--- The informative end of a Vimscript error chain, one line, one sentence.
+function M.one_line(err)
+  local s = tostring(err):gsub("%s*\n.*", "")
+  -- "FuncUndefined Autocommands for ...[10]..provider#Poll, line 17: <message>"
+  s = s:match(".*line %d+: (.*)") or s
+  s = s:gsub("^Vim:", ""):gsub("^Vim%(%a+%):", ""):gsub("^E5108: Error executing lua%s*", "")
+  return (s:match("^(.-)%. ") or s):gsub("%.$", "")
 end
 
 --- Call a remote function; nil on failure (after one message). `...` are its arguments.
@@ -81,15 +84,11 @@ function M.call(fname, ...)
   end
   local ok, res = pcall(vim.fn[fname], ...)
   if not ok then
-    local msg = one_line(res)
+    local msg = M.one_line(res)
     if msg:find("E117", 1, true) or msg:find("Unknown function", 1, true) then
       notify_once("rwkv: the remote plugin is not registered: " .. M.FIX .. ".", vim.log.levels.WARN)
     else
-      local _, why = M.host_alive()
-      notify_once(
-        ("rwkv: the Python host failed (%s): %s. See :checkhealth rwkv."):format(why or "running", msg),
-        vim.log.levels.ERROR
-      )
+      notify_once(("rwkv: the Python host failed: %s. Run :checkhealth rwkv."):format(msg), vim.log.levels.ERROR)
     end
     return nil
   end

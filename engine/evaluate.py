@@ -1,0 +1,191 @@
+"""`rwkv-nvim eval`: fill-in-the-middle line tasks on held-out source files.
+
+Task: the cursor at the start of a non-blank line whose text was removed (the line is
+left empty); the prompt is the completion pipeline's FIM layout (PromptBuilder: far
+prefix, ``✿prefix✿✿suffix✿`` near suffix ``✿middle✿`` near prefix). The model decodes
+a greedy candidate and N sampled candidates (State.fork + Sampler, batched); a task
+passes when the first line of a candidate, right-stripped, equals the removed line.
+
+Reported: pass@1 (greedy), pass@N (any of the N sampled), pass@1+N (greedy or any
+sampled), and the baselines "repeat the previous line" / "repeat the previous
+non-blank line".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+DEFAULT_MODEL = Path(__file__).with_name("data") / "default-model.pth"
+
+
+@dataclass
+class LineTask:
+    path: str
+    lines: List[str]      # the file's lines with line ``row`` emptied
+    row: int
+    target: str           # the removed line, right-stripped
+    prev_line: str
+    prev_nonblank: str
+
+
+def make_tasks(paths: Sequence[str], n_tasks: int, seed: int, near_suffix: int = 8) -> List[LineTask]:
+    """Seeded, uniform over eligible lines: non-blank, not the first line, with some
+    non-blank text in the ``near_suffix`` lines below (so the prompt is FIM)."""
+    candidates = []
+    files = {}
+    for p in paths:
+        try:
+            text = Path(p).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read held-out file {p}: {e}") from None
+        lines = text.replace("\r\n", "\n").split("\n")
+        files[p] = lines
+        for r in range(1, len(lines)):
+            if lines[r].strip() and any(ln.strip() for ln in lines[r + 1:r + 1 + near_suffix]):
+                candidates.append((p, r))
+    if not candidates:
+        raise ValueError("no eligible lines in the held-out files")
+    rng = random.Random(seed)
+    picked = rng.sample(candidates, min(n_tasks, len(candidates)))
+    tasks = []
+    for p, r in picked:
+        lines = list(files[p])
+        target = lines[r].rstrip()
+        lines[r] = ""
+        prev_nb = next((ln for ln in reversed(lines[:r]) if ln.strip()), "")
+        tasks.append(LineTask(p, lines, r, target, lines[r - 1].rstrip(), prev_nb.rstrip()))
+    return tasks
+
+
+def _decode_first_lines(model, state, logits, sampler, max_tokens: int) -> List[str]:
+    """Decode every row of ``state`` until it has a full first line (or token 0)."""
+    import torch
+
+    B = state.batch
+    tok = model.tokenizer
+    streams = [tok.stream() for _ in range(B)]
+    texts = [""] * B
+    done = [False] * B
+    for _ in range(max_tokens):
+        tokens, _ = sampler.sample(logits)                    # [B]
+        for b in range(B):
+            if done[b]:
+                continue
+            t = int(tokens[b])
+            if t == 0:
+                done[b] = True
+                continue
+            texts[b] += streams[b].feed(t)
+            if "\n" in texts[b]:
+                done[b] = True
+        if all(done):
+            break
+        logits, state = model.forward(tokens[:, None].to(torch.long), state)
+    return [t.split("\n")[0].rstrip() for t in texts]
+
+
+def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: int = 48,
+             seed: int = 0, n_prefix: int = 64, progress: bool = False) -> dict:
+    """Run the tasks; returns the metrics dict (fractions in 0..1)."""
+    import torch
+
+    from .config import EngineConfig
+    from .prompt_layout import PromptBuilder
+    from .sampler import Sampler, SamplingParams
+
+    cfg = EngineConfig(n_prefix=n_prefix)
+    builder = PromptBuilder(cfg, model.tokenizer)
+    sampled_params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    greedy_params = SamplingParams(temperature=0.0, top_p=1.0, alpha_frequency=0.0)
+    hits = {"pass@1": 0, f"pass@{n_samples}": 0, f"pass@1+{n_samples}": 0,
+            "baseline_prev_line": 0, "baseline_prev_nonblank": 0}
+    prompt_tokens = 0
+    t0 = time.time()
+    examples = []
+    for i, task in enumerate(tasks):
+        prompt = builder.build({"lines": task.lines, "first": 0, "row": task.row, "col": 0})
+        if not prompt.fim:
+            raise ValueError(f"{task.path}:{task.row + 1}: prompt is not FIM")
+        ids = prompt.tokens()
+        prompt_tokens += len(ids)
+        logits, state = model.forward(torch.tensor([ids]), model.new_state(1))
+        greedy = _decode_first_lines(model, state, logits, Sampler(greedy_params, 1, logits.shape[-1]),
+                                     max_tokens)[0]
+        seeds = [seed * 1000003 + i * 101 + j for j in range(n_samples)]
+        sampled = _decode_first_lines(model, state.fork(n_samples), logits.expand(n_samples, -1).contiguous(),
+                                      Sampler(sampled_params, n_samples, logits.shape[-1], seeds), max_tokens)
+        hits["pass@1"] += greedy == task.target
+        hits[f"pass@{n_samples}"] += task.target in sampled
+        hits[f"pass@1+{n_samples}"] += greedy == task.target or task.target in sampled
+        hits["baseline_prev_line"] += task.prev_line == task.target
+        hits["baseline_prev_nonblank"] += task.prev_nonblank == task.target
+        if len(examples) < 8:
+            examples.append({"file": Path(task.path).name, "line": task.row + 1, "target": task.target,
+                             "greedy": greedy, "sampled": sampled})
+        if progress and (i + 1) % 20 == 0:
+            print(f"  {i + 1}/{len(tasks)} tasks, pass@1 {hits['pass@1'] / (i + 1):.3f}", file=sys.stderr)
+    n = max(1, len(tasks))
+    result = {k: round(v / n, 4) for k, v in hits.items()}
+    result.update(tasks=len(tasks), samples=n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                  n_prefix_lines=n_prefix, near_prefix_lines=cfg.near_prefix, near_suffix_lines=cfg.near_suffix,
+                  mean_prompt_tokens=round(prompt_tokens / n, 1), seconds=round(time.time() - t0, 1),
+                  examples=examples)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint (.pth optional)")
+    parser.add_argument("--files", nargs="*", default=None,
+                        help="held-out source files (default: heldout_paths of the model's .json record)")
+    parser.add_argument("--tasks", type=int, default=200, help="number of line tasks")
+    parser.add_argument("--samples", type=int, default=4, help="sampled candidates per task (N)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="decode limit per candidate")
+    parser.add_argument("--n-prefix", type=int, default=64, help="lines above the cursor in the prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--update-record", action="store_true",
+                        help="write the result under 'eval' into the model's .json training record")
+
+
+def _record_path(model_path: str) -> Path:
+    p = Path(model_path)
+    return (p if p.suffix == ".pth" else Path(str(p) + ".pth")).with_suffix(".json")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import load_model
+
+    torch.set_num_threads(args.threads)
+    record_path = _record_path(args.model)
+    files: Optional[List[str]] = args.files
+    if not files:
+        if not record_path.is_file():
+            raise ValueError(f"no --files given and no training record {record_path}")
+        files = json.loads(record_path.read_text()).get("heldout_paths") or []
+        if not files:
+            raise ValueError(f"{record_path} lists no heldout_paths; pass --files")
+    model = load_model(args.model, device="cpu")
+    tasks = make_tasks(files, args.tasks, args.seed)
+    result = evaluate(model, tasks, args.samples, args.max_tokens, args.seed, args.n_prefix,
+                      progress=not args.json)
+    if args.update_record:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record["eval"] = result
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        n = result["samples"]
+        print(f"{result['tasks']} tasks from {len(files)} files ({result['seconds']} s)")
+        for key in ("pass@1", f"pass@{n}", f"pass@1+{n}", "baseline_prev_line", "baseline_prev_nonblank"):
+            print(f"  {key:24s} {result[key]:.3f}")
+    return 0

@@ -1,0 +1,279 @@
+"""`:checkhealth rwkv`, set-up validation, failure modes (no registration, dead host),
+:RwkvDownload, and consistency between the Lua options, the engine and :help rwkv."""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from nvim_harness import REPO, nvim_session, require_nvim  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.nvim]
+
+
+def checkhealth(s) -> str:
+    s.cmd("checkhealth rwkv")
+    return s.buffer_text()
+
+
+def test_checkhealth_runs_clean_with_a_registered_plugin(nvim_session, tiny_model_path):
+    s = nvim_session({"engine": {"model": str(tiny_model_path), "device": "cpu"}})
+    report = checkhealth(s)
+    assert "ERROR" not in report, report
+    assert "remote plugin rwkv_nvim is registered" in report
+    assert re.search(r"OK pynvim \d", report)
+    assert "OK rwkv_engine importable" in report
+    assert "OK torch" in report
+    assert f"OK model {tiny_model_path}" in report
+    assert not s.errors_in_messages(), s.messages()
+
+
+def test_checkhealth_spells_out_the_fix_when_not_registered(nvim_session, tiny_model_path):
+    s = nvim_session({"engine": {"model": str(tiny_model_path)}}, manifest=False)
+    report = checkhealth(s)
+    assert "ERROR remote plugin rwkv_nvim is not registered" in report
+    assert "run :UpdateRemotePlugins, then restart Neovim" in report
+
+
+def test_checkhealth_reports_a_missing_model(nvim_session, tmp_path):
+    s = nvim_session({"engine": {"model": str(tmp_path / "nope.pth")}})
+    report = checkhealth(s)
+    assert "not found" in report and ":RwkvDownload" in report
+
+
+def test_unregistered_plugin_says_so_once_and_stays_quiet(nvim_session):
+    s = nvim_session({"debounce_ms": 10}, manifest=False)
+    s.cmd("setlocal filetype=python")
+    s.feed("ia = 1<Esc>")
+    s.feed("ob = 2<Esc>")
+    s.wait_for("require('rwkv.remote').state.failed ~= nil", timeout=10)
+    s.wait_for("vim.api.nvim_buf_line_count(0) == 2 and vim.fn.mode() == 'n'", timeout=10)
+    s.settle()
+    msgs = s.messages()
+    assert msgs.count("UpdateRemotePlugins") == 1, msgs
+    assert "E117" not in msgs and "E5108" not in msgs, msgs
+    s.cmd("RwkvStatus")
+    assert "not registered" in s.messages().split("rwkv: suggestions")[-1]
+
+
+def test_dead_python_host_degrades_quietly_and_status_says_why(nvim_session, tiny_model_path):
+    s = nvim_session({"debounce_ms": 10, "engine": {"model": str(tiny_model_path), "device": "cpu"}})
+    s.cmd("setlocal filetype=python")
+    s.feed("ix")
+    s.wait_for("vim.fn['remote#host#IsRunning']('python3') == 1", timeout=60, what="the python3 host")
+    pid = s.lua("return vim.fn.jobpid(vim.fn['remote#host#Require']('python3'))")
+    os.kill(pid, signal.SIGKILL)  # the host process this test's nvim started
+    s.wait_for("vim.fn.jobwait({vim.fn['remote#host#Require']('python3')}, 0)[1] ~= -1", timeout=10)
+    s.feed("yz<Esc>oabc")
+    s.wait_for("vim.api.nvim_get_current_line() == 'abc'", timeout=10)
+    s.wait_for("require('rwkv.remote').state.failed ~= nil", timeout=10)
+    s.feed("def")
+    s.wait_for("vim.api.nvim_get_current_line() == 'abcdef'", timeout=10)
+    s.feed("<Esc>")
+    msgs = s.messages()
+    assert msgs.count("suggestions stopped") <= 1, msgs
+    assert "Traceback" not in msgs and "E5108" not in msgs, msgs
+    s.cmd("RwkvStatus")
+    assert "python3 host exited" in s.messages()
+    assert s.lua("return require('rwkv').statusline()") == "rwkv:err"
+
+
+@pytest.mark.parametrize("opts, fragment", [
+    ({"candidates": 3}, "unknown option candidates"),
+    ({"engine": {"candidates": 99}}, "engine.candidates = 99"),
+    ({"engine": {"device": "tpu"}}, "engine.device must be one of"),
+    ({"engine": {"bogus": 1}}, "unknown option engine.bogus"),
+    ({"keymaps": {"pick": "<M-x>"}}, "keymaps.pick must contain %d"),
+    ({"filetypes": {"python": "yes"}}, 'filetypes["python"]: expected boolean, got string'),
+    ({"debounce_ms": "fast"}, "debounce_ms: expected number, got string"),
+])
+def test_setup_rejects_bad_options_with_one_line(nvim_session, opts, fragment):
+    s = nvim_session(manifest=False)
+    ok = s.lua("return require('rwkv').setup(...)", opts)
+    assert ok is False
+    msgs = s.messages()
+    assert fragment in msgs, msgs
+    assert len([line for line in msgs.splitlines() if "rwkv.setup" in line]) == 1
+
+
+def test_setup_accepts_a_full_valid_table(nvim_session):
+    s = nvim_session(manifest=False)
+    opts = {"enabled": False, "auto_trigger": False, "debounce_ms": 0, "filetypes": {"*": False, "lua": True},
+            "float": {"enabled": False, "max_lines": 2}, "keymaps": {"accept_word": False, "pick": False},
+            "engine": {"model": "g1-0.4b", "device": "cuda", "candidates": 8, "temperature": 0.0,
+                       "top_p": 1.0, "stop": ["\n\n"], "cache_disk_mb": 0}}
+    assert s.lua("return require('rwkv').setup(...)", opts) is True
+    assert s.lua("return require('rwkv.config').engine('candidates')") == 8
+    assert s.lua("return require('rwkv.config').engine('n_prefix')") == 256
+    assert not s.errors_in_messages(), s.messages()
+
+
+def test_lua_engine_options_match_engine_config(nvim_session):
+    from dataclasses import MISSING, fields
+
+    from rwkv_engine.config import EngineConfig
+
+    s = nvim_session(manifest=False)
+    lua_types = s.lua("return require('rwkv.config').engine_types")
+    mirror = s.lua("return require('rwkv.config').engine_mirror")
+    assert set(lua_types) == {f.name for f in fields(EngineConfig)}
+    defaults = EngineConfig()
+    for name, value in mirror.items():
+        assert getattr(defaults, name) == value, name
+    assert all(f.default is not MISSING or f.default_factory is not MISSING for f in fields(EngineConfig))
+
+
+def test_help_documents_every_command_key_and_option(nvim_session):
+    from dataclasses import fields
+
+    from rwkv_engine.config import EngineConfig
+
+    doc = (REPO / "doc" / "rwkv.txt").read_text()
+    s = nvim_session(manifest=False)
+    defaults = s.lua("return require('rwkv.config').defaults")
+    for cmd in ("RwkvToggle", "RwkvEnable", "RwkvDisable", "RwkvStatus", "RwkvDownload"):
+        assert f"*:{cmd}*" in doc
+        assert s.nvim.call("exists", f":{cmd}") == 2
+    for name, value in defaults.items():
+        assert re.search(rf"^\s*{name} = ", doc, re.M), name
+        if isinstance(value, dict) and name not in ("filetypes", "engine"):
+            for sub in value:
+                assert re.search(rf"^\s*{sub} = ", doc, re.M), f"{name}.{sub}"
+    for lhs in defaults["keymaps"].values():
+        assert lhs in doc, lhs
+    for f in fields(EngineConfig):
+        assert re.search(rf"^{f.name} = ", doc, re.M), f"engine.{f.name}"
+
+
+def test_help_tags_build(tmp_path):
+    require_nvim()
+    from nvim_harness import NVIM
+
+    (tmp_path / "doc").mkdir()
+    (tmp_path / "doc" / "rwkv.txt").write_text((REPO / "doc" / "rwkv.txt").read_text())
+    proc = subprocess.run([NVIM, "--headless", "--clean", f"+helptags {tmp_path / 'doc'}", "+qa!"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "E154" not in proc.stderr, proc.stderr  # E154: duplicate tag
+    tags = {line.split("\t")[0] for line in (tmp_path / "doc" / "tags").read_text().splitlines()}
+    assert {"rwkv", "rwkv-options", "rwkv-engine-options", "rwkv-keys", ":RwkvToggle", ":RwkvEnable",
+            ":RwkvDisable", ":RwkvStatus", ":RwkvDownload", "rwkv-statusline", "rwkv-events"} <= tags
+
+
+def test_rplugin_entry_is_light():
+    code = ("import sys; sys.path.insert(0, 'rplugin/python3'); import rwkv_nvim; "
+            "heavy = [m for m in ('torch', 'numpy', 'rwkv_engine.service', 'rwkv_engine.model') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_download_command_reports_the_result(nvim_session, tmp_path):
+    from fake_hf_server import FakeHub
+
+    name = "rwkv7-g1a-0.1b-20250728-ctx4096.pth"
+    with FakeHub({name: b"x" * 1000}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        s = nvim_session(extra_env=env)
+        s.cmd("RwkvDownload g1-0.1b")
+        s.wait_for("vim.fn.execute('messages'):find('downloaded g1%-0%.1b') ~= nil", timeout=60,
+                   what="the download notice")
+        s.cmd("RwkvDownload g9-nope")
+        s.wait_for("vim.fn.execute('messages'):find('download of g9%-nope failed') ~= nil", timeout=60,
+                   what="the failure notice")
+    assert name in s.messages()
+
+
+# -- the Python bridge without Neovim: threading contract and failure reporting ----------
+class FakeNvim:
+    """Records exec_lua calls; async_call queues work for the test's main thread to run."""
+
+    def __init__(self):
+        self.main = threading.current_thread()
+        self.queue = queue.Queue()
+        self.calls = []   # (code, args, thread)
+
+    def async_call(self, fn, *args):
+        self.queue.put((fn, args))
+
+    def exec_lua(self, code, *args, async_=False):
+        self.calls.append((code, args, threading.current_thread()))
+
+    def drain(self, until, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not until():
+            try:
+                fn, args = self.queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"timed out; calls: {self.calls}")
+            fn(*args)
+
+
+def _bridge_module():
+    sys.path.insert(0, str(REPO / "rplugin" / "python3"))
+    try:
+        from rwkv_nvim import bridge
+    finally:
+        sys.path.pop(0)
+    return bridge
+
+
+def test_bridge_reports_a_bad_engine_option_once():
+    bridge = _bridge_module()
+    nvim = FakeNvim()
+    b = bridge.Bridge(nvim)
+    b.start({"candidates": 99})
+    nvim.drain(lambda: nvim.calls)
+    (code, args, _), = nvim.calls
+    assert "on_event" in code and args[0] == "error"
+    assert "candidates" in args[1]["message"] and "\n" not in args[1]["message"]
+    assert b.status()["error"] == args[1]["message"]
+    b.request({"id": 1})           # no service: kept, never raises
+    b.close()
+
+
+def test_bridge_forwards_service_callbacks_only_through_async_call(monkeypatch):
+    import rwkv_engine.service as service_mod
+
+    class FakeService:
+        def __init__(self, config, on_event=None):
+            self.on_event = on_event
+
+        def start(self):
+            self.on_event("ready", {"model": "fake", "device": "cpu", "dtype": "fp32", "load_ms": 1.0})
+
+        def submit(self, request, on_partial, on_done):
+            def work():   # a worker thread, like the real service
+                on_partial({"id": request["id"], "text": "a"})
+                on_done({"id": request["id"], "candidates": [{"text": "ab", "logprob": -1.0}],
+                         "stats": {"ms_total": 1.0}})
+            threading.Thread(target=work).start()
+            return request["id"]
+
+        def status(self):
+            return {"loaded": True, "cache": {}, "last": {}}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(service_mod, "CompletionService", FakeService)
+    bridge = _bridge_module()
+    nvim = FakeNvim()
+    b = bridge.Bridge(nvim)
+    b.request({"id": 7, "lines": []})   # before the service exists: submitted once it starts
+    b.start([])                          # an empty Lua table arrives as a list
+    nvim.drain(lambda: len(nvim.calls) >= 3)
+    kinds = [c[0] for c in nvim.calls]
+    assert any("on_event" in k for k in kinds)
+    assert any("on_partial" in k for k in kinds) and any("on_done" in k for k in kinds)
+    assert all(thread is nvim.main for _, _, thread in nvim.calls)
+    done = next(args[0] for code, args, _ in nvim.calls if "on_done" in code)
+    assert done["id"] == 7 and done["candidates"][0]["text"] == "ab"
+    b.close()
