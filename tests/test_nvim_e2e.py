@@ -405,7 +405,8 @@ def live(tmp_path_factory, tiny_model_path):
     s.close()
 
 
-def wait_suggestion(s: NvimSession, timeout: float = 120) -> None:
+def wait_suggestion(s: NvimSession, timeout: float = 300) -> None:
+    # the first one may wait for the engine to build its CPU kernel (once per machine)
     s.wait_for(f"{SUGGEST}.visible() and {SUGGEST}.state.shown.done", timeout=timeout,
                what="a finished suggestion from the engine")
 

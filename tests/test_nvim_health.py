@@ -85,6 +85,20 @@ def test_dead_python_host_degrades_quietly_and_status_says_why(nvim_session, tin
     assert s.lua("return require('rwkv').statusline()") == "rwkv:err"
 
 
+def test_unusable_python_gives_one_clean_message_and_health_says_why(nvim_session):
+    s = nvim_session({"debounce_ms": 10})
+    s.lua("vim.g.python3_host_prog = '/nonexistent/python3'")
+    s.cmd("setlocal filetype=python")
+    s.feed("iabc")
+    s.wait_for("require('rwkv.remote').state.failed ~= nil", timeout=30)
+    s.feed("def<Esc>")
+    s.wait_for("vim.fn.mode() == 'n'", timeout=10)
+    ours = [line for line in s.messages().splitlines() if line.startswith("rwkv:")]
+    assert ours == ["rwkv: the Python host failed: Failed to load python3 host. Run :checkhealth rwkv."]
+    report = checkhealth(s)
+    assert "ERROR g:python3_host_prog = /nonexistent/python3 is not executable" in report
+
+
 @pytest.mark.parametrize("opts, fragment", [
     ({"candidates": 3}, "unknown option candidates"),
     ({"engine": {"candidates": 99}}, "engine.candidates = 99"),
@@ -277,3 +291,22 @@ def test_bridge_forwards_service_callbacks_only_through_async_call(monkeypatch):
     done = next(args[0] for code, args, _ in nvim.calls if "on_done" in code)
     assert done["id"] == 7 and done["candidates"][0]["text"] == "ab"
     b.close()
+
+
+def test_bridge_uses_the_checkout_engine_when_the_package_is_not_installed(tmp_path):
+    # a Python that cannot import rwkv_engine (the editable-install finder removed)
+    code = f"""
+import importlib.util, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if not p.startswith({str(REPO)!r})]
+assert importlib.util.find_spec("rwkv_engine") is None, "could not hide the installed package"
+sys.path.insert(0, {str(REPO / "rplugin" / "python3")!r})
+from rwkv_nvim.bridge import import_engine
+import_engine()
+from rwkv_engine.config import EngineConfig
+import rwkv_engine
+print(rwkv_engine.__file__, EngineConfig.__module__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(REPO / "engine" / "__init__.py"), "rwkv_engine.config"]

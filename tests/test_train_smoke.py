@@ -48,7 +48,8 @@ def tiny_data(tmp_path_factory):
         (root / f"mod{i}.py").write_text(PY_FILE.replace("add", f"add{i}").replace("Point", f"Point{i}"))
     cfg = TrainConfig(seed=3, n_layer=2, n_embd=64, vocab_size=280, batch=4, ctx_len=64, heldout_rows=2)
     sources = [corpus.Source("python", str(root), ".py", 10_000_000)]
-    maker, held_rows, world_ids, record, _ = build_data(cfg, sources=sources)
+    maker, held_rows, world_ids, record, heldout_paths = build_data(cfg, sources=sources)
+    record["heldout_paths"] = heldout_paths
     return cfg, maker, held_rows, world_ids, record
 
 
@@ -191,3 +192,30 @@ def test_rwkv_reference_package_gives_training_logits(trained, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     diff = float(res.stdout.split("maxdiff")[-1])
     assert diff < 1e-3, res.stdout
+
+
+def test_eval_tasks_and_baselines(tmp_path):
+    from rwkv_engine.evaluate import make_tasks
+
+    src = tmp_path / "a.py"
+    src.write_text("x = 1\nx = 1\n\ny = 2\nz = 3\n")
+    tasks = make_tasks([str(src)], 10, seed=0)
+    by_row = {t.row: t for t in tasks}
+    assert sorted(by_row) == [1, 3]              # line 0 has no previous line; line 4 has nothing below
+    assert by_row[1].target == "x = 1" and by_row[1].prev_line == "x = 1" and by_row[1].lines[1] == ""
+    assert by_row[3].prev_line == "" and by_row[3].prev_nonblank == "x = 1"
+
+
+def test_eval_runs_on_tiny_checkpoint(trained, tiny_data):
+    from rwkv_engine import load_model
+    from rwkv_engine.evaluate import evaluate, make_tasks
+
+    _, _, path, _ = trained
+    record = tiny_data[4]
+    tasks = make_tasks(record["heldout_paths"], 3, seed=1)
+    result = evaluate(load_model(str(path)), tasks, n_samples=2, max_tokens=6)
+    assert result["tasks"] == 3 and result["samples"] == 2
+    for key in ("pass@1", "pass@2", "pass@1+2", "baseline_prev_line"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["pass@1+2"] >= max(result["pass@1"], result["pass@2"])
+    assert len(result["examples"]) == 3 and len(result["examples"][0]["sampled"]) == 2

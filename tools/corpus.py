@@ -229,8 +229,10 @@ class SampleMaker:
         seq += list(self.m_prefix_suffix) + self._enc(line_suffix + "\n")
         seq += self._lines(f, last + 1, last + 1 + n_suf)
         seq += list(self.m_middle) + self._lines(f, row - near, row) + self._enc(line_prefix)
-        for piece in middle.splitlines(keepends=True):  # the middle, line by line
-            seq += self._enc(piece)
+        pieces = middle.split("\n")                    # the middle, line by line (split on "\n" only)
+        for piece in pieces[:-1]:
+            seq += self._enc(piece + "\n")
+        seq += self._enc(pieces[-1])
         return seq + [END]
 
     def sample(self) -> List[int]:

@@ -4,7 +4,8 @@ local M = {}
 
 local h = vim.health
 
--- argv[1]: the configured model ("" = the shipped default model); argv[2]: download_dir ("" = HF cache)
+-- argv[1]: the configured model ("" = the shipped default model); argv[2]: download_dir ("" = HF cache);
+-- argv[3]: the plugin's root (its engine/ is used when rwkv_engine is not installed)
 M.PROBE = [[
 import importlib.util, json, os, re, sys
 from importlib.metadata import PackageNotFoundError, version
@@ -40,8 +41,19 @@ out["nvidia_device"] = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/
 out["rocm_device"] = os.path.exists("/dev/kfd")
 model = sys.argv[1] if len(sys.argv) > 1 else ""
 download_dir = (sys.argv[2] if len(sys.argv) > 2 else "") or None
+checkout = os.path.join(sys.argv[3], "engine") if len(sys.argv) > 3 else ""
+pkg = None
 if out["rwkv_engine"]:
     pkg = list(importlib.util.find_spec("rwkv_engine").submodule_search_locations)[0]
+elif checkout and os.path.isfile(os.path.join(checkout, "__init__.py")):
+    pkg = out["engine_checkout"] = checkout
+    # the engine's modules import as rwkv_engine.*: load it under that name, as the plugin does
+    spec = importlib.util.spec_from_file_location("rwkv_engine", os.path.join(checkout, "__init__.py"),
+                                                  submodule_search_locations=[checkout])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rwkv_engine"] = module
+    spec.loader.exec_module(module)
+if pkg:
     if model == "":
         path = os.path.join(pkg, "data", "default-model.pth")
         out["model_path"], out["model_found"] = path, os.path.isfile(path)
@@ -89,8 +101,13 @@ function M.host_python()
 end
 
 --- Run the probe in `python`; returns the decoded table or nil, error.
+--- The plugin's root directory (<root>/lua/rwkv/health.lua).
+function M.plugin_root()
+  return vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")
+end
+
 function M.probe(python, model, download_dir)
-  local res = vim.system({ python, "-c", M.PROBE, model or "", download_dir or "" }, { text = true }):wait(30000)
+  local res = vim.system({ python, "-c", M.PROBE, model or "", download_dir or "", M.plugin_root() }, { text = true }):wait(30000)
   if res.code ~= 0 then
     return nil, vim.trim((res.stderr or ""):match("[^\n]*\n?$") or "")
   end
@@ -137,6 +154,8 @@ function M.check()
   end
   if info.rwkv_engine then
     h.ok("rwkv_engine importable")
+  elseif info.engine_checkout then
+    h.ok("rwkv_engine is not installed; the plugin's own " .. info.engine_checkout .. " is used")
   else
     h.error("rwkv_engine is not installed in " .. python,
       { python .. " -m pip install -e <path to rwkv.nvim> (see README)" })
@@ -166,7 +185,7 @@ function M.check()
   local model = c.engine.model or "(the shipped default model)"
   if info.model_found then
     h.ok(("model %s: %s"):format(model, tostring(info.model_path)))
-  elseif info.rwkv_engine then
+  elseif info.rwkv_engine or info.engine_checkout then
     local advice = { "set engine.model to a checkpoint path, or download one: :RwkvDownload g1-0.1b" }
     h.error(("model %s not found%s"):format(model,
       (info.model_path and info.model_path ~= vim.NIL) and (" at " .. info.model_path) or ""), advice)

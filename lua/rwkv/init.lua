@@ -107,7 +107,8 @@ function M.on_event(kind, info)
     engine.loading, engine.loaded = false, true
     engine.model, engine.device, engine.dtype, engine.load_ms = info.model, info.device, info.dtype, info.load_ms
     if not quiet then
-      notify(("rwkv: %s ready on %s (%d ms)"):format(info.model or "model", info.device or "?", info.load_ms or 0))
+      notify(("rwkv: %s ready on %s (%d ms)"):format(info.model or "model", info.device or "?",
+        math.floor(tonumber(info.load_ms) or 0)))
     end
   elseif kind == "progress" then
     if not quiet and info.message then
@@ -175,8 +176,8 @@ function M.statusline()
   if not config.current.enabled then
     return "rwkv:off"
   end
-  if engine.error or remote.state.failed then
-    return "rwkv:err"
+  if remote.state.failed or (engine.error and not engine.loaded) then
+    return "rwkv:err" -- unusable; an error of one request while loaded only shows in :RwkvStatus
   end
   local items, index = require("rwkv.suggest").candidates()
   if items then

@@ -62,7 +62,8 @@ function M.one_line(err)
   -- "FuncUndefined Autocommands for ...[10]..provider#Poll, line 17: <message>"
   s = s:match(".*line %d+: (.*)") or s
   s = s:gsub("^Vim:", ""):gsub("^Vim%(%a+%):", ""):gsub("^E5108: Error executing lua%s*", "")
-  return (s:match("^(.-)%. ") or s):gsub("%.$", "")
+  local sentence = (s:match("^(.-)%. ") or s):gsub("%.$", "")
+  return sentence
 end
 
 --- Call a remote function; nil on failure (after one message). `...` are its arguments.

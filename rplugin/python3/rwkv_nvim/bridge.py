@@ -11,14 +11,40 @@ Rules kept here:
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
 LUA_SUGGEST = "require('rwkv.suggest')"
 LUA_MAIN = "require('rwkv')"
+
+
+# <plugin root>/rplugin/python3/rwkv_nvim/bridge.py -> <plugin root>/engine
+CHECKOUT_ENGINE = Path(__file__).resolve().parents[3] / "engine"
+
+
+def import_engine() -> None:
+    """Make ``rwkv_engine`` importable: the installed package, else this checkout's engine/
+    (a plugin manager's clone whose Python has torch but not the package installed)."""
+    if "rwkv_engine" in sys.modules or importlib.util.find_spec("rwkv_engine") is not None:
+        return
+    init = CHECKOUT_ENGINE / "__init__.py"
+    if not init.is_file():
+        raise ImportError("No module named 'rwkv_engine'")
+    spec = importlib.util.spec_from_file_location(
+        "rwkv_engine", init, submodule_search_locations=[str(CHECKOUT_ENGINE)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rwkv_engine"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["rwkv_engine"]
+        raise
 
 
 def one_line(exc: BaseException) -> str:
@@ -114,6 +140,7 @@ class Bridge:
         try:
             if old is not None:
                 old.close()
+            import_engine()
             from rwkv_engine.config import EngineConfig
             from rwkv_engine.service import CompletionService
 
@@ -216,6 +243,7 @@ class Bridge:
 
     def _download_thread(self, name: str) -> None:
         try:
+            import_engine()
             from rwkv_engine.download import DownloadError, download
         except Exception as exc:
             self.event("download", {"ok": False, "message": f"download unavailable: {one_line(exc)}"})
