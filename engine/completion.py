@@ -131,8 +131,7 @@ class Completer:
 
     def build_prompt(self, request: dict) -> Prompt:
         """The prompt ``complete`` would use now (evicts ring chunks too similar to the cursor)."""
-        probe = self.builder.build(request, ())
-        self.ring.evict_similar(probe.around_cursor)
+        self.ring.evict_similar(self.builder.around_cursor(request))
         return self.builder.build(request, self._ring_chunks())
 
     def complete(self, request: dict, on_partial: Optional[Callable[[str], None]] = None,

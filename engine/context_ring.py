@@ -4,8 +4,8 @@
   in a small *queue*; chunks of fewer than 3 lines and exact duplicates (of a ring
   or queued chunk) are skipped; a queued or ring chunk very similar to the new one
   (line Dice > 0.9) is replaced by it.
-* ``promote()`` (on idle) moves the oldest queued chunk to the END of the ring,
-  evicting the oldest ring chunk when full. The ring is ordered oldest first, so the
+* ``promote()`` (on idle) moves the oldest queued chunk to the END of the ring; a
+  full ring first drops its oldest half. The ring is ordered oldest first, so the
   prompt prefix of older chunks stays stable and their cached states stay valid.
 * ``evict_similar(lines)`` (at each request) drops ring chunks too similar to the
   text around the cursor (Dice > 0.5): they make the model repeat what is there.
@@ -97,9 +97,13 @@ class ContextRing:
         if not self.queue:
             return False
         chunk = self.queue.popleft()
+        if len(self.chunks) >= self.n_chunks:
+            # Dropping a chunk invalidates the cached states of every chunk after it (an
+            # RNN cannot forget the middle of its past), so evict the oldest HALF at once:
+            # the survivors are re-primed once per n/2 promotions (about 2 chunks of
+            # prefill per promotion instead of n when dropping one at a time).
+            del self.chunks[: max(1, self.n_chunks // 2)]
         self.chunks.append(chunk)
-        while len(self.chunks) > self.n_chunks:
-            self.chunks.pop(0)
         self.version += 1
         return True
 

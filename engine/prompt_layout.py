@@ -142,6 +142,13 @@ class PromptBuilder:
             toks.extend(enc(ln + "\n"))
         return Segment("chunk", tuple(toks), CK_PERSIST)
 
+    def around_cursor(self, req: dict) -> List[str]:
+        """Non-blank lines within half a ring chunk of the cursor (ring chunks too similar
+        to these are evicted: they make the model repeat what is already there)."""
+        validate_request(req)
+        r, half = req["row"] - req["first"], self.config.ring_chunk_size // 2
+        return [ln for ln in req["lines"][max(0, r - half): r + half] if ln.strip()]
+
     def build(self, req: dict, chunks: Sequence[Chunk] = ()) -> Prompt:
         validate_request(req)
         cfg = self.config
@@ -180,12 +187,10 @@ class PromptBuilder:
         segments.append(Segment("cursor", enc(line_prefix) if line_prefix else ()))
         segments = [s for s in segments if s.tokens]
 
-        lo = max(0, r - cfg.ring_chunk_size // 2)
-        around = [ln for ln in lines[lo: r + cfg.ring_chunk_size // 2] if ln.strip()]
         return Prompt(
             segments=segments, fim=fim, line_prefix=line_prefix, line_suffix=line_suffix,
             after_lines=[line_suffix] + list(below), indent=_cursor_indent(line_prefix, lines[r]),
-            around_cursor=around, n_chunks=len(chunks),
+            around_cursor=self.around_cursor(req), n_chunks=len(chunks),
         )
 
 

@@ -70,6 +70,19 @@ def test_promote_moves_oldest_queued_to_end_and_evicts_oldest_ring_chunk():
     assert not ring.promote()
 
 
+def test_a_full_ring_drops_its_oldest_half_at_once():
+    ring = ContextRing(4, 8, 8)
+    for tag in "abcdef":
+        ring.add(block(tag), tag + ".py")
+    for _ in range(4):
+        ring.promote()
+    assert [c.filename for c in ring.chunks] == ["a.py", "b.py", "c.py", "d.py"]
+    ring.promote()
+    assert [c.filename for c in ring.chunks] == ["c.py", "d.py", "e.py"]
+    ring.promote()                                     # not full: nothing else is dropped
+    assert [c.filename for c in ring.chunks] == ["c.py", "d.py", "e.py", "f.py"]
+
+
 def test_queue_is_bounded_dropping_the_oldest():
     ring = ContextRing(4, 8, 2)
     for tag in "abc":

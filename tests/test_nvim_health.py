@@ -100,7 +100,8 @@ def test_unusable_python_gives_one_clean_message_and_health_says_why(nvim_sessio
 
 
 @pytest.mark.parametrize("opts, fragment", [
-    ({"candidates": 3}, "unknown option candidates"),
+    ({"candidate": 3}, "unknown option candidate "),
+    ({"candidates": 99}, "engine.candidates = 99"),
     ({"engine": {"candidates": 99}}, "engine.candidates = 99"),
     ({"engine": {"device": "tpu"}}, "engine.device must be one of"),
     ({"engine": {"bogus": 1}}, "unknown option engine.bogus"),

@@ -168,3 +168,39 @@ def test_a_malformed_request_gets_an_error_result(service):
     svc.submit({"id": 5, "lines": ["x"], "first": 0, "row": 4, "col": 0}, None, rec.on_done)
     assert rec.finished.wait(WAIT)
     assert rec.done[0]["id"] == 5 and "outside" in rec.done[0]["error"]
+
+
+# -- configuration -----------------------------------------------------------------------------
+def test_config_from_dict_coerces_lua_values_and_rejects_bad_ones():
+    from rwkv_engine.config import EngineConfig
+    cfg = EngineConfig.from_dict({"candidates": 6.0, "stop": {}, "model": None, "temperature": 1})
+    assert cfg.candidates == 6 and cfg.stop == [] and cfg.model is None and cfg.temperature == 1.0
+    for bad, name in [({"bogus": 1}, "bogus"), ({"candidates": 17}, "candidates"),
+                      ({"candidates": 2.5}, "candidates"), ({"device": "tpu"}, "device"),
+                      ({"top_p": 0}, "top_p"), ({"near_prefix": 999}, "near_prefix"),
+                      ({"stop": [""]}, "stop")]:
+        with pytest.raises(ValueError, match=name) as info:
+            EngineConfig.from_dict(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    from rwkv_engine.config import EngineConfig
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert EngineConfig().resolved_cache_dir() == tmp_path / "rwkv.nvim"
+    assert EngineConfig(cache_dir=str(tmp_path / "x")).resolved_cache_dir() == tmp_path / "x"
+
+
+def test_model_resolution_errors_name_the_missing_file(monkeypatch, tmp_path):
+    from rwkv_engine import completion, download
+    from rwkv_engine.checkpoint import CheckpointError
+    from rwkv_engine.config import EngineConfig
+    monkeypatch.setattr(completion, "DEFAULT_MODEL", tmp_path / "default-model.pth")
+    with pytest.raises(CheckpointError, match="default-model.pth"):
+        completion.resolve_model_path(EngineConfig())
+    monkeypatch.setattr(download, "resolve_local", lambda name, local_dir=None: None)
+    with pytest.raises(CheckpointError, match="rwkv-nvim download g1-0.1b"):
+        completion.resolve_model_path(EngineConfig(model="g1-0.1b"))
+    found = tmp_path / "m.pth"
+    found.write_bytes(b"x")
+    assert completion.resolve_model_path(EngineConfig(model=str(tmp_path / "m"))) == tmp_path / "m"

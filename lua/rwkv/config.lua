@@ -228,7 +228,17 @@ function M.apply(opts)
   if opts ~= nil and type(opts) ~= "table" then
     fail("setup() takes a table, got " .. type(opts))
   end
-  opts = opts or {}
+  opts = vim.deepcopy(opts or {})
+  -- shorthand: engine options may also be given at the top level (setup({ model = ... }))
+  for k, v in pairs(opts) do
+    if M.engine_types[k] ~= nil and M.defaults[k] == nil then
+      opts.engine = opts.engine or {}
+      if type(opts.engine) == "table" and opts.engine[k] == nil then
+        opts.engine[k] = v
+      end
+      opts[k] = nil
+    end
+  end
   -- filetypes and engine replace key by key; everything else merges deeply
   local merged = vim.tbl_deep_extend("force", vim.deepcopy(M.defaults), opts)
   M.validate(merged)
