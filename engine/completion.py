@@ -14,7 +14,6 @@ a stopped request returns None and leaves every checkpoint it reached in the cac
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import OrderedDict
@@ -31,8 +30,6 @@ from .context_ring import ContextRing
 from .prompt_layout import CK_NONE, CK_PERSIST, Prompt, PromptBuilder, Segment
 from .sampler import SamplingParams
 from .state_cache import Snapshot, StateCache, chain_key, partial_keys
-
-log = logging.getLogger("rwkv_engine")
 
 DEFAULT_MODEL = Path(__file__).with_name("data") / "default-model.pth"
 _PARTIAL_PARENTS = 256     # segment starts remembered as having checkpoints inside the segment
@@ -254,45 +251,66 @@ class Completer:
     def prefill(self, segments: Sequence[Segment], should_stop: ShouldStop = None,
                 tail: int = 0) -> Optional[PrefillResult]:
         """Run the uncached part of ``segments``; checkpoints go to the cache as they are
-        reached. ``tail`` extra checkpoints are stored at the last token positions."""
+        reached. ``tail`` extra checkpoints are stored at the last token positions.
+
+        Forward pieces span segments and end only at ``prefill_chunk`` tokens, at a
+        checkpointed boundary, or (in the tail) after every token.
+        """
         model, cache = self.model, self.cache
         keys = self.segment_keys(segments)
         snap, tier, si, pos = self.find_resume(segments, keys)
         reused = snap.n_tokens if snap is not None else 0
         state = snap.state if snap is not None else model.new_state(1)
         logits = snap.logits if snap is not None else None
-        n_tokens, fed = reused, 0
-        last = len(segments) - 1
-        tail_from = max(1, len(segments[last].tokens) - tail) if tail > 0 else None
-        chunk = self.config.prefill_chunk
+        # flat view of what is left: offsets are relative to the resume point
+        flat: List[int] = list(segments[si].tokens[pos:]) if si < len(segments) else []
+        starts, ends = {si: -pos}, {}
         for i in range(si, len(segments)):
-            seg = segments[i]
-            toks = seg.tokens
-            parent = keys[i - 1] if i else cache.root
-            p = pos if i == si else 0
-            while p < len(toks):
-                if should_stop is not None and should_stop():
-                    if fed and p > 0:        # keep the work done so far
-                        self._put_partial(parent, toks[:p], Snapshot(state, logits, n_tokens))
-                    elif fed:                # stopped on a segment boundary
-                        cache.put(parent, Snapshot(state, logits, n_tokens))
-                    return None
-                nxt = min(len(toks), p + chunk)
-                if i == last and tail_from is not None and nxt > tail_from:
-                    nxt = tail_from if p < tail_from else p + 1     # one token at a time in the tail
-                piece = torch.tensor([toks[p:nxt]], dtype=torch.long, device=model.device)   # [1, T]
-                logits, state = model.forward(piece, state)         # [1, V]
-                fed += nxt - p
-                n_tokens += nxt - p
-                p = nxt
-                if i == last and tail_from is not None and tail_from <= p < len(toks):
-                    self._put_partial(parent, toks[:p], Snapshot(state, logits, n_tokens))
-            if seg.checkpoint != CK_NONE or i == last:
-                cache.put(keys[i], Snapshot(state, logits, n_tokens), persist=seg.checkpoint == CK_PERSIST)
+            if i > si:
+                starts[i] = len(flat)
+                flat.extend(segments[i].tokens)
+            ends[i] = len(flat)
+        last = len(segments) - 1
+        stops = {ends[i]: i for i in ends if segments[i].checkpoint != CK_NONE or i == last}
+        tail_at = set()
+        if tail > 0 and si <= last:
+            lo = max(starts[last] + 1, ends[last] - tail, 1)
+            tail_at = set(range(lo, ends[last]))
+        marks = sorted(set(stops) | tail_at)
+        chunk = self.config.prefill_chunk
+        cur, mi = 0, 0
+        while cur < len(flat):
+            if should_stop is not None and should_stop():
+                if cur > 0:                          # keep the work done so far
+                    self._put_at(cur, segments, keys, starts, ends, Snapshot(state, logits, reused + cur))
+                return None
+            while mi < len(marks) and marks[mi] <= cur:
+                mi += 1
+            nxt = min(len(flat), cur + chunk, marks[mi] if mi < len(marks) else len(flat))
+            piece = torch.tensor([flat[cur:nxt]], dtype=torch.long, device=model.device)   # [1, T]
+            logits, state = model.forward(piece, state)                                     # [1, V]
+            cur = nxt
+            if cur in stops:
+                i = stops[cur]
+                cache.put(keys[i], Snapshot(state, logits, reused + cur),
+                          persist=segments[i].checkpoint == CK_PERSIST)
+            elif cur in tail_at:
+                self._put_at(cur, segments, keys, starts, ends, Snapshot(state, logits, reused + cur))
         if logits is None:
             raise RuntimeError("empty prompt")       # segments always start with token 0
-        final = Snapshot(state, logits, n_tokens)
-        return PrefillResult(final, keys[last], reused, fed, tier)
+        final = Snapshot(state, logits, reused + len(flat))
+        return PrefillResult(final, keys[last], reused, len(flat), tier)
+
+    def _put_at(self, cur: int, segments, keys, starts, ends, snap: Snapshot) -> None:
+        """Store ``snap`` under the key of flat offset ``cur`` (a boundary or inside a segment)."""
+        for i in sorted(ends):
+            if cur == ends[i]:
+                self.cache.put(keys[i], snap)
+                return
+            if cur < ends[i]:
+                parent = keys[i - 1] if i else self.cache.root
+                self._put_partial(parent, segments[i].tokens[:cur - starts[i]], snap)
+                return
 
     def _put_partial(self, parent: str, tokens: Sequence[int], snap: Snapshot) -> None:
         self.cache.put(chain_key(parent, tokens), snap)

@@ -42,6 +42,7 @@ class EngineConfig:
     near_prefix: int = 24                # lines above the cursor inside the FIM window (at least)
     near_suffix: int = 8                 # lines below the cursor inside the FIM window
     max_line_suffix: int = 8             # plugin: no auto-trigger with more text right of the cursor
+    max_line_bytes: int = 1024           # longer lines are cut (minified code, data files)
     # extra context ring (llama.vim semantics)
     ring_n_chunks: int = 16
     ring_chunk_size: int = 64            # lines per chunk
@@ -76,6 +77,12 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
     def __post_init__(self):
+        # the FIM window is part of the local window: shrinking n_prefix/n_suffix alone
+        # shrinks the near window with it instead of failing
+        if isinstance(self.n_prefix, int) and isinstance(self.near_prefix, int) and self.n_prefix >= 0:
+            self.near_prefix = min(self.near_prefix, self.n_prefix)
+        if isinstance(self.n_suffix, int) and isinstance(self.near_suffix, int) and self.n_suffix >= 0:
+            self.near_suffix = min(self.near_suffix, self.n_suffix)
         self.validate()
 
     def validate(self) -> None:
@@ -102,6 +109,7 @@ class EngineConfig:
         check("near_prefix", 0 <= self.near_prefix <= self.n_prefix, "must be in 0..n_prefix")
         check("near_suffix", 0 <= self.near_suffix <= self.n_suffix, "must be in 0..n_suffix")
         check("max_line_suffix", self.max_line_suffix >= 0, "must be >= 0")
+        check("max_line_bytes", 64 <= self.max_line_bytes <= 1 << 20, "must be in 64..1048576")
         check("ring_n_chunks", self.ring_n_chunks >= 0, "must be >= 0 (0 = no extra context)")
         check("ring_chunk_size", self.ring_chunk_size >= 3, "must be >= 3 lines")
         check("ring_queue", self.ring_queue >= 1, "must be >= 1")

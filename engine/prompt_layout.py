@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from .context_ring import Chunk
 
@@ -111,6 +111,16 @@ def split_at_byte_col(line: str, col: int) -> Tuple[str, str]:
     return raw[:col].decode("utf-8", errors="replace"), raw[col:].decode("utf-8", errors="replace")
 
 
+def clip_bytes(text: str, max_bytes: int, keep_end: bool = False) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes on a character boundary
+    (its start, or its end with ``keep_end``)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    cut = raw[len(raw) - max_bytes:] if keep_end else raw[:max_bytes]
+    return cut.decode("utf-8", errors="ignore")
+
+
 def validate_request(req: dict) -> None:
     """One-line ValueError for a malformed completion request."""
     for key in ("lines", "first", "row", "col"):
@@ -135,11 +145,14 @@ class PromptBuilder:
         self.config = config
         self.lines = LineTokenizer(tokenizer, line_cache_entries)
 
+    def line(self, text: str) -> Tuple[int, ...]:
+        """Tokens of one whole line (cut to max_line_bytes) with its newline."""
+        return self.lines.encode(clip_bytes(text, self.config.max_line_bytes) + "\n")
+
     def chunk_segment(self, chunk: Chunk) -> Segment:
-        enc = self.lines.encode
-        toks: List[int] = list(enc(CHUNK_HEADER.format(filename=chunk.filename or "untitled")))
+        toks: List[int] = list(self.lines.encode(CHUNK_HEADER.format(filename=chunk.filename or "untitled")))
         for ln in chunk.lines:
-            toks.extend(enc(ln + "\n"))
+            toks.extend(self.line(ln))
         return Segment("chunk", tuple(toks), CK_PERSIST)
 
     def around_cursor(self, req: dict) -> List[str]:
@@ -157,6 +170,9 @@ class PromptBuilder:
         first, row = req["first"], req["row"]
         r = row - first                                   # cursor index inside the window
         line_prefix, line_suffix = split_at_byte_col(lines[r], req["col"])
+        line_prefix = clip_bytes(line_prefix, cfg.max_line_bytes, keep_end=True)
+        line_suffix = clip_bytes(line_suffix, cfg.max_line_bytes)
+        line = self.line
         below = lines[r + 1: r + 1 + cfg.n_suffix]
         fim = bool(line_suffix.strip()) or any(ln.strip() for ln in below)
 
@@ -172,17 +188,17 @@ class PromptBuilder:
             end = ln_no + 1                               # boundary after this line
             dense = end >= split - FAR_DENSE and end % min(NEAR_ALIGN, max(1, cfg.near_prefix)) == 0
             ck = CK_MEM if (dense or end % FAR_SPARSE == 0 or end == split or end >= row - 1) else CK_NONE
-            segments.append(Segment("far", enc(lines[ln_no - first] + "\n"), ck))
+            segments.append(Segment("far", line(lines[ln_no - first]), ck))
 
         if fim:
             segments.append(Segment("marker", enc(FIM_PREFIX + FIM_SUFFIX)))
             segments.append(Segment("suffix", enc(line_suffix + "\n")))
             for ln in below[: cfg.near_suffix]:
-                segments.append(Segment("suffix", enc(ln + "\n")))
+                segments.append(Segment("suffix", line(ln)))
             segments.append(Segment("marker", enc(FIM_MIDDLE), CK_MEM))
             for ln_no in range(split, row):
                 ck = CK_MEM if ln_no + 1 >= row - 1 else CK_NONE
-                segments.append(Segment("near", enc(lines[ln_no - first] + "\n"), ck))
+                segments.append(Segment("near", line(lines[ln_no - first]), ck))
 
         segments.append(Segment("cursor", enc(line_prefix) if line_prefix else ()))
         segments = [s for s in segments if s.tokens]
@@ -203,7 +219,9 @@ def window_split(first: int, row: int, n_prefix: int, near_prefix: int) -> Tuple
     """
     near_align = min(NEAR_ALIGN, max(1, near_prefix))
     far_align = min(FAR_ALIGN, max(1, (n_prefix - near_prefix) // 2))
-    start = min(row, max(first, _ceil_to(row - n_prefix, far_align)))
+    # aligning the window's first line too keeps the start stable even when the caller
+    # sends fewer than n_prefix lines above the cursor
+    start = min(row, max(_ceil_to(first, far_align), _ceil_to(row - n_prefix, far_align)))
     split = min(row, max(start, _floor_to(row - near_prefix, near_align)))
     return start, split
 

@@ -114,11 +114,11 @@ class CompletionService:
                 log.exception("rwkv.nvim: on_event(%s) failed", kind)
 
     def _load(self) -> None:
-        from .completion import Completer
         name = self.config.model or "default"
         self._emit("loading", {"model": name})
         t0 = time.perf_counter()
         try:
+            from .completion import Completer
             self._completer = Completer(self.config, model=self._model)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             msg = _one_line(e)
@@ -128,10 +128,12 @@ class CompletionService:
             return
         m = self._completer.model
         self._warm_kernel(m)
-        info = {"model": name, "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+        info = {"model": name, "path": str(getattr(m, "path", "") or ""), "device": str(m.device),
+                "dtype": str(m.dtype).replace("torch.", ""),
                 "load_ms": round((time.perf_counter() - t0) * 1000, 1)}
         with self._cv:
             self._status.update(loaded=True, device=info["device"], dtype=info["dtype"], error=None,
+                                path=info["path"],
                                 cache=self._completer.cache_stats())
         self._emit("ready", info)
 
@@ -198,6 +200,10 @@ class CompletionService:
         try:
             result = c.complete(request, on_partial=partial, should_stop=superseded)
         except ValueError as e:                         # a malformed request
+            result = {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
+        except Exception as e:                          # engine failure (e.g. out of memory)
+            log.exception("rwkv.nvim: request %s failed", rid)
+            self._emit("error", {"message": _one_line(e)})
             result = {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
         if result is None or superseded():
             return

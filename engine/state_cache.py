@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 import tempfile
+import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -175,6 +176,10 @@ class DiskTier:
             try:
                 st = p.stat()
             except OSError:
+                continue
+            if p.name.startswith("."):            # a temp file: another writer's, or a crash's
+                if time.time() - st.st_mtime > 600:
+                    _unlink(p)
                 continue
             found.append((st.st_mtime, p.stem, st.st_size))
         for _, key, size in sorted(found):

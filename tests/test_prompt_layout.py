@@ -90,8 +90,9 @@ def test_window_split_is_aligned_and_bounded():
     # moving one line keeps the far start for 64-line stretches
     starts = {window_split(0, row, 256, 24)[0] for row in range(300, 364)}
     assert len(starts) <= 2
-    # the window's first line bounds the start
-    assert window_split(100, 120, 256, 24)[0] == 100
+    # the window's first line bounds the start, aligned so a short window stays stable too
+    assert window_split(128, 150, 256, 24)[0] == 128
+    assert {window_split(row - 100, row, 256, 24)[0] for row in range(300, 330)} == {256}
 
 
 def test_moving_one_line_keeps_far_segments_within_an_aligned_block():
@@ -138,3 +139,13 @@ def test_cursor_indentation():
 def test_bad_requests_raise_one_line_errors(req, msg):
     with pytest.raises(ValueError, match=msg):
         builder().build(req)
+
+
+def test_very_long_lines_are_cut_to_max_line_bytes():
+    long = "x = [" + ", ".join(str(i) for i in range(2000)) + "]"
+    lines = [long, "y = 1", long, "z = 2"]
+    b = builder(max_line_bytes=64)
+    p = b.build(make_request(lines, 2, col=len(long)))
+    for seg in p.segments:
+        assert len(TOK.decode_bytes(seg.tokens)) <= 64 + 1 or seg.kind == "marker"
+    assert p.line_prefix == long[-64:]

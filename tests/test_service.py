@@ -170,14 +170,33 @@ def test_a_malformed_request_gets_an_error_result(service):
     assert rec.done[0]["id"] == 5 and "outside" in rec.done[0]["error"]
 
 
+def test_an_engine_failure_is_reported_and_the_worker_survives(service, monkeypatch):
+    svc, rec = service
+    real = svc._completer.complete
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory\nsecond line")
+    monkeypatch.setattr(svc._completer, "complete", boom)
+    svc.submit(make_request(SOURCE_LINES[:12], 9, rid=1), None, rec.on_done)
+    assert rec.finished.wait(WAIT)
+    assert rec.done[0]["error"] == "CUDA out of memory"
+    assert ("error", {"message": "CUDA out of memory"}) in rec.events
+    monkeypatch.setattr(svc._completer, "complete", real)
+    rec.finished.clear()
+    svc.submit(make_request(SOURCE_LINES[:12], 9, rid=2), None, rec.on_done)
+    assert rec.finished.wait(WAIT) and rec.done[1]["candidates"]
+
+
 # -- configuration -----------------------------------------------------------------------------
 def test_config_from_dict_coerces_lua_values_and_rejects_bad_ones():
     from rwkv_engine.config import EngineConfig
     cfg = EngineConfig.from_dict({"candidates": 6.0, "stop": {}, "model": None, "temperature": 1})
     assert cfg.candidates == 6 and cfg.stop == [] and cfg.model is None and cfg.temperature == 1.0
+    small = EngineConfig.from_dict({"n_prefix": 10, "n_suffix": 2})
+    assert small.near_prefix == 10 and small.near_suffix == 2     # the FIM window shrinks along
     for bad, name in [({"bogus": 1}, "bogus"), ({"candidates": 17}, "candidates"),
                       ({"candidates": 2.5}, "candidates"), ({"device": "tpu"}, "device"),
-                      ({"top_p": 0}, "top_p"), ({"near_prefix": 999}, "near_prefix"),
+                      ({"top_p": 0}, "top_p"), ({"n_prefix": -1}, "n_prefix"),
                       ({"stop": [""]}, "stop")]:
         with pytest.raises(ValueError, match=name) as info:
             EngineConfig.from_dict(bad)

@@ -215,7 +215,7 @@ def test_priming_yields_to_a_request_within_one_prefill_piece(completer_factory)
     # the work done so far is kept: finishing the prime feeds only the rest
     total = 1 + len(c.builder.chunk_segment(c.ring.chunks[0]).tokens)
     assert c.prime_step()
-    done = 1 + 4                                  # the start token, then one piece of 4 tokens
+    done = 2 * 4                                  # two pieces of prefill_chunk = 4 tokens
     assert c.last_prime["reused_tokens"] == done and c.last_prime["prefilled_tokens"] == total - done
 
 
@@ -230,3 +230,15 @@ def test_chunk_checkpoints_survive_a_new_session_on_disk(completer_factory):
     s = c2.complete(make_request(SOURCE_LINES[:12], 9))["stats"]
     assert s["cache_hits"]["disk"] == 1
     assert s["reused_tokens"] == 1 + len(c2.builder.chunk_segment(c2.ring.chunks[0]).tokens)
+
+
+def test_stale_temp_files_are_cleaned_and_never_indexed(tmp_path):
+    d = tmp_path / "rwkv.nvim" / "states"
+    disk_cache(tmp_path).put("k", random_snapshot(1), persist=True)
+    stale, fresh = d / ".tmp-old.rwst", d / ".tmp-new.rwst"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    cache = disk_cache(tmp_path)
+    assert list(cache.disk.index) == ["k"]
+    assert not stale.exists() and fresh.exists()      # a concurrent writer's file is left alone

@@ -30,6 +30,7 @@ M.defaults = {
     cvs = false,
   },
   notify = true, -- loading / ready notices
+  debug = false, -- log requests (buffer text!) to stdpath("log")/rwkv.log; off: buffer text is never logged
   ghost = {
     annotation = true, -- "(i/n)" after the ghost text when the float is off
   },
@@ -88,6 +89,7 @@ M.engine_types = {
   cache_host_mb = "number",
   cache_disk_mb = "number",
   cache_dir = "string",
+  max_line_bytes = "number",
   prefill_chunk = "number",
   tail_checkpoints = "number",
 }
@@ -101,6 +103,7 @@ M.engine_mirror = {
   ring_chunk_size = 64,
   ring_queue = 16,
   candidates = 4,
+  max_line_bytes = 1024,
 }
 
 local allowed_devices = { auto = true, cpu = true, cuda = true }
@@ -168,6 +171,7 @@ local function validate_engine(e)
     check_range("engine." .. n, e[n], 0)
   end
   check_range("engine.ring_chunk_size", e.ring_chunk_size, 3)
+  check_range("engine.max_line_bytes", e.max_line_bytes, 64, 1048576)
   if e.stop ~= nil then
     for i, s in ipairs(e.stop) do
       if type(s) ~= "string" or s == "" then
@@ -186,6 +190,7 @@ function M.validate(c)
   check_type("debounce_ms", c.debounce_ms, "number")
   check_range("debounce_ms", c.debounce_ms, 0, 10000)
   check_type("notify", c.notify, "boolean")
+  check_type("debug", c.debug, "boolean")
   check_type("filetypes", c.filetypes, "table")
   for ft, on in pairs(c.filetypes) do
     check_type(("filetypes[%q]"):format(tostring(ft)), on, "boolean")
@@ -261,6 +266,14 @@ function M.engine_opts()
   return vim.deepcopy(M.current.engine)
 end
 
+--- Options of the Python host side that are not engine options (logging).
+function M.host_opts()
+  return {
+    debug = M.current.debug,
+    log_file = vim.fs.joinpath(vim.fn.stdpath("log"), "rwkv.log"),
+  }
+end
+
 --- Whether suggestions are allowed in `buf` (filetype rules, buftype, b:rwkv_enabled).
 ---@param buf integer
 function M.buffer_allowed(buf)
@@ -273,9 +286,13 @@ function M.buffer_allowed(buf)
   if vim.b[buf].rwkv_enabled == true then
     return true
   end
-  local bt = vim.bo[buf].buftype
+  local bo = vim.bo[buf]
+  local bt = bo.buftype
   if bt ~= "" and bt ~= "acwrite" then
-    return false
+    return false -- terminal, help, prompt, quickfix, nofile, ...
+  end
+  if not bo.modifiable or bo.readonly then
+    return false -- nothing to insert into
   end
   local ft = vim.bo[buf].filetype
   local rule = M.current.filetypes[ft]

@@ -30,6 +30,20 @@ local function wanted(buf)
   return config.current.enabled and (config.current.engine.ring_n_chunks or 1) > 0 and config.buffer_allowed(buf)
 end
 
+--- At most ring_chunk_size of `lines`, each cut to max_line_bytes bytes.
+---@param lines string[]
+---@return string[]
+function M.bounded(lines)
+  local n = math.min(#lines, config.engine("ring_chunk_size"))
+  local max = config.engine("max_line_bytes")
+  local out = {}
+  for i = 1, n do
+    local line = lines[i]
+    out[i] = #line > max and require("rwkv.suggest").clip_line(line, 0, max) or line
+  end
+  return out
+end
+
 --- Offer a chunk of text from `filename` as extra context.
 ---@param text string
 ---@param filename string
@@ -72,7 +86,7 @@ function M.around_cursor()
   local count = api.nvim_buf_line_count(buf)
   local first = math.max(0, math.min(row - math.floor(n / 2), count - n))
   local lines = api.nvim_buf_get_lines(buf, first, math.min(count, first + n), false)
-  return table.concat(lines, "\n")
+  return table.concat(M.bounded(lines), "\n")
 end
 
 local function chunk_current_buffer(ev)
@@ -92,7 +106,7 @@ function M.setup(opts)
       callback = function(ev)
         local e = vim.v.event
         if e.operator == "y" and wanted(ev.buf) then
-          M.push(table.concat(e.regcontents, "\n"), api.nvim_buf_get_name(ev.buf))
+          M.push(table.concat(M.bounded(e.regcontents), "\n"), api.nvim_buf_get_name(ev.buf))
         end
       end,
     })

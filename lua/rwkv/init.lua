@@ -21,6 +21,7 @@ local engine = {
   dtype = nil, ---@type string|nil
   load_ms = nil, ---@type number|nil
   error = nil, ---@type string|nil
+  warnings = {}, ---@type string[]  degraded but working (CPU fallback, no disk cache, ...)
 }
 local notified_errors = {}
 
@@ -120,6 +121,13 @@ function M.on_event(kind, info)
     if not notified_errors[engine.error] then
       notified_errors[engine.error] = true
       notify("rwkv: " .. engine.error, vim.log.levels.ERROR)
+    end
+  elseif kind == "warning" then
+    local msg = info.message or "unknown problem"
+    if not notified_errors[msg] then -- each warning once per session
+      notified_errors[msg] = true
+      engine.warnings[#engine.warnings + 1] = msg
+      notify("rwkv: " .. msg, vim.log.levels.WARN)
     end
   elseif kind == "download" then
     notify("rwkv: " .. (info.message or ""), info.ok and vim.log.levels.INFO or vim.log.levels.ERROR)
@@ -222,6 +230,9 @@ function M.status_lines()
   if err and err ~= vim.NIL and err ~= remote.state.failed then
     add("error: %s", err)
   end
+  for _, w in ipairs(engine.warnings) do
+    add("warning: %s", w)
+  end
   if type(py.cache) == "table" then
     local parts = {}
     for name, v in pairs(py.cache) do
@@ -252,6 +263,11 @@ function M.status_lines()
   end
   local s = require("rwkv.suggest").state
   add("session: %d requests, %d suggestions shown, %d accepted", s.requests, s.shown_count, s.accepted)
+  if type(py.load) == "table" then
+    add("engine: %s requests submitted, %s finished, %s superseded; at most %s computing at once",
+      tostring(py.load.submitted), tostring(py.load.finished), tostring(py.load.superseded),
+      tostring(py.load.max_running))
+  end
   return lines
 end
 

@@ -99,7 +99,7 @@ end
 --- Start (or reconfigure) the engine with the user's engine options. Loads in the background.
 ---@param engine_opts table
 function M.start(engine_opts)
-  if M.call("RwkvStart", engine_opts) == nil then
+  if M.call("RwkvStart", engine_opts, require("rwkv.config").host_opts()) == nil then
     return false
   end
   M.state.started = true

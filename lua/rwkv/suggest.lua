@@ -112,6 +112,59 @@ function M.candidates()
   return vim.deepcopy(S.shown.items), S.shown.index
 end
 
+local function is_cont(s, i) -- byte i (1-based) of s is a UTF-8 continuation byte
+  local b = s:byte(i)
+  return b ~= nil and b >= 0x80 and b < 0xC0
+end
+
+--- `line` cut to at most `max` bytes around the 0-based byte column `col` (3/4 of them
+--- before it), on UTF-8 character boundaries. Returns the text and the column in it.
+---@param line string
+---@param col integer
+---@param max integer
+---@return string, integer
+function M.clip_line(line, col, max)
+  if #line <= max then
+    return line, col
+  end
+  col = math.min(col, #line)
+  local from = math.max(1, col - math.floor(max * 3 / 4) + 1) -- 1-based first byte kept
+  local to = math.min(#line, from + max - 1)
+  for _ = 1, 3 do -- never start inside a character (at most 3 continuation bytes)
+    if from <= col and is_cont(line, from) then
+      from = from + 1
+    end
+  end
+  for _ = 1, 3 do -- never end inside one
+    if to > col and is_cont(line, to + 1) then
+      to = to - 1
+    end
+  end
+  return line:sub(from, to), col - (from - 1)
+end
+
+--- The window of lines around position `p` for a request: at most n_prefix lines above,
+--- n_suffix below, each at most max_line_bytes bytes (the cursor line is cut around the
+--- cursor). Returns lines, first line number, the cursor column in the cut cursor line.
+---@param p rwkv.Position
+function M.window(p)
+  local first = math.max(0, p.row - config.engine("n_prefix"))
+  local last = math.min(api.nvim_buf_line_count(p.buf), p.row + config.engine("n_suffix") + 1)
+  local lines = api.nvim_buf_get_lines(p.buf, first, last, false)
+  local max = config.engine("max_line_bytes")
+  local col = p.col
+  for i, line in ipairs(lines) do
+    if #line > max then
+      if first + i - 1 == p.row then
+        lines[i], col = M.clip_line(line, p.col, max)
+      else
+        lines[i] = M.clip_line(line, 0, max)
+      end
+    end
+  end
+  return lines, first, col
+end
+
 --- Send a request for the cursor position now. `manual` skips the "already asked" check.
 function M.request(manual)
   stop_timer()
@@ -131,8 +184,7 @@ function M.request(manual)
       return false
     end
   end
-  local first = math.max(0, p.row - config.engine("n_prefix"))
-  local last = math.min(api.nvim_buf_line_count(p.buf), p.row + config.engine("n_suffix") + 1)
+  local lines, first, col = M.window(p)
   S.seq = S.seq + 1
   local req = {
     id = S.seq,
@@ -140,10 +192,10 @@ function M.request(manual)
     tick = p.tick,
     filename = api.nvim_buf_get_name(p.buf),
     filetype = vim.bo[p.buf].filetype,
-    lines = api.nvim_buf_get_lines(p.buf, first, last, false),
+    lines = lines,
     first = first,
     row = p.row,
-    col = p.col,
+    col = col,
   }
   p.id, p.done = S.seq, false
   S.sent = p
@@ -210,8 +262,10 @@ function M.on_change()
   if not config.buffer_allowed(p.buf) then
     return
   end
-  local right = api.nvim_get_current_line():sub(p.col + 1):gsub("%s", "")
-  if vim.fn.strchars(right) > config.engine("max_line_suffix") then
+  -- text right of the cursor: look at a bounded piece (a line may be megabytes long)
+  local limit = config.engine("max_line_suffix")
+  local right = api.nvim_buf_get_text(p.buf, p.row, p.col, p.row, p.col + 4 * limit + 256, {})[1] or ""
+  if vim.fn.strchars((right:gsub("%s", ""))) > limit then
     stop_timer()
     return
   end

@@ -5,7 +5,8 @@ python3 host start, so nothing heavy (torch, numpy, rwkv_engine.service) is impo
 here. The engine is imported on a background thread on first use (see bridge.py).
 
 Functions (all called from lua/rwkv/*.lua; async = rpcnotify, never blocks the editor):
-    RwkvStart(opts)          async  create/reconfigure the engine (EngineConfig.from_dict)
+    RwkvStart(opts, host)    async  create/reconfigure the engine (EngineConfig.from_dict);
+                                    host = {debug, log_file} (debug logging, default off)
     RwkvRequest(request)     async  a completion request (latest wins)
     RwkvAccept(id, text)     async  text accepted from request id (speculative next)
     RwkvCancel()             async  drop the running request
@@ -48,7 +49,7 @@ class RwkvPlugin:
 
     @pynvim.function("RwkvStart", sync=False)
     def start(self, args) -> None:
-        self._safe(self.bridge.start, _arg(args, 0, {}))
+        self._safe(self.bridge.start, _arg(args, 0, {}), _arg(args, 1, {}))
 
     @pynvim.function("RwkvRequest", sync=False)
     def request(self, args) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -79,6 +80,79 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def clean_text(text: str) -> str:
+    """``text`` as pynvim decoded it (invalid UTF-8 -> lone surrogates, "surrogateescape")
+    with every invalid byte replaced by U+FFFD, so that it can be encoded again."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def clean_request(request: dict) -> dict:
+    """A request whose strings all encode as UTF-8; the cursor column follows the
+    cursor line's replacement characters (an invalid byte becomes 3 bytes)."""
+    lines = request.get("lines")
+    if not isinstance(lines, list):
+        return request
+    out = dict(request)
+    for key in ("filename", "filetype"):
+        if isinstance(out.get(key), str):
+            out[key] = clean_text(out[key])
+    new_lines = [clean_text(x) if isinstance(x, str) else x for x in lines]
+    r, col = out.get("row", 0) - out.get("first", 0), out.get("col")
+    if isinstance(r, int) and 0 <= r < len(lines) and isinstance(col, int) and isinstance(lines[r], str) \
+            and new_lines[r] is not lines[r]:
+        head = lines[r].encode("utf-8", "surrogateescape")[:max(0, col)]
+        out["col"] = len(head.decode("utf-8", "replace").encode("utf-8"))
+    out["lines"] = new_lines
+    return out
+
+
+class _WarningForwarder(logging.Handler):
+    """Engine log warnings (disk cache unusable, kernel fallback, ...) -> one "warning"
+    event per kind of warning (per message template), so the user sees each once."""
+
+    def __init__(self, bridge: "Bridge") -> None:
+        super().__init__(logging.WARNING)
+        self.bridge = bridge
+        self.seen: set = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno != logging.WARNING or record.msg in self.seen:
+            return
+        self.seen.add(record.msg)
+        try:
+            msg = one_line(Exception(record.getMessage()))
+        except Exception:
+            msg = str(record.msg)
+        for prefix in ("rwkv.nvim: ", "rwkv: "):
+            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        self.bridge.event("warning", {"message": msg})
+
+
+def setup_debug_log(path: str) -> Optional[logging.Handler]:
+    """A DEBUG file handler (file mode 0600) on the plugin's and the engine's loggers."""
+    try:
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(p), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        os.chmod(p, 0o600)
+        handler = logging.FileHandler(str(p), encoding="utf-8")
+    except OSError as exc:
+        log.warning("rwkv: cannot open the debug log %s (%s)", path, exc)
+        return None
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("rwkv_nvim", "rwkv_engine"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    return handler
+
+
 class Bridge:
     """Owns the CompletionService for one Neovim instance."""
 
@@ -92,6 +166,10 @@ class Bridge:
         self._pending_request: Optional[dict] = None   # arrived while the service was starting
         self._pending_chunks: list = []
         self._next_options: Optional[dict] = None
+        self._debug = False                    # log requests (buffer text) to the debug log
+        self._debug_handler: Optional[logging.Handler] = None
+        self._forwarder = _WarningForwarder(self)
+        logging.getLogger("rwkv_engine").addHandler(self._forwarder)
 
     # -- to Lua (from any thread) ------------------------------------------------------
     def _to_lua(self, code: str, *args: Any) -> None:
@@ -116,8 +194,25 @@ class Bridge:
         self._to_lua(f"return {LUA_SUGGEST}.on_done(...)", plain(msg))
 
     # -- engine lifecycle --------------------------------------------------------------
-    def start(self, options: Any) -> None:
+    def configure_host(self, host_options: Any) -> None:
+        """Editor-side options of the host: ``debug`` (log requests) and ``log_file``."""
+        try:
+            opts = lua_dict(host_options)
+        except ValueError:
+            return
+        self._debug = opts.get("debug") is True
+        if self._debug and self._debug_handler is None and isinstance(opts.get("log_file"), str):
+            self._debug_handler = setup_debug_log(opts["log_file"])
+        if not self._debug and self._debug_handler is not None:
+            for name in ("rwkv_nvim", "rwkv_engine"):
+                logging.getLogger(name).removeHandler(self._debug_handler)
+                logging.getLogger(name).setLevel(logging.NOTSET)
+            self._debug_handler.close()
+            self._debug_handler = None
+
+    def start(self, options: Any, host_options: Any = None) -> None:
         """Create (or re-create with new options) the service; loads in the background."""
+        self.configure_host(host_options)
         try:
             options = lua_dict(options)
         except ValueError as exc:
@@ -188,6 +283,9 @@ class Bridge:
     def request(self, request: Any) -> None:
         if not isinstance(request, dict):
             return
+        request = clean_request(request)
+        if self._debug:           # buffer text: only with setup({debug = true})
+            log.debug("request %r", request)
         with self._lock:
             service = self._service
             if service is None:
@@ -197,8 +295,8 @@ class Bridge:
 
     def accept(self, request_id: Any, text: Any) -> None:
         service = self._running()
-        if service is not None and isinstance(text, str):
-            self._guard(service.accept, int(request_id), text)
+        if service is not None and isinstance(text, str) and isinstance(request_id, (int, float)):
+            self._guard(service.accept, int(request_id), clean_text(text))
 
     def cancel(self) -> None:
         with self._lock:
@@ -210,7 +308,10 @@ class Bridge:
     def add_chunk(self, text: Any, filename: Any) -> None:
         if not isinstance(text, str):
             return
-        filename = filename if isinstance(filename, str) else ""
+        text = clean_text(text)
+        filename = clean_text(filename) if isinstance(filename, str) else ""
+        if self._debug:
+            log.debug("chunk from %s: %r", filename, text)
         with self._lock:
             service = self._service
             if service is None:
@@ -260,6 +361,7 @@ class Bridge:
                                     "message": f"downloaded {name} to {path} (use it with engine.model = {name!r})"})
 
     def close(self) -> None:
+        logging.getLogger("rwkv_engine").removeHandler(self._forwarder)
         with self._lock:
             service, self._service = self._service, None
         if service is not None:
