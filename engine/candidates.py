@@ -7,7 +7,8 @@ row samples from its own seeded generator, so row i of a forked decode equals a
 single-row decode with seed i.
 
 Stop rules per row: token 0 (end of text), a stop string, leaving the block (a
-non-empty line indented less than the cursor line), ``max_lines`` lines,
+non-empty line indented less than the cursor line; at top level, a blank line
+after some code), ``max_lines`` lines,
 ``max_tokens`` tokens, or the request's deadline (all rows). Afterwards candidates
 that are whitespace-only, that only repeat the text already after the cursor, or
 that duplicate a better one are dropped; the rest are ranked by mean log-probability.
@@ -33,6 +34,7 @@ class StopRules:
     max_lines: int = 8
     stop_strings: Sequence[str] = ()
     indent: int = 0                      # cursor line indentation; a dedent below it ends the block
+    blank_line_ends_block: bool = False  # at top level (indent 0): a blank line after code ends it
     deadline: Optional[float] = None     # time.monotonic() value after which every row stops
 
 
@@ -59,11 +61,15 @@ def apply_text_rules(text: str, rules: StopRules):
             cut, reason = i, "stop"
     lines = text[:cut].split("\n")
     pos = len(lines[0])
+    seen_code = bool(lines[0].strip())
     for n, line in enumerate(lines[1:], start=1):
         if n >= rules.max_lines:              # the max_lines-th newline ends the candidate
             return text[:pos], "max_lines"
         if line.strip() and indent_width(line) < rules.indent:
             return text[:pos], "block"        # cut before the newline that starts the dedented line
+        if rules.blank_line_ends_block and seen_code and not line.strip() and n < len(lines) - 1:
+            return text[:pos], "block"        # a finished blank line after code at top level
+        seen_code = seen_code or bool(line.strip())
         pos += 1 + len(line)
     return text[:cut], reason
 

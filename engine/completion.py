@@ -14,6 +14,7 @@ a stopped request returns None and leaves every checkpoint it reached in the cac
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -30,6 +31,8 @@ from .context_ring import ContextRing
 from .prompt_layout import CK_NONE, CK_PERSIST, Prompt, PromptBuilder, Segment
 from .sampler import SamplingParams
 from .state_cache import Snapshot, StateCache, chain_key, partial_keys
+
+log = logging.getLogger("rwkv_engine")
 
 DEFAULT_MODEL = Path(__file__).with_name("data") / "default-model.pth"
 _PARTIAL_PARENTS = 256     # segment starts remembered as having checkpoints inside the segment
@@ -65,10 +68,35 @@ def pick_device(config: EngineConfig) -> str:
     return config.device
 
 
-def load_configured_model(config: EngineConfig):
+def load_configured_model(config: EngineConfig, warn: Optional[Callable[[str], None]] = None):
+    """Load ``config.model``; ``device = "cuda"`` without a usable GPU falls back to the
+    CPU with one ``warn`` (a log warning when ``warn`` is None)."""
     from .model import load_model
+    device = pick_device(config)
+    if device == "cuda" and not torch.cuda.is_available():
+        _warn(warn, "CUDA was requested but torch sees no CUDA/ROCm GPU: running on the CPU (slower)")
+        device = "cpu"
     dtype = None if config.dtype == "auto" else config.dtype
-    return load_model(resolve_model_path(config), device=pick_device(config), dtype=dtype)
+    return load_model(resolve_model_path(config), device=device, dtype=dtype)
+
+
+def _warn(warn: Optional[Callable[[str], None]], message: str) -> None:
+    if warn is not None:
+        warn(message)
+    else:
+        log.warning("rwkv.nvim: %s", message)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+class _OutOfMemory(Exception):
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage, self.error = stage, error     # stage: "prefill" | "decode"
 
 
 # -- bookkeeping -----------------------------------------------------------------------
@@ -100,20 +128,29 @@ class _Speculation:
 class Completer:
     """Owns model + state cache + context ring; does one request at a time."""
 
-    def __init__(self, config: Optional[EngineConfig] = None, model=None):
+    def __init__(self, config: Optional[EngineConfig] = None, model=None,
+                 on_warning: Optional[Callable[[str], None]] = None):
+        """``on_warning(message)`` receives one-line notices (CPU fallback, fewer candidates
+        after running out of memory); without it they go to the log."""
         self.config = config if config is not None else EngineConfig()
-        self.model = model if model is not None else load_configured_model(self.config)
-        self.tokenizer = self.model.tokenizer
-        self.builder = PromptBuilder(self.config, self.tokenizer)
+        self.on_warning = on_warning
         cfg = self.config
         self.ring = ContextRing(cfg.ring_n_chunks, cfg.ring_chunk_size, cfg.ring_queue)
-        self.cache = StateCache.from_config(cfg, self.model.model_id, self.model.device)
+        self._use_model(model if model is not None else load_configured_model(cfg, on_warning))
+        self.last_stats: dict = {}
+        self.last_prime: dict = {}
+
+    def _use_model(self, model) -> None:
+        """(Re)build everything that depends on the model (its cache keys name it)."""
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.builder = PromptBuilder(self.config, self.tokenizer)
+        self.cache = StateCache.from_config(self.config, model.model_id, model.device)
         self._partial_parents: "OrderedDict[str, None]" = OrderedDict()
         self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
         self._last: Optional[_LastRequest] = None
         self._spec: Optional[_Speculation] = None
-        self.last_stats: dict = {}
-        self.last_prime: dict = {}
+        self.rows = self.config.candidates        # candidates decoded together (lowered on OOM)
 
     # -- public API --------------------------------------------------------------------
     def add_chunk(self, text: str, filename: str = "") -> bool:
@@ -133,17 +170,58 @@ class Completer:
 
     def complete(self, request: dict, on_partial: Optional[Callable[[str], None]] = None,
                  should_stop: ShouldStop = None) -> Optional[dict]:
-        """Candidates for ``request`` ({lines, first, row, col, ...}); None if stopped."""
+        """Candidates for ``request`` ({lines, first, row, col, ...}); None if stopped.
+
+        Out of memory while decoding N rows retries with N/2 (remembered, one warning);
+        out of memory with one row on a GPU reloads the model on the CPU (one warning).
+        """
+        reduced_from = None
+        while True:
+            try:
+                result = self._complete(request, on_partial, should_stop)
+                break
+            except _OutOfMemory as oom:
+                _free_gpu_memory()
+                if oom.stage == "decode" and self.rows > 1:
+                    reduced_from = reduced_from or self.rows
+                    self.rows = max(1, self.rows // 2)
+                elif self.model.device.type != "cpu":
+                    self._fall_back_to_cpu(oom.error)
+                    reduced_from = None
+                else:
+                    raise oom.error
+        if reduced_from is not None:
+            n = self.rows
+            _warn(self.on_warning, f"out of memory decoding {reduced_from} candidates at once: "
+                                   f"decoding {n} candidate{'s' if n > 1 else ''} from now on")
+        return result
+
+    def _fall_back_to_cpu(self, error: BaseException) -> None:
+        from .model import load_model
+        try:
+            model = load_model(resolve_model_path(self.config), device="cpu")
+        except Exception:
+            raise error from None                    # cannot reload: report the original failure
+        self._use_model(model)
+        first = (str(error).splitlines() or ["out of memory"])[0]
+        _warn(self.on_warning, f"out of GPU memory ({first[:80]}): running on the CPU from now on (slower)")
+
+    def _complete(self, request: dict, on_partial, should_stop) -> Optional[dict]:
         t0 = time.perf_counter()
         cfg = self.config
         prompt = self.build_prompt(request)
         hits = {"device": 0, "host": 0, "disk": 0, "miss": 0}
-        pre = self._speculative_prefill(request, prompt)
-        speculative = pre is not None
-        if pre is None:
-            pre = self.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints)
+        try:
+            pre = self._speculative_prefill(request, prompt)
+            speculative = pre is not None
             if pre is None:
-                return None
+                pre = self.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise _OutOfMemory("prefill", e) from e
+            raise
+        if pre is None:
+            return None
         hits[pre.tier or "miss"] += 1
         self.cache.count_hit(pre.tier)
         t1 = time.perf_counter()
@@ -151,12 +229,18 @@ class Completer:
         single_line = bool(prompt.line_suffix.strip())   # inside a line: finish that line only
         rules = StopRules(max_tokens=cfg.max_tokens, max_lines=1 if single_line else cfg.max_lines,
                           stop_strings=list(cfg.stop), indent=prompt.indent,
+                          blank_line_ends_block=prompt.indent == 0,
                           deadline=time.monotonic() + cfg.time_budget_ms / 1000.0)
-        n = cfg.candidates
+        n = self.rows
         params = SamplingParams(**cfg.sampling_dict())
-        rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n, params,
-                                 [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
-                                 on_partial=on_partial)
+        try:
+            rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n, params,
+                                     [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
+                                     on_partial=on_partial)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise _OutOfMemory("decode", e) from e
+            raise
         if rows is None:
             return None
         ranked = rank_candidates(rows, prompt.after_lines)
@@ -349,6 +433,11 @@ class Completer:
         new = Snapshot(state, logits, snap.n_tokens + len(spec.tokens))
         self.cache.put(key, new)
         return PrefillResult(new, key, snap.n_tokens, len(spec.tokens), tier)
+
+
+def _free_gpu_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _request_copy(req: dict) -> dict:

@@ -104,21 +104,44 @@ def indent_width(line: str, tabstop: int = 8) -> int:
 
 def split_at_byte_col(line: str, col: int) -> Tuple[str, str]:
     """Split ``line`` at byte column ``col`` (backs off to a character boundary)."""
-    raw = line.encode("utf-8")
-    col = max(0, min(col, len(raw)))
-    while col > 0 and col < len(raw) and (raw[col] & 0xC0) == 0x80:
-        col -= 1                       # inside a multi-byte character
+    raw = to_bytes(line)
+    col = _char_start(raw, max(0, min(col, len(raw))), forward=False)   # inside a character: back off
     return raw[:col].decode("utf-8", errors="replace"), raw[col:].decode("utf-8", errors="replace")
 
 
+def to_bytes(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; lone surrogates (pynvim's surrogateescape for bytes that
+    are not valid UTF-8) become the bytes they stand for."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "surrogatepass")
+
+
+def _char_start(raw: bytes, i: int, forward: bool) -> int:
+    """Move byte index ``i`` off UTF-8 continuation bytes (to a character boundary)."""
+    step = 1 if forward else -1
+    for _ in range(3):
+        if 0 < i < len(raw) and (raw[i] & 0xC0) == 0x80:
+            i += step
+    return i
+
+
 def clip_bytes(text: str, max_bytes: int, keep_end: bool = False) -> str:
-    """``text`` cut to at most ``max_bytes`` UTF-8 bytes on a character boundary
-    (its start, or its end with ``keep_end``)."""
-    raw = text.encode("utf-8")
-    if len(raw) <= max_bytes:
+    """``text`` as clean text (invalid bytes -> U+FFFD) of at most ``max_bytes`` UTF-8
+    bytes, cut on a character boundary (keeping its start, or its end with ``keep_end``)."""
+    if text.isascii() and len(text) <= max_bytes:
         return text
-    cut = raw[len(raw) - max_bytes:] if keep_end else raw[:max_bytes]
-    return cut.decode("utf-8", errors="ignore")
+    raw = to_bytes(text)
+    if len(raw) > max_bytes:
+        if keep_end:
+            raw = raw[_char_start(raw, len(raw) - max_bytes, forward=True):]
+        else:
+            raw = raw[:_char_start(raw, max_bytes, forward=False)]
+    return raw.decode("utf-8", errors="replace")
 
 
 def validate_request(req: dict) -> None:
@@ -150,7 +173,8 @@ class PromptBuilder:
         return self.lines.encode(clip_bytes(text, self.config.max_line_bytes) + "\n")
 
     def chunk_segment(self, chunk: Chunk) -> Segment:
-        toks: List[int] = list(self.lines.encode(CHUNK_HEADER.format(filename=chunk.filename or "untitled")))
+        name = clip_bytes(chunk.filename or "untitled", self.config.max_line_bytes)
+        toks: List[int] = list(self.lines.encode(CHUNK_HEADER.format(filename=name)))
         for ln in chunk.lines:
             toks.extend(self.line(ln))
         return Segment("chunk", tuple(toks), CK_PERSIST)

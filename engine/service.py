@@ -3,7 +3,9 @@
 The Neovim plugin (and anything else) talks to ``CompletionService`` from its own
 thread; every method except ``close`` returns at once. The worker thread
 
-* loads the model (events "loading", then "ready" or "error"),
+* loads the model (events "loading", then "ready" or "error"; "progress" while a
+  kernel builds; "warning" for a fallback: no CUDA -> CPU, kernel -> reference,
+  out of memory -> fewer candidates or the CPU),
 * runs the newest submitted request; an older one stops between prefill pieces or
   decode steps and calls nothing (it is *superseded*),
 * applies queued chunks and accepts between requests,
@@ -46,6 +48,8 @@ class CompletionService:
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
                         "dtype": "", "error": None, "cache": {}, "last": {}}
+        # request accounting (status()["load"]): at most one request computes at a time
+        self._load = {"submitted": 0, "finished": 0, "superseded": 0, "running": 0, "max_running": 0}
 
     # -- caller side ----------------------------------------------------------------------
     def start(self) -> None:
@@ -63,6 +67,9 @@ class CompletionService:
             request = dict(request, id=rid)
         with self._cv:
             self._generation += 1
+            self._load["submitted"] += 1
+            if self._pending is not None:
+                self._load["superseded"] += 1
             self._pending = (self._generation, rid, request, on_partial, on_done)
             self._cv.notify_all()
         return rid
@@ -85,6 +92,8 @@ class CompletionService:
     def cancel(self) -> None:
         with self._cv:
             self._generation += 1
+            if self._pending is not None:
+                self._load["superseded"] += 1
             self._pending = None
 
     def status(self) -> dict:
@@ -92,7 +101,8 @@ class CompletionService:
             s = dict(self._status)
             s["cache"] = dict(s["cache"])
             s["last"] = dict(s["last"])
-            s["busy"] = self._pending is not None
+            s["load"] = dict(self._load)
+            s["busy"] = self._pending is not None or self._load["running"] > 0
         return s
 
     def close(self, timeout: float = 10.0) -> None:
@@ -119,7 +129,7 @@ class CompletionService:
         t0 = time.perf_counter()
         try:
             from .completion import Completer
-            self._completer = Completer(self.config, model=self._model)
+            self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             msg = _one_line(e)
             with self._cv:
@@ -137,6 +147,9 @@ class CompletionService:
                                 cache=self._completer.cache_stats())
         self._emit("ready", info)
 
+    def _warning(self, message: str) -> None:
+        self._emit("warning", {"message": message})
+
     def _warm_kernel(self, model) -> None:
         """Build/load the compiled WKV kernel now (with "progress" events) rather than
         inside the first request; a failure falls back to the reference silently here
@@ -144,11 +157,16 @@ class CompletionService:
         if not getattr(model, "use_kernel", False):
             return
         try:
-            from .kernel_loader import get_wkv7, kernels_disabled
-            if not kernels_disabled():
-                get_wkv7(model.device, progress=lambda msg: self._emit("progress", {"message": msg}))
+            from .kernel_loader import backend_for, get_wkv7, kernel_status, kernels_disabled
+            if kernels_disabled() or model.device.type == "meta":
+                return
+            kernel = get_wkv7(model.device, progress=lambda msg: self._emit("progress", {"message": msg}))
+            failed = kernel_status().get(backend_for(model.device) or "", "")
+            if kernel is None and failed.startswith("failed"):
+                self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: "
+                              f"{failed[len('failed: '):]}")
         except Exception as e:                          # never fatal: the reference path works
-            log.warning("rwkv.nvim: WKV kernel unavailable (%s)", _one_line(e))
+            self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: {_one_line(e)}")
 
     def _run(self) -> None:
         self._load()
@@ -173,6 +191,8 @@ class CompletionService:
         if c is None:
             if job is not None:
                 _, rid, _, _, on_done = job
+                with self._cv:
+                    self._load["finished"] += 1
                 if on_done is not None:
                     on_done({"id": rid, "candidates": [], "stats": {}, "error": self._status["error"]})
             with self._cv:
@@ -197,23 +217,38 @@ class CompletionService:
             if on_partial is not None and not superseded():
                 on_partial({"id": rid, "text": text})
 
+        with self._cv:
+            self._load["running"] += 1
+            self._load["max_running"] = max(self._load["max_running"], self._load["running"])
         try:
-            result = c.complete(request, on_partial=partial, should_stop=superseded)
-        except ValueError as e:                         # a malformed request
-            result = {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
-        except Exception as e:                          # engine failure (e.g. out of memory)
-            log.exception("rwkv.nvim: request %s failed", rid)
-            self._emit("error", {"message": _one_line(e)})
-            result = {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
+            result = self._complete(c, rid, request, partial, superseded)
+        finally:
+            with self._cv:
+                self._load["running"] -= 1
         if result is None or superseded():
+            with self._cv:
+                self._load["superseded"] += 1
             return
         result["id"] = rid
         with self._cv:
+            self._load["finished"] += 1
             if result.get("stats"):
                 self._status["last"] = result["stats"]
             self._status["cache"] = c.cache_stats()
+            self._status["device"] = str(c.model.device)        # may have fallen back to the CPU
+            self._status["dtype"] = str(c.model.dtype).replace("torch.", "")
         if on_done is not None:
             on_done(result)
+
+    def _complete(self, c, rid, request, partial, superseded) -> Optional[dict]:
+        try:
+            return c.complete(request, on_partial=partial, should_stop=superseded)
+        except ValueError as e:                         # a malformed request
+            return {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
+        except Exception as e:                          # engine failure (e.g. out of memory)
+            log.exception("rwkv.nvim: request %s failed", rid)
+            self._emit("error", {"message": _one_line(e)})
+            return {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
 
     def _prime(self, c) -> None:
         def interrupted() -> bool:
@@ -226,6 +261,7 @@ class CompletionService:
                 break
         with self._cv:
             self._status["cache"] = c.cache_stats()
+
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()

@@ -69,6 +69,13 @@ def test_stop_on_leaving_the_block():
     assert (rows[0].text, rows[0].reason) == ("foo()\n    bar()\n", "block")
 
 
+def test_stop_on_a_blank_line_at_top_level():
+    rows, _ = run_script("x = 1\ny = 2\n\ndef g():\n", blank_line_ends_block=True)
+    assert (rows[0].text, rows[0].reason) == ("x = 1\ny = 2", "block")
+    rows, _ = run_script("\n\nx = 1\ny", blank_line_ends_block=True, max_tokens=6)
+    assert rows[0].reason != "block"                # leading blank lines are not an end
+
+
 def test_stop_on_max_lines():
     rows, _ = run_script("a\nb\nc\nd\ne", max_lines=2)
     assert (rows[0].text, rows[0].reason) == ("a\nb", "max_lines")

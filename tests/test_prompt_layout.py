@@ -149,3 +149,12 @@ def test_very_long_lines_are_cut_to_max_line_bytes():
     for seg in p.segments:
         assert len(TOK.decode_bytes(seg.tokens)) <= 64 + 1 or seg.kind == "marker"
     assert p.line_prefix == long[-64:]
+
+
+def test_bytes_that_are_not_utf8_become_replacement_characters():
+    lines = ["caf\udcc3\udca9 \udcff ok", "x = 1", "bad \ud800 surrogate"]
+    p = builder().build(make_request(lines, 0, col=8))
+    assert p.line_prefix == "caf\u00e9 \ufffd " and p.line_suffix == "ok"
+    p = builder().build(make_request(lines, 2, col=7))     # a lone surrogate passes as 3 bytes
+    assert p.line_prefix.startswith("bad \ufffd") and p.line_suffix == " surrogate"
+    assert split_at_byte_col("\udcff\udcfe", 1) == ("\ufffd", "\ufffd")

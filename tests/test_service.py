@@ -41,6 +41,15 @@ def service(tiny_model, tmp_path):
     svc.close()
 
 
+def wait_until(cond, timeout=WAIT):
+    done = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return True
+        done.wait(0.05)
+    return cond()
+
+
 def test_ready_event_then_a_result_with_stats(service):
     svc, rec = service
     assert [k for k, _ in rec.events] == ["loading", "ready"]
@@ -59,6 +68,7 @@ def test_ready_event_then_a_result_with_stats(service):
     assert rec.partials and all(p["id"] == 7 for p in rec.partials)
     st = svc.status()
     assert st["loaded"] and st["error"] is None and st["last"] == s
+    assert st["load"] == {"submitted": 1, "finished": 1, "superseded": 0, "running": 0, "max_running": 1}
     assert st["cache"]["device"]["entries"] > 0
 
 
@@ -77,6 +87,9 @@ def test_a_superseded_request_yields_nothing(service):
     assert second.finished.wait(WAIT)
     assert started.is_set() and first_done == []
     assert [r["id"] for r in second.done] == [2]
+    assert wait_until(lambda: svc.status()["load"]["superseded"] == 1)
+    load = svc.status()["load"]
+    assert load["max_running"] == 1 and load["finished"] == 1 and load["submitted"] == 2
 
 
 def test_only_the_latest_of_queued_requests_runs(tiny_model, tmp_path):
@@ -102,15 +115,6 @@ def test_cancel_drops_the_pending_request(tiny_model, tmp_path):
     assert rec.ready.wait(WAIT)
     svc.close()
     assert rec.done == []
-
-
-def wait_until(cond, timeout=WAIT):
-    done = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return True
-        done.wait(0.05)
-    return cond()
 
 
 def test_chunks_and_priming_fill_the_ring(service):
@@ -185,6 +189,33 @@ def test_an_engine_failure_is_reported_and_the_worker_survives(service, monkeypa
     rec.finished.clear()
     svc.submit(make_request(SOURCE_LINES[:12], 9, rid=2), None, rec.on_done)
     assert rec.finished.wait(WAIT) and rec.done[1]["candidates"]
+
+
+class BatchOomModel:
+    """Delegates to a real model but runs out of memory for batches of more than one row."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def forward(self, tokens, state=None):
+        if tokens.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return self._inner.forward(tokens, state)
+
+
+def test_out_of_memory_in_batched_decode_lowers_the_candidate_count_once(tiny_model, tmp_path):
+    from rwkv_engine.completion import Completer
+    warnings = []
+    c = Completer(fast_config(tmp_path, candidates=4), model=BatchOomModel(tiny_model),
+                  on_warning=warnings.append)
+    res = c.complete(make_request(SOURCE_LINES[:12], 9))
+    assert len(res["candidates"]) == 1 and c.rows == 1
+    assert len(warnings) == 1 and "4 candidates" in warnings[0] and "1 candidate" in warnings[0]
+    c.complete(make_request(SOURCE_LINES[:12], 9, rid=2))
+    assert len(warnings) == 1
 
 
 # -- configuration -----------------------------------------------------------------------------
