@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="checkpoint path or short name (default: the bundled default model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda (cpu is always fp32)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: as the plugin, engine option `threads` = 0)")
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--batch", type=int, default=8, help="rows of the batched decode (default 8)")
@@ -143,13 +144,13 @@ def run(args) -> int:
     import torch
 
     from . import load_model
-    from .completion import resolve_model_path
+    from .completion import cpu_threads, resolve_model_path
     from .config import EngineConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     path = resolve_model_path(EngineConfig(model=args.model))
     model = load_model(path, device=args.device, dtype=args.dtype)
+    if model.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args.threads, model.shape.n_embd))
     dev = model.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -77,7 +77,18 @@ def load_configured_model(config: EngineConfig, warn: Optional[Callable[[str], N
         _warn(warn, "CUDA was requested but torch sees no CUDA/ROCm GPU: running on the CPU (slower)")
         device = "cpu"
     dtype = None if config.dtype == "auto" else config.dtype
-    return load_model(resolve_model_path(config), device=device, dtype=dtype)
+    model = load_model(resolve_model_path(config), device=device, dtype=dtype)
+    if model.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
+    return model
+
+
+def cpu_threads(configured: int, n_embd: int) -> int:
+    """Torch CPU threads: the configured number, else 1 for small models (per-op overhead
+    dominates and a second thread only competes with the editor), else up to 8 cores."""
+    if configured:
+        return configured
+    return 1 if n_embd <= 512 else max(1, min(8, os.cpu_count() or 1))
 
 
 def _warn(warn: Optional[Callable[[str], None]], message: str) -> None:

@@ -22,6 +22,7 @@ class EngineConfig:
     model: Optional[str] = None          # None = engine/data/default-model.pth; a path; or a short name
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
     dtype: str = "auto"                  # "auto" | "fp16" | "bf16" | "fp32"
+    threads: int = 0                     # torch CPU threads; 0 = auto (1 for small models)
     download_dir: Optional[str] = None   # where `download` put models (None = the Hugging Face cache)
     # candidates and sampling
     candidates: int = 4                  # rows decoded in one batch (1..16)
@@ -117,6 +118,7 @@ class EngineConfig:
         check("cache_host_mb", self.cache_host_mb >= 0, "must be >= 0")
         check("cache_disk_mb", self.cache_disk_mb >= 0, "must be >= 0 (0 = no disk cache)")
         check("prefill_chunk", 1 <= self.prefill_chunk <= 4096, "must be in 1..4096")
+        check("threads", 0 <= self.threads <= 256, "must be in 0..256 (0 = auto)")
         check("tail_checkpoints", 0 <= self.tail_checkpoints <= 16, "must be in 0..16")
 
     # -- derived --------------------------------------------------------------

@@ -38,6 +38,8 @@ class SamplingParams:
 class Sampler:
     """Samples one token per row from logits [B, V]; keeps per-row penalty counts."""
 
+    POOL = 1024   # candidate tokens considered for top-p when top_k is off
+
     def __init__(self, params: SamplingParams, batch: int, vocab: int,
                  seeds: Optional[Sequence[int]] = None, device="cpu"):
         self.params = params
@@ -75,31 +77,32 @@ class Sampler:
         if p.temperature == 0:
             tokens = logits.argmax(dim=-1)
         else:
-            probs = logp.exp().cpu()
-            tokens = torch.empty(self.batch, dtype=torch.long)
-            for b in range(self.batch):
-                tokens[b] = self._sample_row(probs[b], self.generators[b])
-            tokens = tokens.to(self.device)
+            tokens = self._sample_rows(logp.exp())
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         self.update(tokens)
         return tokens, chosen
 
-    def _sample_row(self, probs: torch.Tensor, gen: torch.Generator) -> int:
-        """probs [V] (sums to 1) -> one token id."""
+    def _sample_rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [B, V] (rows sum to 1) -> tokens [B]: top-p, top-k, temperature, per-row RNG.
+
+        The nucleus is taken within the POOL most likely tokens (one batched topk
+        instead of sorting the whole vocabulary per row and step).
+        """
         p = self.params
-        if p.top_p < 1 or p.top_k:
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.ones_like(sorted_p, dtype=torch.bool)
-            if p.top_p < 1:
-                cum = torch.cumsum(sorted_p, dim=0)
-                keep &= (cum - sorted_p) < p.top_p        # always keeps the first token
-            if p.top_k:
-                keep[p.top_k:] = False
-            cutoff = sorted_p[keep].min()
-            probs = torch.where(probs >= cutoff, probs, torch.zeros_like(probs))
+        pool = min(probs.shape[-1], p.top_k or self.POOL)
+        vals, idx = torch.topk(probs, pool, dim=-1)                              # [B, K] descending
+        if p.top_p < 1:
+            keep = (torch.cumsum(vals, dim=-1) - vals) < p.top_p                  # keeps the first token
+            vals = vals * keep
         if p.temperature != 1.0:
-            probs = probs ** (1.0 / p.temperature)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+            vals = vals ** (1.0 / p.temperature)
+        vals = (vals / vals.sum(dim=-1, keepdim=True)).float().cpu()
+        idx = idx.cpu()
+        tokens = torch.empty(self.batch, dtype=torch.long)
+        for b in range(self.batch):
+            j = int(torch.multinomial(vals[b], 1, generator=self.generators[b]))
+            tokens[b] = idx[b, j]
+        return tokens.to(self.device)
 
     def update(self, tokens: torch.Tensor) -> None:
         """Record sampled tokens [B] for the penalties."""

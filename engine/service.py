@@ -49,7 +49,7 @@ class CompletionService:
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
                         "dtype": "", "error": None, "cache": {}, "last": {}}
         # request accounting (status()["load"]): at most one request computes at a time
-        self._load = {"submitted": 0, "finished": 0, "superseded": 0, "running": 0, "max_running": 0}
+        self._counts = {"submitted": 0, "finished": 0, "superseded": 0, "running": 0, "max_running": 0}
 
     # -- caller side ----------------------------------------------------------------------
     def start(self) -> None:
@@ -67,9 +67,9 @@ class CompletionService:
             request = dict(request, id=rid)
         with self._cv:
             self._generation += 1
-            self._load["submitted"] += 1
+            self._counts["submitted"] += 1
             if self._pending is not None:
-                self._load["superseded"] += 1
+                self._counts["superseded"] += 1
             self._pending = (self._generation, rid, request, on_partial, on_done)
             self._cv.notify_all()
         return rid
@@ -93,7 +93,7 @@ class CompletionService:
         with self._cv:
             self._generation += 1
             if self._pending is not None:
-                self._load["superseded"] += 1
+                self._counts["superseded"] += 1
             self._pending = None
 
     def status(self) -> dict:
@@ -101,8 +101,8 @@ class CompletionService:
             s = dict(self._status)
             s["cache"] = dict(s["cache"])
             s["last"] = dict(s["last"])
-            s["load"] = dict(self._load)
-            s["busy"] = self._pending is not None or self._load["running"] > 0
+            s["load"] = dict(self._counts)
+            s["busy"] = self._pending is not None or self._counts["running"] > 0
         return s
 
     def close(self, timeout: float = 10.0) -> None:
@@ -169,7 +169,13 @@ class CompletionService:
             self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: {_one_line(e)}")
 
     def _run(self) -> None:
-        self._load()
+        try:
+            self._load()
+        except Exception as e:                          # never leave the caller waiting silently
+            log.exception("rwkv.nvim: engine start failed")
+            with self._cv:
+                self._status["error"] = _one_line(e)
+            self._emit("error", {"message": _one_line(e)})
         while True:
             with self._cv:
                 while not (self._closing or self._pending or self._chunks or self._accepts
@@ -192,7 +198,7 @@ class CompletionService:
             if job is not None:
                 _, rid, _, _, on_done = job
                 with self._cv:
-                    self._load["finished"] += 1
+                    self._counts["finished"] += 1
                 if on_done is not None:
                     on_done({"id": rid, "candidates": [], "stats": {}, "error": self._status["error"]})
             with self._cv:
@@ -218,20 +224,20 @@ class CompletionService:
                 on_partial({"id": rid, "text": text})
 
         with self._cv:
-            self._load["running"] += 1
-            self._load["max_running"] = max(self._load["max_running"], self._load["running"])
+            self._counts["running"] += 1
+            self._counts["max_running"] = max(self._counts["max_running"], self._counts["running"])
         try:
             result = self._complete(c, rid, request, partial, superseded)
         finally:
             with self._cv:
-                self._load["running"] -= 1
+                self._counts["running"] -= 1
         if result is None or superseded():
             with self._cv:
-                self._load["superseded"] += 1
+                self._counts["superseded"] += 1
             return
         result["id"] = rid
         with self._cv:
-            self._load["finished"] += 1
+            self._counts["finished"] += 1
             if result.get("stats"):
                 self._status["last"] = result["stats"]
             self._status["cache"] = c.cache_stats()

@@ -65,6 +65,7 @@ M.engine_types = {
   download_dir = "string",
   device = "string",
   dtype = "string",
+  threads = "number",
   candidates = "number",
   max_tokens = "number",
   max_lines = "number",

@@ -47,8 +47,10 @@ function M.show(buf, row, col, text, annotation)
   local ts = vim.bo[buf].tabstop
   local line = vim.api.nvim_buf_get_lines(buf, row, row + 1, false)[1] or ""
   col = math.min(col, #line)
-  -- the display column only matters for tabs (and costs O(col) on a very long line)
-  local start_vcol = lines[1]:find("\t", 1, true) and vim.fn.strdisplaywidth(line:sub(1, col)) or 0
+  -- the display column only matters for tabs (and costs O(col) on a very long line);
+  -- a NUL byte (shown as ^@) would turn the string into a Blob for strdisplaywidth()
+  local start_vcol = lines[1]:find("\t", 1, true)
+      and vim.fn.strdisplaywidth((line:sub(1, col):gsub("%z", "^@"))) or 0
 
   local virt_text = {}
   if lines[1] ~= "" then

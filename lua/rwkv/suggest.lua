@@ -63,6 +63,12 @@ local function blank(s)
   return s:match("^%s*$") ~= nil
 end
 
+-- text that cannot be shown or inserted as typed (a NUL byte from a model that produced
+-- binary junk) is not a suggestion
+local function unusable(s)
+  return s:find("%z") ~= nil
+end
+
 local function render()
   local s = S.shown
   local c = config.current
@@ -280,7 +286,7 @@ end
 ---@param msg {id: integer, text: string}
 function M.on_partial(msg)
   local s = S.sent
-  if not s or msg.id ~= s.id or s.done or type(msg.text) ~= "string" or blank(msg.text) then
+  if not s or msg.id ~= s.id or s.done or type(msg.text) ~= "string" or blank(msg.text) or unusable(msg.text) then
     return
   end
   if not drawable(s) then
@@ -307,7 +313,7 @@ function M.on_done(msg)
   local items, seen = {}, {}
   for _, c in ipairs(msg.candidates or {}) do
     local t = type(c) == "table" and c.text or c
-    if type(t) == "string" and not blank(t) and not seen[t] then
+    if type(t) == "string" and not blank(t) and not unusable(t) and not seen[t] then
       seen[t] = true
       items[#items + 1] = t
     end
