@@ -298,6 +298,17 @@ def _gpu_arch_env(backend: str, archs: str):
         os.environ.pop(var, None)
 
 
+def _make_files_private(root: Path) -> None:
+    """Build outputs are written with the process umask: make every file 0600, dirs 0700."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o700)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
+
+
 def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     import torch
 
@@ -329,6 +340,7 @@ def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     seconds = time.perf_counter() - started
     op = getattr(getattr(torch.ops, spec.namespace), "wkv7_")
     stamp.touch()
+    _make_files_private(build_dir)
     if fresh and progress is not None:
         progress(f"WKV-7 {backend} kernel ready ({seconds:.0f} s)")
     log.info("WKV-7 %s kernel loaded from %s in %.1f s", backend, build_dir, seconds)

@@ -108,9 +108,11 @@ def test_kernel_cache_dirs_are_private():
         assert _mode(d) & 0o077 == 0, (d, oct(_mode(d)))
 
 
-@pytest.mark.xfail(strict=True, reason="kernel_loader builds with the process umask (files 0644 inside "
-                   "0700 dirs); needs os.umask(0o077) around the build in engine/kernel_loader.py")
 def test_kernel_cache_files_are_0600():
+    import torch
+    from rwkv_engine.kernel_loader import get_wkv7
+    if get_wkv7(torch.device("cpu")) is None:
+        pytest.skip("no CPU kernel can be built here")
     root = Path(shared_kernel_dir())
     if not root.is_dir():
         pytest.skip("no kernel has been built on this machine yet")
