@@ -105,6 +105,7 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
     greedy_params = SamplingParams(temperature=0.0, top_p=1.0, alpha_frequency=0.0)
     hits = {"pass@1": 0, f"pass@{n_samples}": 0, f"pass@1+{n_samples}": 0,
             "baseline_prev_line": 0, "baseline_prev_nonblank": 0}
+    by_suffix: dict = {}                  # file suffix -> [tasks, greedy hits, any-sampled hits]
     prompt_tokens = 0
     t0 = time.time()
     examples = []
@@ -125,6 +126,10 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
         hits[f"pass@1+{n_samples}"] += greedy == task.target or task.target in sampled
         hits["baseline_prev_line"] += task.prev_line == task.target
         hits["baseline_prev_nonblank"] += task.prev_nonblank == task.target
+        counts = by_suffix.setdefault(Path(task.path).suffix or "(none)", [0, 0, 0])
+        counts[0] += 1
+        counts[1] += greedy == task.target
+        counts[2] += task.target in sampled
         if len(examples) < 8:
             examples.append({"file": Path(task.path).name, "line": task.row + 1, "target": task.target,
                              "greedy": greedy, "sampled": sampled})
@@ -135,6 +140,8 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
     result.update(tasks=len(tasks), samples=n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                   n_prefix_lines=n_prefix, near_prefix_lines=cfg.near_prefix, near_suffix_lines=cfg.near_suffix,
                   mean_prompt_tokens=round(prompt_tokens / n, 1), seconds=round(time.time() - t0, 1),
+                  by_file_suffix={k: {"tasks": c[0], "pass@1": c[1], f"pass@{n_samples}": c[2]}
+                                  for k, c in sorted(by_suffix.items())},
                   examples=examples)
     return result
 

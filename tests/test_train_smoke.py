@@ -21,7 +21,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import corpus  # noqa: E402
-from train_default_model import TrainConfig, build_data  # noqa: E402
+from train_default_model import TrainConfig, build_data, warm_start  # noqa: E402
 from train_model import ModelConfig, RWKV7Train, export_state_dict, load_exported  # noqa: E402
 from train_wkv_kernel import load_kernel, wkv7_train, wkv7_train_torch  # noqa: E402
 
@@ -78,6 +78,25 @@ def test_fim_sample_layout(tiny_data):
     assert len(row) == cfg.ctx_len + 1
 
 
+def test_fim_middle_never_starts_with_empty_line(tiny_data):
+    _, maker, *_ = tiny_data
+    tok = maker.tok
+    f = maker.files[0]
+    assert any(not ln.strip() for ln in f.lines)         # the file has blank lines to avoid
+    for _ in range(300):
+        cut = maker.fim_cut(f)
+        line = f.lines[cut.row]
+        assert line.strip(), cut                          # the cursor line is never blank
+        assert not cut.middle.startswith("\n") and cut.middle.split("\n")[0].strip(), cut
+        if cut.line_suffix:                               # a middle inside one line
+            assert cut.last == cut.row and cut.line_prefix + cut.middle + cut.line_suffix == line
+        else:
+            assert cut.line_prefix + cut.middle == "\n".join(f.lines[cut.row:cut.last + 1])
+        text = tok.decode(maker.fim(f, cut))
+        after_middle_marker = text.split(corpus.FIM_MIDDLE)[1]
+        assert after_middle_marker.endswith(cut.line_prefix + cut.middle), (after_middle_marker, cut)
+
+
 def test_kernel_gradients_match_autograd():
     if load_kernel() is None:
         pytest.skip("C++ WKV kernel cannot be built here")
@@ -127,6 +146,19 @@ def trained(tiny_data, tmp_path_factory):
 def test_loss_decreases(trained):
     _, losses, _, _ = trained
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_warm_start_loads_exported_weights(trained, tiny_data):
+    model, _, path, world_ids = trained
+    cfg, _, held_rows, _, _ = tiny_data
+    fresh = RWKV7Train(ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size))
+    info = warm_start(fresh, str(path), world_ids, held_rows, use_kernel=False)
+    seq = torch.tensor([[0, 5, 9, 270, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(seq), model(seq))
+    assert info["path"] == str(path) and info["heldout_loss_before"] > 0
+    with pytest.raises(ValueError, match="vocabulary"):
+        warm_start(fresh, str(path), list(reversed(world_ids)), held_rows, use_kernel=False)
 
 
 def test_checkpoint_key_layout(trained):

@@ -13,7 +13,9 @@ Samples mirror ``rwkv_engine.prompt_layout.PromptBuilder``:
     ✿prefix✿✿suffix✿ {line_suffix}\n {near suffix lines} ✿middle✿ {near prefix lines}{line_prefix}
     {middle} 0
 
-or plain code: [0] [chunks] lines...
+or plain code: [0] [chunks] lines... The FIM cursor line is never blank and the
+middle always starts with text of that line (an empty first line would teach the
+model to suggest nothing, the wrong answer on a fresh line in an editor).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "✿prefix✿", "✿suffix✿", "✿middle✿"
 CHUNK_HEADER = "✿file✿{filename}\n"
@@ -160,6 +162,15 @@ class SampleConfig:
     plain_lines: Tuple[int, int] = (8, 64)
 
 
+@dataclass
+class FimCut:
+    row: int             # cursor line (non-blank in the file)
+    last: int            # last line the middle reaches into
+    line_prefix: str     # cursor line before the cursor (kept in the prompt)
+    middle: str          # the removed text: from the cursor, 1..few lines, "\n"-joined
+    line_suffix: str     # rest of the cursor line after a one-line middle ("" otherwise)
+
+
 class SampleMaker:
     """Builds token sequences in the pipeline's prompt format from tokenized files."""
 
@@ -171,6 +182,7 @@ class SampleMaker:
         self.tok, self.cfg, self.rng = tokenizer, cfg, random.Random(seed)
         self.m_prefix_suffix = tuple(tokenizer.encode(FIM_PREFIX + FIM_SUFFIX))
         self.m_middle = tuple(tokenizer.encode(FIM_MIDDLE))
+        self._nonblank: Dict[int, List[int]] = {}          # id(file) -> its non-blank line numbers
 
     def _enc(self, text: str) -> List[int]:
         return list(self.tok.encode_line(text)) if text else []
@@ -197,39 +209,54 @@ class SampleMaker:
         lo = self.rng.randint(0, max(0, len(f.lines) - n))
         return [END] + self._chunks(f) + self._lines(f, lo, lo + n)
 
-    def fim(self, f: CodeFile) -> List[int]:
-        """One FIM sample: the cursor in line ``row``, the middle spanning 1..few lines."""
+    def fim_cut(self, f: CodeFile) -> FimCut:
+        """Where a FIM sample cuts ``f``: the cursor in a NON-BLANK line ``row`` (the text
+        there is what the user is typing), the middle spanning 1..few lines and always
+        starting with some of that line's text, never with an empty line."""
         rng, cfg = self.rng, self.cfg
-        row = rng.randint(0, len(f.lines) - 1)
+        row = rng.choice(self._nonblank_rows(f))
         line = f.lines[row]
         indent = len(line) - len(line.lstrip())
+        text_end = len(line.rstrip())                  # > indent: the line is non-blank
         mode = rng.random()
-        if mode < 0.45 or not line.strip():
+        if mode < 0.45:
             col = 0                                    # cursor at the line start
         elif mode < 0.75:
             col = indent                               # after autoindent
         else:
-            col = rng.randint(indent, len(line))       # inside the line
+            col = rng.randint(indent, text_end - 1)    # inside the line, text left after it
         n_mid = rng.randint(*cfg.middle_lines)
         last = min(len(f.lines) - 1, row + n_mid - 1)
-        if last == row and col < len(line) and rng.random() < 0.3:
-            end_col = rng.randint(col, len(line))      # middle inside one line, text after it
-            middle = line[col:end_col]
-            line_suffix = line[end_col:]
+        if last == row and rng.random() < 0.3:
+            end_col = rng.randint(max(col, indent) + 1, len(line))  # middle inside one line, text after it
+            middle, line_suffix = line[col:end_col], line[end_col:]
         else:
-            middle = "\n".join([line[col:]] + f.lines[row + 1:last + 1])
-            line_suffix = ""
-        line_prefix = line[:col]
+            middle, line_suffix = "\n".join([line[col:]] + f.lines[row + 1:last + 1]), ""
+        return FimCut(row, last, line[:col], middle, line_suffix)
+
+    def _nonblank_rows(self, f: CodeFile) -> List[int]:
+        rows = self._nonblank.get(id(f))
+        if rows is None:
+            rows = self._nonblank[id(f)] = [i for i, ln in enumerate(f.lines) if ln.strip()]
+        if not rows:
+            raise ValueError(f"{f.path}: no non-blank line for a FIM sample")
+        return rows
+
+    def fim(self, f: CodeFile, cut: Optional[FimCut] = None) -> List[int]:
+        """One FIM sample in the pipeline's prompt layout (``cut`` defaults to a random one)."""
+        rng, cfg = self.rng, self.cfg
+        cut = cut or self.fim_cut(f)
+        row, last = cut.row, cut.last
         if rng.random() < cfg.short_window_frac:
             near, n_suf = rng.randint(0, cfg.near_prefix[1]), rng.randint(*cfg.near_suffix)
         else:
             near, n_suf = rng.randint(*cfg.near_prefix), cfg.near_suffix[1]
         far = rng.randint(*cfg.far_prefix)
         seq = [END] + self._chunks(f) + self._lines(f, row - near - far, row - near)
-        seq += list(self.m_prefix_suffix) + self._enc(line_suffix + "\n")
+        seq += list(self.m_prefix_suffix) + self._enc(cut.line_suffix + "\n")
         seq += self._lines(f, last + 1, last + 1 + n_suf)
-        seq += list(self.m_middle) + self._lines(f, row - near, row) + self._enc(line_prefix)
-        pieces = middle.split("\n")                    # the middle, line by line (split on "\n" only)
+        seq += list(self.m_middle) + self._lines(f, row - near, row) + self._enc(cut.line_prefix)
+        pieces = cut.middle.split("\n")                # the middle, line by line (split on "\n" only)
         for piece in pieces[:-1]:
             seq += self._enc(piece + "\n")
         seq += self._enc(pieces[-1])

@@ -50,6 +50,7 @@ class TrainConfig:
     heldout_rows: int = 12
     threads: int = 2
     export_dtype: str = "bfloat16"
+    init_from: str = ""            # warm start from an exported checkpoint (same vocab and shape)
 
 
 def parse_args(argv=None):
@@ -100,6 +101,8 @@ def build_data(cfg: TrainConfig, budget_scale: float = 1.0, sources=None):
     record = {"sources": src_record, "train_files": len(train), "heldout_files": len(heldout),
               "train_tokens": n_train, "heldout_tokens": n_held,
               "train_bytes": sum(len("\n".join(f.lines)) for f in train),
+              "sample_config": asdict(corpus.SampleConfig()),
+              "fim_cursor_line": "non-blank; the middle starts with its text, never with an empty line",
               "data_prep_seconds": round(time.time() - t0, 1)}
     return maker, held_rows, world_ids, record, [f.path for f in heldout]
 
@@ -114,6 +117,28 @@ def heldout_loss(model: RWKV7Train, rows: torch.Tensor, use_kernel: bool = True)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item() * x.shape[0]
     model.train()
     return total / rows.shape[0]
+
+
+def warm_start(model: RWKV7Train, path: str, world_ids, held_rows: torch.Tensor, use_kernel: bool) -> dict:
+    """Load the weights of an exported checkpoint into ``model`` (its vocabulary must be
+    the one this run built); returns what the training record keeps about it."""
+    from train_model import load_exported
+
+    if not Path(path).is_file():
+        raise ValueError(f"--init-from {path}: no such checkpoint")
+    init, init_ids = load_exported(path)
+    if init_ids.tolist() != list(world_ids):
+        raise ValueError(f"--init-from {path}: its vocabulary differs from this run's (seed/corpus/vocab-size)")
+    if init.cfg.to_dict() != model.cfg.to_dict():
+        raise ValueError(f"--init-from {path}: model {init.cfg.to_dict()} != {model.cfg.to_dict()}")
+    model.load_state_dict(init.state_dict())
+    info = {"path": str(path), "heldout_loss_before": round(heldout_loss(model, held_rows, use_kernel), 4)}
+    rec_path = Path(path).with_suffix(".json")
+    if rec_path.is_file():
+        prev = json.loads(rec_path.read_text())
+        info.update({k: prev.get(k) for k in ("steps", "tokens_seen", "train_seconds", "heldout_loss")})
+        info["eval"] = {k: prev.get("eval", {}).get(k) for k in ("pass@1", "pass@4", "pass@1+4")}
+    return info
 
 
 def save(model, world_ids, cfg, args, record, path: Path) -> None:
@@ -171,6 +196,7 @@ def verify_checkpoint(path: Path, text: str = "def add(a, b):\n    return a + b\
 
 
 def main(argv=None) -> int:
+    t_process = time.time()
     cfg, args = parse_args(argv)
     if args.verify_only:
         out = Path(args.out)
@@ -193,11 +219,16 @@ def main(argv=None) -> int:
     model = RWKV7Train(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {mcfg.to_dict()} lora {mcfg.lora_dims()} params {n_params / 1e6:.2f}M", flush=True)
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr_max, betas=cfg.betas, eps=1e-8)
     use_kernel = not args.no_kernel
+    init_info = warm_start(model, cfg.init_from, world_ids, held_rows, use_kernel) if cfg.init_from else None
+    if init_info:
+        print("warm start:", json.dumps(init_info), flush=True)
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr_max, betas=cfg.betas, eps=1e-8)
 
     record = {"config": asdict(cfg), "model": {**mcfg.to_dict(), "lora": mcfg.lora_dims(), "params": n_params},
               "data": data_record, "heldout_paths": heldout_paths, "torch": torch.__version__}
+    if init_info:
+        record["init"] = init_info
     curve = open(args.curve, "w")
     curve.write("step\telapsed_s\ttokens\tlr\ttrain_loss\theldout_loss\n")
     t_start = time.time()
@@ -248,6 +279,7 @@ def main(argv=None) -> int:
     record["heldout_loss_shipped_weights"] = round(heldout_loss(shipped, held_rows, use_kernel), 4)
     record["checkpoint_bytes"] = out.stat().st_size
     record["verification"] = verify_checkpoint(out)
+    record["process_wall_seconds"] = round(time.time() - t_process, 1)   # data prep + training + checks
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     curve.write(f"{step}\t{elapsed:.1f}\t{tokens}\t{0:.6f}\t{ema:.4f}\t{held:.4f}\n")
     curve.close()
