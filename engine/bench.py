@@ -20,7 +20,7 @@ import time
 def add_arguments(p) -> None:
     p.add_argument("--model", help="checkpoint path or short name (default: the bundled default model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda (cpu is always fp32)")
+    p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda; fp32 (auto) or int8 on cpu")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: as the plugin, engine option `threads` = 0)")
     p.add_argument("--prefill-tokens", type=int, default=256)
@@ -159,7 +159,7 @@ def run(args) -> int:
         "command": "rwkv-nvim " + " ".join(sys.argv[1:]),
         "machine": _machine(dev),
         "model": {"path": str(path), "n_layer": model.shape.n_layer, "n_embd": model.shape.n_embd,
-                  "vocab": model.shape.vocab_size, "dtype": str(model.dtype).replace("torch.", ""),
+                  "vocab": model.shape.vocab_size, "dtype": model.quant or str(model.dtype).replace("torch.", ""),
                   "device": str(dev)},
         "engine": engine_speed(model, args.prefill_tokens, args.decode_steps, args.batch, args.repeat),
     }

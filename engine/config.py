@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 _DEVICES = ("auto", "cpu", "cuda")
-_DTYPES = ("auto", "fp16", "bf16", "fp32")
+_DTYPES = ("auto", "fp16", "bf16", "fp32", "int8")
 
 
 @dataclass

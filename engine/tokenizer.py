@@ -23,6 +23,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 VOCAB_FILE = Path(__file__).with_name("data") / "rwkv_vocab_v20230424.txt"
 END_OF_TEXT = 0
+WORLD_VOCAB_SIZE = 65536  # output size of World-vocabulary models
 _ID_KEY = 256  # trie node key holding the token id (child keys are bytes 0..255)
 
 
@@ -73,8 +74,10 @@ class WorldTokenizer:
         # id_to_bytes: local id -> bytes (local id == World id for the full vocabulary)
         self.world_ids = list(world_ids) if world_ids is not None else None
         self._id_to_bytes = id_to_bytes
+        # the World vocabulary has 65529 tokens but models have 65536 outputs: ids without a
+        # token decode to b"" (never an IndexError while streaming a sampled id)
         self.vocab_size = (len(self.world_ids) if self.world_ids is not None
-                           else max(id_to_bytes) + 1)
+                           else max(max(id_to_bytes) + 1, WORLD_VOCAB_SIZE))
         self._bytes_list = [b""] * self.vocab_size
         for tid, tok in id_to_bytes.items():
             self._bytes_list[tid] = tok

@@ -45,6 +45,13 @@ def test_equals_reference_on_cjk_and_emoji(reference):
     assert tokenizer.decode(tokenizer.encode(CJK_EMOJI)) == CJK_EMOJI
 
 
+def test_unused_model_ids_decode_to_nothing():
+    tok = WorldTokenizer.default()
+    assert tok.vocab_size == 65536
+    assert tok.decode([65535, 11]) == "\n"
+    assert tok.stream().feed(65533) == ""
+
+
 def test_known_ids():
     assert tokenizer.encode("\n") == [11]
     assert tokenizer.encode(" ") == [33]

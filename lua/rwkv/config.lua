@@ -108,7 +108,7 @@ M.engine_mirror = {
 }
 
 local allowed_devices = { auto = true, cpu = true, cuda = true }
-local allowed_dtypes = { auto = true, fp16 = true, bf16 = true, fp32 = true }
+local allowed_dtypes = { auto = true, fp16 = true, bf16 = true, fp32 = true, int8 = true }
 
 ---@type rwkv.Config
 M.current = vim.deepcopy(M.defaults)
@@ -158,7 +158,7 @@ local function validate_engine(e)
     fail("engine.device must be one of auto, cpu, cuda")
   end
   if e.dtype and not allowed_dtypes[e.dtype] then
-    fail("engine.dtype must be one of auto, fp16, bf16, fp32")
+    fail("engine.dtype must be one of auto, fp16, bf16, fp32, int8")
   end
   if e.model ~= nil and vim.trim(e.model) == "" then
     fail("engine.model must be a path or a model name (or nil for the default model)")
