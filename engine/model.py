@@ -210,7 +210,8 @@ class RWKV7:
         prev = torch.cat([state.ffn_x[i][:, None], f[:, :-1]], dim=1) if T > 1 else state.ffn_x[i][:, None]
         new.ffn_x.append(f[:, -1].contiguous())
         kx = torch.addcmul(f, prev - f, p.ffn_x_k)
-        return x + p.ffn_V(torch.relu(p.ffn_K(kx)).square())
+        hidden = torch.relu_(p.ffn_K(kx))                                          # [B, T, F]
+        return x + p.ffn_V(hidden.mul_(hidden))                                    # relu(.)^2
 
 
 def load_model(path, device="cpu", dtype=None, use_kernel: bool = True) -> RWKV7:
