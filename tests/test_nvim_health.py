@@ -299,7 +299,7 @@ def test_bridge_uses_the_checkout_engine_when_the_package_is_not_installed(tmp_p
     code = f"""
 import importlib.util, sys
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-sys.path = [p for p in sys.path if not p.startswith({str(REPO)!r})]
+sys.path = [p for p in sys.path if not p.startswith({str(REPO)!r}) or p.startswith(sys.prefix)]
 assert importlib.util.find_spec("rwkv_engine") is None, "could not hide the installed package"
 sys.path.insert(0, {str(REPO / "rplugin" / "python3")!r})
 from rwkv_nvim.bridge import import_engine
