@@ -51,29 +51,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def engine_speed(model, prefill_tokens: int, steps: int, batch: int, repeat: int) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    V = model.shape.vocab_size
-    dev = model.device
-    prompt = torch.randint(257, V, (1, prefill_tokens), generator=g).to(dev)
-
-    def prefill():
-        model.forward(prompt, model.new_state(1))
-        _sync(dev)
-
-    def decode(rows):
-        _, state = model.forward(prompt[:, :8].expand(rows, 8), model.new_state(rows))
-        tok = torch.randint(257, V, (rows, 1), generator=g).to(dev)
-
-        def run():
-            s = state
-            for _ in range(steps):
-                _, s = model.forward(tok, s)
-            _sync(dev)
-        return run
-
+def _speeds(prefill, decode, prefill_tokens: int, steps: int, batch: int, repeat: int) -> dict:
+    """Figures from ``prefill()`` (one prompt) and ``decode(rows)`` (a callable running
+    ``steps`` decode steps for ``rows`` rows)."""
     t_prefill = _best(prefill, repeat)
     t_b1 = _best(decode(1), repeat)
     t_bn = _best(decode(batch), repeat)
@@ -84,6 +64,32 @@ def engine_speed(model, prefill_tokens: int, steps: int, batch: int, repeat: int
         f"decode_b{batch}_tok_s": batch * steps / t_bn,
         f"decode_b{batch}_ms_per_step": 1000 * t_bn / steps,
     }
+
+
+def engine_speed(model, prefill_tokens: int, steps: int, batch: int, repeat: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    V = model.shape.vocab_size
+    dev = model.device
+    prompt = torch.randint(257, V, (1, prefill_tokens), generator=g).to(dev)   # [1, T]
+
+    def prefill():
+        model.forward(prompt, model.new_state(1))
+        _sync(dev)
+
+    def decode(rows):
+        _, state = model.forward(prompt[:, :8].expand(rows, 8), model.new_state(rows))
+        tok = torch.randint(257, V, (rows, 1), generator=g).to(dev)             # [rows, 1]
+
+        def run():
+            s = state
+            for _ in range(steps):
+                _, s = model.forward(tok, s)
+            _sync(dev)
+        return run
+
+    return _speeds(prefill, decode, prefill_tokens, steps, batch, repeat)
 
 
 def peer_speed(path, device: str, prefill_tokens: int, steps: int, batch: int, repeat: int) -> dict:
@@ -99,8 +105,7 @@ def peer_speed(path, device: str, prefill_tokens: int, steps: int, batch: int, r
         strategy = "cuda fp16" if device == "cuda" else "cpu fp32"
         peer = RWKV(model=str(path)[:-4] if str(path).endswith(".pth") else str(path), strategy=strategy)
     g = torch.Generator().manual_seed(0)
-    V = peer.args.vocab_size
-    prompt = torch.randint(257, V, (prefill_tokens,), generator=g).tolist()
+    prompt = torch.randint(257, peer.args.vocab_size, (prefill_tokens,), generator=g).tolist()
     dev = torch.device(device)
 
     def prefill():
@@ -119,16 +124,7 @@ def peer_speed(path, device: str, prefill_tokens: int, steps: int, batch: int, r
             _sync(dev)
         return run
 
-    t_prefill = _best(prefill, repeat)
-    t_b1 = _best(decode(1), repeat)
-    t_bn = _best(decode(batch), repeat)
-    return {
-        "prefill_tok_s": prefill_tokens / t_prefill,
-        "decode_b1_tok_s": steps / t_b1,
-        "decode_b1_ms_per_step": 1000 * t_b1 / steps,
-        f"decode_b{batch}_tok_s": batch * steps / t_bn,
-        f"decode_b{batch}_ms_per_step": 1000 * t_bn / steps,
-    }
+    return _speeds(prefill, decode, prefill_tokens, steps, batch, repeat)
 
 
 def _machine(device) -> dict:

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .private_fs import make_private_dir, make_tree_private
+
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str], None]
@@ -193,21 +195,6 @@ def cache_dir(backend: str) -> Path:
     return base / name
 
 
-def _make_private_dirs(path: Path) -> None:
-    """Create ``path`` and missing parents with mode 0700 (existing ones untouched)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
-        os.chmod(d, 0o700)
-
-
 def _sync_sources(src_dir: Path, build_dir: Path, names: tuple[str, ...]) -> list[str]:
     """Copy sources into the build dir, only when changed (ninja rebuilds on mtime)."""
     out = []
@@ -298,23 +285,12 @@ def _gpu_arch_env(backend: str, archs: str):
         os.environ.pop(var, None)
 
 
-def _make_files_private(root: Path) -> None:
-    """Build outputs are written with the process umask: make every file 0600, dirs 0700."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o700)
-        for f in filenames:
-            path = os.path.join(dirpath, f)
-            if not os.path.islink(path):
-                os.chmod(path, 0o600)
-
-
 def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     import torch
 
     spec = kernel_spec(backend)
     build_dir = cache_dir(backend)
-    _make_private_dirs(build_dir)
+    make_private_dir(build_dir)
     sources = _sync_sources(kernels_source_dir(), build_dir, spec.sources)
     _clear_stale_lock(build_dir)
     _check_compiler(backend)
@@ -340,7 +316,7 @@ def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     seconds = time.perf_counter() - started
     op = getattr(getattr(torch.ops, spec.namespace), "wkv7_")
     stamp.touch()
-    _make_files_private(build_dir)
+    make_tree_private(build_dir)
     if fresh and progress is not None:
         progress(f"WKV-7 {backend} kernel ready ({seconds:.0f} s)")
     log.info("WKV-7 %s kernel loaded from %s in %.1f s", backend, build_dir, seconds)

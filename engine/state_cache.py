@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .private_fs import make_private_dir
 from .state import State
 
 log = logging.getLogger("rwkv_engine")
@@ -164,7 +165,7 @@ class DiskTier:
         self.enabled = budget > 0
         if self.enabled:
             try:
-                _make_private_dir(self.root)
+                make_private_dir(self.root)
                 self._scan()
             except OSError as e:
                 log.warning("state cache: disk tier disabled (%s)", e)
@@ -328,21 +329,6 @@ class StateCache:
                      "dir": str(disk.root) if disk else None},
             "hits": dict(self.hits),
         }
-
-
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` and missing parents with mode 0700; tighten only what we created
-    (plus ``path`` itself), never a pre-existing directory chosen by the user."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
 
 
 def _unlink(p: Path) -> None:
