@@ -183,3 +183,43 @@ def nvim_session(tmp_path):
     yield make
     for s in sessions:
         s.close()
+
+
+# Lua for the mechanics tests: replace the Python side (remote.call) with a recorder,
+# plus helpers (_G.T.last/count/asked_here/done) and a log of the User events
+RECORDER = r"""
+local remote = require('rwkv.remote')
+_G.T = { calls = {}, events = {} }
+remote.call = function(name, ...)
+  table.insert(_G.T.calls, { name = name, args = { ... } })
+  return 0
+end
+function _G.T.count(name)
+  local n = 0
+  for _, c in ipairs(_G.T.calls) do if c.name == name then n = n + 1 end end
+  return n
+end
+function _G.T.last(name)
+  for i = #_G.T.calls, 1, -1 do
+    if _G.T.calls[i].name == name then return _G.T.calls[i].args end
+  end
+end
+-- a request was sent for exactly the current buffer / changedtick / cursor
+function _G.T.asked_here()
+  local s = require('rwkv.suggest').state.sent
+  local c = vim.api.nvim_win_get_cursor(0)
+  return s ~= nil and s.id ~= nil and not s.done and s.buf == vim.api.nvim_get_current_buf()
+    and s.tick == vim.b.changedtick and s.row == c[1] - 1 and s.col == c[2]
+end
+function _G.T.done(texts)
+  local sg = require('rwkv.suggest')
+  local cands = {}
+  for i, t in ipairs(texts) do cands[i] = { text = t, logprob = -i } end
+  sg.on_done({ id = sg.state.sent.id, candidates = cands, stats = { ms_total = 1, candidates = #texts } })
+end
+for _, ev in ipairs({ 'RwkvRequestStarted', 'RwkvSuggestionShown', 'RwkvAccepted' }) do
+  vim.api.nvim_create_autocmd('User', { pattern = ev, callback = function(a)
+    table.insert(_G.T.events, { name = ev, data = a.data })
+  end })
+end
+"""
