@@ -1,6 +1,7 @@
 """Helpers and fixtures for the completion-pipeline tests (tiny models, small windows)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -65,3 +66,28 @@ def completer_factory(tiny_model, tmp_path):
         return Completer(fast_config(tmp_path, **overrides), model=tiny_model)
 
     return make
+
+
+class Recorder:
+    """Collects a CompletionService's events, partials and results (callbacks run on its worker)."""
+
+    def __init__(self):
+        self.events, self.partials, self.done = [], [], []
+        self.ready = threading.Event()
+        self.finished = threading.Event()
+
+    def on_event(self, kind, info):
+        self.events.append((kind, info))
+        if kind in ("ready", "error"):
+            self.ready.set()
+
+    def on_partial(self, p):
+        self.partials.append(p)
+
+    def on_done(self, r):
+        self.done.append(r)
+        self.finished.set()
+
+    def kinds(self, kind):
+        """The info dicts of every event of this kind."""
+        return [i for k, i in self.events if k == kind]

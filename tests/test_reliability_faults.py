@@ -17,32 +17,13 @@ import pytest
 import torch
 
 from nvim_harness import REPO, require_nvim, start_nvim
-from pipeline_fixtures import SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
+from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
 from random_checkpoint import make_state_dict
 from reliability_helpers import SUGGEST, fresh_buffer, host_log_text, live_opts, wait_done
 
 WAIT = 120.0
 
 sys.path.insert(0, str(REPO / "rplugin" / "python3"))
-
-
-class Recorder:
-    def __init__(self):
-        self.events, self.done = [], []
-        self.ready = threading.Event()
-        self.finished = threading.Event()
-
-    def on_event(self, kind, info):
-        self.events.append((kind, info))
-        if kind in ("ready", "error"):
-            self.ready.set()
-
-    def on_done(self, r):
-        self.done.append(r)
-        self.finished.set()
-
-    def kinds(self, kind):
-        return [i for k, i in self.events if k == kind]
 
 
 def run_one(svc, rec, rid=1):

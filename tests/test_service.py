@@ -7,28 +7,9 @@ import pytest
 
 from rwkv_engine.service import CompletionService
 
-from pipeline_fixtures import SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
+from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
 
 WAIT = 60.0   # generous: the machine may be busy; tests never assert on time
-
-
-class Recorder:
-    def __init__(self):
-        self.events, self.partials, self.done = [], [], []
-        self.ready = threading.Event()
-        self.finished = threading.Event()
-
-    def on_event(self, kind, info):
-        self.events.append((kind, info))
-        if kind in ("ready", "error"):
-            self.ready.set()
-
-    def on_partial(self, p):
-        self.partials.append(p)
-
-    def on_done(self, r):
-        self.done.append(r)
-        self.finished.set()
 
 
 @pytest.fixture
