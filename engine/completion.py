@@ -14,6 +14,7 @@ a stopped request returns None and leaves every checkpoint it reached in the cac
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -108,6 +109,17 @@ class _OutOfMemory(Exception):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(str(error))
         self.stage, self.error = stage, error     # stage: "prefill" | "decode"
+
+
+@contextlib.contextmanager
+def _out_of_memory_as(phase: str):
+    """Re-raise an out-of-memory error of ``phase`` as _OutOfMemory (the service retries)."""
+    try:
+        yield
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise _OutOfMemory(phase, e) from e
+        raise
 
 
 # -- bookkeeping -----------------------------------------------------------------------
@@ -222,15 +234,11 @@ class Completer:
         cfg = self.config
         prompt = self.build_prompt(request)
         hits = {"device": 0, "host": 0, "disk": 0, "miss": 0}
-        try:
+        with _out_of_memory_as("prefill"):
             pre = self._speculative_prefill(request, prompt)
             speculative = pre is not None
             if pre is None:
                 pre = self.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints)
-        except Exception as e:
-            if is_out_of_memory(e):
-                raise _OutOfMemory("prefill", e) from e
-            raise
         if pre is None:
             return None
         hits[pre.tier or "miss"] += 1
@@ -244,14 +252,10 @@ class Completer:
                           deadline=time.monotonic() + cfg.time_budget_ms / 1000.0)
         n = self.rows
         params = SamplingParams(**cfg.sampling_dict())
-        try:
+        with _out_of_memory_as("decode"):
             rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n, params,
                                      [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
                                      on_partial=on_partial)
-        except Exception as e:
-            if is_out_of_memory(e):
-                raise _OutOfMemory("decode", e) from e
-            raise
         if rows is None:
             return None
         ranked = rank_candidates(rows, prompt.after_lines)
