@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import pytest
 
-from rwkv_engine.config import EngineConfig
+from rwkv_engine.pipeline.config import EngineConfig
 
 # A small Python file: 48 lines, short, so prompts stay a few hundred tokens.
 SOURCE_LINES: List[str] = []
@@ -60,7 +60,7 @@ def one_torch_thread():
 @pytest.fixture
 def completer_factory(tiny_model, tmp_path):
     """Completer(config) sharing the session's tiny model; fresh cache per call."""
-    from rwkv_engine.completion import Completer
+    from rwkv_engine.pipeline.completer import Completer
 
     def make(**overrides):
         return Completer(fast_config(tmp_path, **overrides), model=tiny_model)

@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from rwkv_engine.candidates import (Row, StopRules, apply_text_rules, decode_candidates,
+from rwkv_engine.pipeline.candidates import (Row, StopRules, apply_text_rules, decode_candidates,
                                     rank_candidates, repeats_after_cursor)
-from rwkv_engine.sampler import SamplingParams
-from rwkv_engine.state import State
+from rwkv_engine.core.sampler import SamplingParams
+from rwkv_engine.core.state import State
 from rwkv_engine.tokenizer import WorldTokenizer
 
 from pipeline_fixtures import SOURCE_LINES, completer_factory, make_request, one_torch_thread  # noqa: F401
@@ -143,7 +143,7 @@ def test_repeats_after_cursor():
 @pytest.fixture
 def prompt_state(completer_factory):
     c = completer_factory()
-    pre = c.prefill(c.build_prompt(make_request(SOURCE_LINES[:12], 9)).segments)
+    pre = c.prefiller.prefill(c.build_prompt(make_request(SOURCE_LINES[:12], 9)).segments)
     return c.model, pre.snapshot
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from rwkv_engine.checkpoint import CheckpointError
+from rwkv_engine.core.checkpoint import CheckpointError
 from random_checkpoint import make_state_dict
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rwkv_engine import complete_cmd
+from rwkv_engine.cli import complete as complete_cmd
 
 from pipeline_fixtures import SOURCE_LINES, one_torch_thread  # noqa: F401
 

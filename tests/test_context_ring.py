@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_engine.context_ring import ContextRing, line_dice
+from rwkv_engine.pipeline.context_ring import ContextRing, line_dice
 
 
 def block(tag: str, n: int = 5) -> str:

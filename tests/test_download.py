@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fake_hf_server import FakeHub
-from rwkv_engine import download as dl
+from rwkv_engine.core import download as dl
 
 REPO = "BlinkDL/rwkv7-g1"
 OLD_01B = "rwkv7-g1-0.1b-20250307-ctx4096.pth"
@@ -48,7 +48,7 @@ def _env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
 
 def _run(args: list[str], endpoint: str, hf_home: Path, cmd: list[str] | None = None, **extra: str):
     return subprocess.run(
-        (cmd or [sys.executable, "-m", "rwkv_engine.download"]) + args,
+        (cmd or [sys.executable, "-m", "rwkv_engine.cli.download"]) + args,
         env=_env(endpoint, hf_home, **extra), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )
 
@@ -134,7 +134,7 @@ def test_download_short_name_into_hf_cache(hub, payloads, tmp_path):
     assert "Traceback" not in result.stderr
 
     # now resolvable without any network: endpoint dead and offline mode on
-    probe = "from rwkv_engine.download import resolve_local; print(resolve_local('g1-0.1b'))"
+    probe = "from rwkv_engine.core.download import resolve_local; print(resolve_local('g1-0.1b'))"
     offline = subprocess.run([sys.executable, "-c", probe], env=_env(_dead_endpoint(), hf_home, HF_HUB_OFFLINE="1"),
                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert offline.returncode == 0, offline.stderr
@@ -215,7 +215,7 @@ def test_progress_bar_on_a_terminal_and_quiet_hides_it(hub, tmp_path):
         controller, terminal = pty.openpty()
         fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm needs a width
         try:
-            proc = subprocess.run([sys.executable, "-m", "rwkv_engine.download", *args], stdout=subprocess.PIPE,
+            proc = subprocess.run([sys.executable, "-m", "rwkv_engine.cli.download", *args], stdout=subprocess.PIPE,
                                   stderr=terminal, env=_env(hub.url, hf_home), timeout=SUBPROCESS_TIMEOUT)
         finally:
             os.close(terminal)

@@ -1,4 +1,4 @@
-"""The CUDA/HIP WKV-7 kernel against rwkv_engine.wkv.wkv7_reference (skipped without a GPU).
+"""The CUDA/HIP WKV-7 kernel against rwkv_engine.core.wkv.wkv7_reference (skipped without a GPU).
 
 fp16/bf16 (and fp32) inputs, batch 1 and 8, prefill and one-step decode, state
 carried across calls, in-place use inside a captured CUDA graph.
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_engine import kernel_loader
-from rwkv_engine.wkv import wkv7_reference
+from rwkv_engine.core import kernel_loader
+from rwkv_engine.core.wkv import wkv7_reference
 
 pytestmark = [
     pytest.mark.gpu,

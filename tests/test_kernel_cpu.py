@@ -1,4 +1,4 @@
-"""The compiled CPU WKV-7 kernel against rwkv_engine.wkv.wkv7_reference, and the
+"""The compiled CPU WKV-7 kernel against rwkv_engine.core.wkv.wkv7_reference, and the
 loader's contract (disable switch, memoized failure with one warning, 0700 dirs)."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from rwkv_engine import kernel_loader
-from rwkv_engine.wkv import wkv7_reference
+from rwkv_engine.core import kernel_loader
+from rwkv_engine.core.errors import one_line
+from rwkv_engine.core.wkv import wkv7_reference
 
 N = 64
 
@@ -110,7 +111,7 @@ def test_bad_shapes_raise_one_line_errors(cpu_kernel):
 
 
 def test_wkv7_dispatch_uses_the_kernel(cpu_kernel):
-    from rwkv_engine import wkv
+    from rwkv_engine.core import wkv
     args = make_inputs(1, 5, 2, seed=2)
     y_ref, s_ref = wkv7_reference(*args)
     y, s = wkv.wkv7(*args)
@@ -159,8 +160,8 @@ def test_first_error_line_picks_the_compiler_error():
         "/x/wkv7_cpu.cpp:12:3: error: 'foo' was not declared in this scope\n"
         "   12 |   foo();\n"
         "ninja: build stopped: subcommand failed.\n")
-    assert kernel_loader.first_error_line(exc) == "/x/wkv7_cpu.cpp:12:3: error: 'foo' was not declared in this scope"
-    assert kernel_loader.first_error_line(OSError("CUDA_HOME environment variable is not set")) == \
+    assert one_line(exc) == "/x/wkv7_cpu.cpp:12:3: error: 'foo' was not declared in this scope"
+    assert one_line(OSError("CUDA_HOME environment variable is not set")) == \
         "CUDA_HOME environment variable is not set"
 
 

@@ -5,9 +5,9 @@
 - the torch binding: `c++ -fsyntax-only` against the installed torch headers
 - the GPU kernels' logic: each .cu/.hip is compiled as host C++ against tiny shim
   headers (a block = 64 std::threads with a std::barrier as __syncthreads) and run
-  against rwkv_engine.wkv.wkv7_reference - indexing, barriers and the state
+  against rwkv_engine.core.wkv.wkv7_reference - indexing, barriers and the state
   transposition get checked on machines without a GPU.
-- the CPU kernel : a fresh JIT build through rwkv_engine.kernel_loader in a
+- the CPU kernel : a fresh JIT build through rwkv_engine.core.kernel_loader in a
   subprocess (own cache dir), checking the progress hook and 0700 directories.
 Each test skips when its compiler is missing.
 """
@@ -96,7 +96,7 @@ def test_cpu_kernel_fresh_jit_build(tmp_path):
     script = textwrap.dedent("""
         import stat, sys, warnings
         warnings.simplefilter("error")
-        from rwkv_engine import kernel_loader
+        from rwkv_engine.core import kernel_loader
         assert "torch.utils.cpp_extension" not in sys.modules
         import torch
         messages = []
@@ -123,7 +123,7 @@ def test_cpu_kernel_fresh_jit_build(tmp_path):
 
 
 def test_importing_the_loader_is_light():
-    script = ("import sys; import rwkv_engine.kernel_loader; "
+    script = ("import sys; import rwkv_engine.core.kernel_loader; "
               "heavy = [m for m in ('torch', 'torch.utils.cpp_extension') if m in sys.modules]; "
               "assert not heavy, heavy")
     proc = _run([sys.executable, "-c", script])
@@ -210,7 +210,7 @@ def test_gpu_kernel_logic_in_host_emulation(source, tmp_path):
 
     import torch
 
-    from rwkv_engine.wkv import wkv7_reference
+    from rwkv_engine.core.wkv import wkv7_reference
     from test_kernel_cpu import make_inputs
 
     cxx = os.environ.get("CXX", "c++")

@@ -1,7 +1,7 @@
 """Batching, prefill/decode equivalence, state value semantics, forking."""
 import torch
 
-from rwkv_engine.state import State
+from rwkv_engine.core.state import State
 from rwkv_engine.tokenizer import encode
 
 SEQS = ["def f(x):\n    return x * 2\n", "#include <stdio.h>\nint main(void) {\n",

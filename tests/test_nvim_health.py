@@ -133,7 +133,7 @@ def test_setup_accepts_a_full_valid_table(nvim_session):
 def test_lua_engine_options_match_engine_config(nvim_session):
     from dataclasses import MISSING, fields
 
-    from rwkv_engine.config import EngineConfig
+    from rwkv_engine.pipeline.config import EngineConfig
 
     s = nvim_session(manifest=False)
     lua_types = s.lua("return require('rwkv.config').engine_types")
@@ -148,7 +148,7 @@ def test_lua_engine_options_match_engine_config(nvim_session):
 def test_help_documents_every_command_key_and_option(nvim_session):
     from dataclasses import fields
 
-    from rwkv_engine.config import EngineConfig
+    from rwkv_engine.pipeline.config import EngineConfig
 
     doc = (REPO / "doc" / "rwkv.txt").read_text()
     s = nvim_session(manifest=False)
@@ -183,7 +183,7 @@ def test_help_tags_build(tmp_path):
 
 def test_rplugin_entry_is_light():
     code = ("import sys; sys.path.insert(0, 'rplugin/python3'); import rwkv_nvim; "
-            "heavy = [m for m in ('torch', 'numpy', 'rwkv_engine.service', 'rwkv_engine.model') "
+            "heavy = [m for m in ('torch', 'numpy', 'rwkv_engine.pipeline.service', 'rwkv_engine.core.model') "
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -255,7 +255,7 @@ def test_bridge_reports_a_bad_engine_option_once():
 
 
 def test_bridge_forwards_service_callbacks_only_through_async_call(monkeypatch):
-    import rwkv_engine.service as service_mod
+    import rwkv_engine.pipeline.service as service_mod
 
     class FakeService:
         def __init__(self, config, on_event=None):
@@ -304,10 +304,10 @@ assert importlib.util.find_spec("rwkv_engine") is None, "could not hide the inst
 sys.path.insert(0, {str(REPO / "rplugin" / "python3")!r})
 from rwkv_nvim.bridge import import_engine
 import_engine()
-from rwkv_engine.config import EngineConfig
+from rwkv_engine.pipeline.config import EngineConfig
 import rwkv_engine
 print(rwkv_engine.__file__, EngineConfig.__module__)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(REPO / "engine" / "__init__.py"), "rwkv_engine.config"]
+    assert out.stdout.split() == [str(REPO / "engine" / "__init__.py"), "rwkv_engine.pipeline.config"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_engine.context_ring import ContextRing
-from rwkv_engine.prompt_layout import (CHUNK_HEADER, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, LineTokenizer,
+from rwkv_engine.pipeline.context_ring import ContextRing
+from rwkv_engine.pipeline.prompt_layout import (CHUNK_HEADER, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, LineTokenizer,
                                        PromptBuilder, split_at_byte_col, window_split)
 from rwkv_engine.tokenizer import WorldTokenizer
 

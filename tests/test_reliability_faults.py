@@ -50,7 +50,7 @@ def _bad_model(kind, tmp_path, tiny_model_path):
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "not_rwkv7", "wrong_vocab"])
 def test_unusable_model_gives_one_clear_error_and_requests_still_answer(kind, tmp_path, tiny_model_path):
-    from rwkv_engine.service import CompletionService
+    from rwkv_engine.pipeline.service import CompletionService
     path = _bad_model(kind, tmp_path, tiny_model_path)
     rec = Recorder()
     svc = CompletionService(fast_config(tmp_path, model=str(path)), on_event=rec.on_event)
@@ -70,7 +70,7 @@ def test_unusable_model_gives_one_clear_error_and_requests_still_answer(kind, tm
 # -- CUDA absent / out of memory ----------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without CUDA")
 def test_cuda_requested_without_cuda_falls_back_to_cpu_with_one_notice(tmp_path, tiny_model_path):
-    from rwkv_engine.service import CompletionService
+    from rwkv_engine.pipeline.service import CompletionService
     rec = Recorder()
     svc = CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cuda"), on_event=rec.on_event)
     svc.start()
@@ -109,7 +109,7 @@ OOM_ERRORS = [torch.cuda.OutOfMemoryError, RuntimeError]
 
 @pytest.mark.parametrize("exc", OOM_ERRORS, ids=["OutOfMemoryError", "RuntimeError"])
 def test_out_of_memory_retries_with_fewer_candidates(exc, tmp_path, tiny_model):
-    from rwkv_engine.service import CompletionService
+    from rwkv_engine.pipeline.service import CompletionService
     model = OomModel(tiny_model, lambda t: t.shape[0] > 1, exc)       # only batched decode fails
     rec = Recorder()
     svc = CompletionService(fast_config(tmp_path, candidates=4), on_event=rec.on_event, model=model)
@@ -129,7 +129,7 @@ def test_out_of_memory_retries_with_fewer_candidates(exc, tmp_path, tiny_model):
 
 @pytest.mark.parametrize("exc", OOM_ERRORS, ids=["OutOfMemoryError", "RuntimeError"])
 def test_out_of_memory_on_the_gpu_falls_back_to_cpu_with_one_notice(exc, tmp_path, tiny_model, tiny_model_path):
-    from rwkv_engine.service import CompletionService
+    from rwkv_engine.pipeline.service import CompletionService
     # a "GPU" model (meta device: no tensor is ever made on it) that is always out of memory
     model = OomModel(tiny_model, lambda t: True, exc, device="meta")
     rec = Recorder()
@@ -155,8 +155,8 @@ KERNEL_PROBE = r"""
 import sys, threading, warnings, torch
 warnings.simplefilter("always")
 import rwkv_engine
-from rwkv_engine.config import EngineConfig
-from rwkv_engine.service import CompletionService
+from rwkv_engine.pipeline.config import EngineConfig
+from rwkv_engine.pipeline.service import CompletionService
 path = sys.argv[1]
 events = []
 ready = threading.Event()
@@ -249,7 +249,7 @@ def test_unwritable_disk_cache_one_warning_and_suggestions_continue(tmp_path, ti
 
 def test_corrupted_disk_cache_files_one_warning_then_misses(tmp_path, tiny_model):
     from rwkv_nvim.bridge import Bridge
-    from rwkv_engine.state_cache import Snapshot, StateCache
+    from rwkv_engine.pipeline.state_cache import Snapshot, StateCache
     nv = FakeNvim()
     bridge = Bridge(nv)                     # forwards engine warnings to Lua
     try:

@@ -34,8 +34,8 @@ def ui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builder():
-    from rwkv_engine.config import EngineConfig
-    from rwkv_engine.prompt_layout import PromptBuilder
+    from rwkv_engine.pipeline.config import EngineConfig
+    from rwkv_engine.pipeline.prompt_layout import PromptBuilder
     from rwkv_engine.tokenizer import WorldTokenizer
     return PromptBuilder(EngineConfig(), WorldTokenizer.default())
 

@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from rwkv_engine.sampler import Sampler, SamplingParams
+from rwkv_engine.core.sampler import Sampler, SamplingParams
 
 
 def _logits(B=3, V=50, seed=0):

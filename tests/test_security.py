@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from rwkv_engine.checkpoint import CheckpointError
+from rwkv_engine.core.checkpoint import CheckpointError
 from nvim_harness import REPO, require_nvim, shared_kernel_dir, start_nvim
 from pipeline_fixtures import SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
 from reliability_helpers import SUGGEST, fresh_buffer, host_log_text, live_opts, wait_done
@@ -80,7 +80,7 @@ def _mode(p: Path) -> int:
 
 
 def test_state_disk_cache_dirs_0700_files_0600(tmp_path, tiny_model):
-    from rwkv_engine.completion import Completer
+    from rwkv_engine.pipeline.completer import Completer
     root = tmp_path / "xdg" / "deep" / "rwkv.nvim"          # missing parents are created private
     old = os.umask(0o022)
     try:
@@ -110,7 +110,7 @@ def test_kernel_cache_dirs_are_private():
 
 def test_kernel_cache_files_are_0600():
     import torch
-    from rwkv_engine.kernel_loader import get_wkv7
+    from rwkv_engine.core.kernel_loader import get_wkv7
     if get_wkv7(torch.device("cpu")) is None:
         pytest.skip("no CPU kernel can be built here")
     root = Path(shared_kernel_dir())
@@ -140,7 +140,7 @@ def no_network(monkeypatch):
 
 
 def test_loading_completing_priming_use_no_network(no_network, tmp_path, tiny_model_path):
-    from rwkv_engine.service import CompletionService
+    from rwkv_engine.pipeline.service import CompletionService
     events, done = [], threading.Event()
     results = []
     svc = CompletionService(fast_config(tmp_path, model=str(tiny_model_path)),
@@ -159,7 +159,7 @@ def test_loading_completing_priming_use_no_network(no_network, tmp_path, tiny_mo
 
 
 def test_a_model_name_not_downloaded_does_not_download(no_network, tmp_path, monkeypatch):
-    from rwkv_engine.completion import resolve_model_path
+    from rwkv_engine.pipeline.loading import resolve_model_path
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError) as ei:
         resolve_model_path(fast_config(tmp_path, model="g1-0.1b", download_dir=str(tmp_path / "dl")))

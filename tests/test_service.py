@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from rwkv_engine.service import CompletionService
+from rwkv_engine.pipeline.service import CompletionService
 
 from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
 
@@ -188,7 +188,7 @@ class BatchOomModel:
 
 
 def test_out_of_memory_in_batched_decode_lowers_the_candidate_count_once(tiny_model, tmp_path):
-    from rwkv_engine.completion import Completer
+    from rwkv_engine.pipeline.completer import Completer
     warnings = []
     c = Completer(fast_config(tmp_path, candidates=4), model=BatchOomModel(tiny_model),
                   on_warning=warnings.append)
@@ -201,7 +201,7 @@ def test_out_of_memory_in_batched_decode_lowers_the_candidate_count_once(tiny_mo
 
 # -- configuration -----------------------------------------------------------------------------
 def test_config_from_dict_coerces_lua_values_and_rejects_bad_ones():
-    from rwkv_engine.config import EngineConfig
+    from rwkv_engine.pipeline.config import EngineConfig
     cfg = EngineConfig.from_dict({"candidates": 6.0, "stop": {}, "model": None, "temperature": 1})
     assert cfg.candidates == 6 and cfg.stop == [] and cfg.model is None and cfg.temperature == 1.0
     small = EngineConfig.from_dict({"n_prefix": 10, "n_suffix": 2})
@@ -216,16 +216,17 @@ def test_config_from_dict_coerces_lua_values_and_rejects_bad_ones():
 
 
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
-    from rwkv_engine.config import EngineConfig
+    from rwkv_engine.pipeline.config import EngineConfig
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert EngineConfig().resolved_cache_dir() == tmp_path / "rwkv.nvim"
     assert EngineConfig(cache_dir=str(tmp_path / "x")).resolved_cache_dir() == tmp_path / "x"
 
 
 def test_model_resolution_errors_name_the_missing_file(monkeypatch, tmp_path):
-    from rwkv_engine import completion, download
-    from rwkv_engine.checkpoint import CheckpointError
-    from rwkv_engine.config import EngineConfig
+    from rwkv_engine.core import download
+    from rwkv_engine.pipeline import loading as completion
+    from rwkv_engine.core.checkpoint import CheckpointError
+    from rwkv_engine.pipeline.config import EngineConfig
     monkeypatch.setattr(completion, "DEFAULT_MODEL", tmp_path / "default-model.pth")
     with pytest.raises(CheckpointError, match="default-model.pth"):
         completion.resolve_model_path(EngineConfig())

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from rwkv_engine.state import State
-from rwkv_engine.state_cache import Snapshot, StateCache, chain_key, partial_keys, root_key
+from rwkv_engine.core.state import State
+from rwkv_engine.pipeline.state_cache import Snapshot, StateCache, chain_key, partial_keys, root_key
 
 from pipeline_fixtures import (SOURCE_LINES, completer_factory, make_request, one_torch_thread,  # noqa: F401
                                type_text)
@@ -93,7 +93,7 @@ def test_disk_round_trip_is_bit_exact_across_processes(tmp_path):
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_state_cache import random_snapshot
-        from rwkv_engine.state_cache import StateCache
+        from rwkv_engine.pipeline.state_cache import StateCache
         c = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, {str(d)!r})
         c.put("abc", random_snapshot(7, n_tokens=42), persist=True)
     """)
@@ -131,7 +131,7 @@ def test_corrupt_disk_entries_are_ignored_and_rebuilt(tmp_path, damage):
 
 
 def test_disk_budget_evicts_least_recently_used_files(tmp_path):
-    size = len(__import__("rwkv_engine.state_cache", fromlist=["x"]).encode_snapshot(
+    size = len(__import__("rwkv_engine.pipeline.state_cache", fromlist=["x"]).encode_snapshot(
         "k0", "model-x", random_snapshot(0)))
     cache = disk_cache(tmp_path, budget=int(2.5 * size))
     for i in range(4):
@@ -159,7 +159,7 @@ def test_typing_on_one_line_refeeds_at_most_8_tokens_per_keystroke(completer_fac
 
 
 def test_moving_one_line_refeeds_no_more_than_the_near_window(completer_factory):
-    from rwkv_engine.prompt_layout import window_split
+    from rwkv_engine.pipeline.prompt_layout import window_split
     c = completer_factory(candidates=1, max_tokens=1, n_prefix=40, near_prefix=8, near_suffix=4)
     enc = c.builder.lines.encode
     prev_split = None

@@ -227,7 +227,7 @@ def test_rwkv_reference_package_gives_training_logits(trained, tmp_path):
 
 
 def test_eval_tasks_and_baselines(tmp_path):
-    from rwkv_engine.evaluate import make_tasks
+    from rwkv_engine.cli.evaluate import make_tasks
 
     src = tmp_path / "a.py"
     src.write_text("x = 1\nx = 1\n\ny = 2\nz = 3\n")
@@ -240,7 +240,7 @@ def test_eval_tasks_and_baselines(tmp_path):
 
 def test_eval_runs_on_tiny_checkpoint(trained, tiny_data):
     from rwkv_engine import load_model
-    from rwkv_engine.evaluate import evaluate, make_tasks
+    from rwkv_engine.cli.evaluate import evaluate, make_tasks
 
     _, _, path, _ = trained
     record = tiny_data[4]

@@ -7,7 +7,7 @@ per language by a byte budget, tokenized LINE BY LINE (each line with its "\n" o
 its own, as the completion pipeline does) with a trimmed World vocabulary chosen
 by token frequency on the training files.
 
-Samples mirror ``rwkv_engine.prompt_layout.PromptBuilder``:
+Samples mirror ``rwkv_engine.pipeline.prompt_layout.PromptBuilder``:
 
     [0] [chunks: "✿file✿{name}\n" + lines] [far prefix lines]
     ✿prefix✿✿suffix✿ {line_suffix}\n {near suffix lines} ✿middle✿ {near prefix lines}{line_prefix}

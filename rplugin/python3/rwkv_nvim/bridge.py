@@ -4,7 +4,7 @@ Rules kept here:
 - The nvim API is touched only from the pynvim event loop. Service callbacks arrive on
   the worker thread and are forwarded with ``nvim.async_call`` (thread-safe) to Lua
   (``require('rwkv.suggest').on_partial/on_done``, ``require('rwkv').on_event``).
-- ``rwkv_engine.service`` (torch) is imported lazily, on a background thread, the first
+- ``rwkv_engine.pipeline.service`` (torch) is imported lazily, on a background thread, the first
   time the engine starts, so host start and :UpdateRemotePlugins stay fast.
 - Nothing raises into pynvim (it would print a traceback while the user types): errors
   become one line in the "error" event.
@@ -159,7 +159,7 @@ class Bridge:
     def __init__(self, nvim) -> None:
         self.nvim = nvim
         self._lock = threading.Lock()
-        self._service = None          # rwkv_engine.service.CompletionService, once started
+        self._service = None          # rwkv_engine.pipeline.service.CompletionService, once started
         self._options: Optional[dict] = None   # engine options of the running/starting service
         self._starting = False
         self._error: Optional[str] = None
@@ -236,8 +236,8 @@ class Bridge:
             if old is not None:
                 old.close()
             import_engine()
-            from rwkv_engine.config import EngineConfig
-            from rwkv_engine.service import CompletionService
+            from rwkv_engine.pipeline.config import EngineConfig
+            from rwkv_engine.pipeline.service import CompletionService
 
             config = EngineConfig.from_dict(options)
             service = CompletionService(config, on_event=self.event)
@@ -345,7 +345,7 @@ class Bridge:
     def _download_thread(self, name: str) -> None:
         try:
             import_engine()
-            from rwkv_engine.download import DownloadError, download
+            from rwkv_engine.core.download import DownloadError, download
         except Exception as exc:
             self.event("download", {"ok": False, "message": f"download unavailable: {one_line(exc)}"})
             return

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import one_line
 from .private_fs import make_private_dir, make_tree_private
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ _errors: dict[str, str] = {}
 def kernels_source_dir() -> Path:
     """The directory with the kernel sources (``kernels/`` of the repository)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels", here.parent / "kernels"):
+    for candidate in (here / "kernels", here.parent / "kernels", here.parent.parent / "kernels"):
         if (candidate / "wkv7_cpu.cpp").is_file():
             return candidate
     raise FileNotFoundError(f"WKV-7 kernel sources not found next to {here}")
@@ -217,16 +218,6 @@ def _clear_stale_lock(build_dir: Path) -> None:
             log.info("removed stale kernel build lock %s", lock)
     except FileNotFoundError:
         pass
-
-
-def first_error_line(exc: BaseException) -> str:
-    """The most telling line of a build failure: the first compiler ``error`` line."""
-    text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if re.search(r"\berror\b", ln, re.IGNORECASE) and not ln.startswith(("Error building", "FAILED:")):
-            return ln[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _build_digest(spec: KernelSpec, sources: list[str]) -> str:
@@ -362,7 +353,7 @@ def get_wkv7(device, progress: Optional[ProgressFn] = None) -> Optional[WKV7Kern
         try:
             kernel: Optional[WKV7Kernel] = _build(backend, progress)
         except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the reference"
-            reason = first_error_line(exc)
+            reason = one_line(exc)
             _errors[backend] = reason
             kernel = None
             warnings.warn(f"rwkv.nvim: WKV-7 {backend} kernel unavailable, using the slower torch "

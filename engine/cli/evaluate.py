@@ -3,7 +3,8 @@
 Task: the cursor at the start of a non-blank line whose text was removed (the line is
 left empty); the prompt is the completion pipeline's FIM layout (PromptBuilder: far
 prefix, ``✿prefix✿✿suffix✿`` near suffix ``✿middle✿`` near prefix). The model decodes
-a greedy candidate and N sampled candidates (State.fork + Sampler, batched); a task
+a greedy candidate and N sampled candidates with the plugin's own candidate decoder
+(``pipeline.candidates.decode_candidates``, what users get); a task
 passes when the first line of a candidate, right-stripped, equals the removed line.
 
 Reported: pass@1 (greedy), pass@N (any of the N sampled), pass@1+N (greedy or any
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-DEFAULT_MODEL = Path(__file__).with_name("data") / "default-model.pth"
+from ..pipeline.loading import DEFAULT_MODEL
+
 
 
 @dataclass
@@ -63,31 +65,14 @@ def make_tasks(paths: Sequence[str], n_tasks: int, seed: int, near_suffix: int =
     return tasks
 
 
-def _decode_first_lines(model, state, logits, sampler, max_tokens: int) -> List[str]:
-    """Decode every row of ``state`` until it has a full first line (or token 0)."""
-    import torch
+def _first_lines(model, state, logits, n: int, params, seeds, max_tokens: int) -> List[str]:
+    """First lines of ``n`` candidates decoded by the plugin's own decoder
+    (``pipeline.candidates.decode_candidates``: same sampler, stops and streaming)."""
+    from ..pipeline.candidates import StopRules, decode_candidates
 
-    B = state.batch
-    tok = model.tokenizer
-    streams = [tok.stream() for _ in range(B)]
-    texts = [""] * B
-    done = [False] * B
-    for _ in range(max_tokens):
-        tokens, _ = sampler.sample(logits)                    # [B]
-        for b in range(B):
-            if done[b]:
-                continue
-            t = int(tokens[b])
-            if t == 0:
-                done[b] = True
-                continue
-            texts[b] += streams[b].feed(t)
-            if "\n" in texts[b]:
-                done[b] = True
-        if all(done):
-            break
-        logits, state = model.forward(tokens[:, None].to(torch.long), state)
-    return [t.split("\n")[0].rstrip() for t in texts]
+    rows = decode_candidates(model, state, logits, n, params, seeds,
+                             StopRules(max_tokens=max_tokens, max_lines=1))
+    return [r.text.split("\n")[0].rstrip() for r in rows]
 
 
 def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: int = 48,
@@ -95,9 +80,9 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
     """Run the tasks; returns the metrics dict (fractions in 0..1)."""
     import torch
 
-    from .config import EngineConfig
-    from .prompt_layout import PromptBuilder
-    from .sampler import Sampler, SamplingParams
+    from ..core.sampler import SamplingParams
+    from ..pipeline.config import EngineConfig
+    from ..pipeline.prompt_layout import PromptBuilder
 
     cfg = EngineConfig(n_prefix=n_prefix)
     builder = PromptBuilder(cfg, model.tokenizer)
@@ -116,11 +101,9 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
         ids = prompt.tokens()
         prompt_tokens += len(ids)
         logits, state = model.forward(torch.tensor([ids]), model.new_state(1))
-        greedy = _decode_first_lines(model, state, logits, Sampler(greedy_params, 1, logits.shape[-1]),
-                                     max_tokens)[0]
+        greedy = _first_lines(model, state, logits, 1, greedy_params, [0], max_tokens)[0]
         seeds = [seed * 1000003 + i * 101 + j for j in range(n_samples)]
-        sampled = _decode_first_lines(model, state.fork(n_samples), logits.expand(n_samples, -1).contiguous(),
-                                      Sampler(sampled_params, n_samples, logits.shape[-1], seeds), max_tokens)
+        sampled = _first_lines(model, state, logits, n_samples, sampled_params, seeds, max_tokens)
         hits["pass@1"] += greedy == task.target
         hits[f"pass@{n_samples}"] += task.target in sampled
         hits[f"pass@1+{n_samples}"] += greedy == task.target or task.target in sampled
@@ -169,7 +152,7 @@ def _record_path(model_path: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import load_model
+    from .. import load_model
 
     torch.set_num_threads(args.threads)
     record_path = _record_path(args.model)

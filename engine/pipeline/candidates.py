@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .prompt_layout import indent_width
-from .sampler import Sampler, SamplingParams
+from ..core.sampler import Sampler, SamplingParams
 
 EOS = 0
 

@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .private_fs import make_private_dir
-from .state import State
+from ..core.private_fs import make_private_dir
+from ..core.state import State
 
 log = logging.getLogger("rwkv_engine")
 

@@ -12,7 +12,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from dataclasses import asdict
 
-    from .checkpoint import load_checkpoint
+    from ..core.checkpoint import load_checkpoint
 
     path, sd, shape, world_ids = load_checkpoint(args.model)
     params = sum(t.numel() for k, t in sd.items() if k != "vocab.world_ids")

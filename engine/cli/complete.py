@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .config import EngineConfig
+    from ..pipeline.config import EngineConfig
     opts = {"model": args.model, "device": args.device}
     for name in ("candidates", "max_tokens", "temperature", "seed", "time_budget_ms", "cache_dir"):
         v = getattr(args, name, None)
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"rwkv-nvim complete: {e}", file=sys.stderr)
         return 2
-    from .checkpoint import CheckpointError
-    from .completion import Completer
+    from ..core.checkpoint import CheckpointError
+    from ..pipeline.completer import Completer
     try:
         completer = Completer(config)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:

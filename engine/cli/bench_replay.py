@@ -68,8 +68,8 @@ class _Session:
 
 
 def replay(model, path: Optional[str] = None, n_lines: int = 6, config=None) -> dict:
-    from .completion import Completer
-    from .config import EngineConfig
+    from ..pipeline.completer import Completer
+    from ..pipeline.config import EngineConfig
 
     path = path or default_replay_file()
     with open(path, encoding="utf-8", errors="replace") as fh:

@@ -139,9 +139,9 @@ def _machine(device) -> dict:
 def run(args) -> int:
     import torch
 
-    from . import load_model
-    from .completion import cpu_threads, resolve_model_path
-    from .config import EngineConfig
+    from .. import load_model
+    from ..pipeline.loading import cpu_threads, resolve_model_path
+    from ..pipeline.config import EngineConfig
 
     path = resolve_model_path(EngineConfig(model=args.model))
     model = load_model(path, device=args.device, dtype=args.dtype)

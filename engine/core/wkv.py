@@ -8,7 +8,6 @@ b = kk * a_gate in the model. Shapes: state [B, H, N, N] fp32; r, w, k, v, a, b
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -45,12 +44,8 @@ def _kernel_for(device: torch.device):
     key = device.type
     if key not in _KERNELS:
         fn = None
-        if os.environ.get("RWKV_NVIM_NO_KERNEL") != "1":
-            try:
-                from .kernel_loader import get_wkv7
-            except ImportError:
-                get_wkv7 = None
-            if get_wkv7 is not None:
-                fn = get_wkv7(device)
+        from .kernel_loader import get_wkv7, kernels_disabled
+        if not kernels_disabled():
+            fn = get_wkv7(device)
         _KERNELS[key] = fn
     return _KERNELS[key]

@@ -18,14 +18,14 @@ No torch here: importing this module is cheap enough for the CLI and the plugin.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
+
+from .errors import one_line
 
 DEFAULT_REPO = "BlinkDL/rwkv7-g1"
 KNOWN_SHORT_NAMES = ("g1-0.1b", "g1-0.4b", "g1-1.5b", "g1-2.9b", "g1-7.2b")
@@ -131,11 +131,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
 def _endpoint() -> str:
     from huggingface_hub import constants
     return constants.ENDPOINT
@@ -152,7 +147,7 @@ def _translate(exc: Exception, what: str) -> DownloadError:
     transport = _transport_errors()
     for e in chain:
         if isinstance(e, transport) and not isinstance(e, hf.HfHubHTTPError):
-            reason = _one_line(str(e)) or type(e).__name__
+            reason = one_line(str(e)) or type(e).__name__
             return HubUnreachableError(
                 f"cannot reach Hugging Face ({endpoint}): {reason}; check your network or set HF_ENDPOINT"
             )
@@ -168,7 +163,7 @@ def _translate(exc: Exception, what: str) -> DownloadError:
             status = getattr(response, "status_code", "?")
             url = getattr(getattr(response, "request", None), "url", endpoint)
             return DownloadError(f"cannot {what}: HTTP {status} from {url}")
-    return DownloadError(f"cannot {what}: {_one_line(str(exc)) or type(exc).__name__}")
+    return DownloadError(f"cannot {what}: {one_line(str(exc)) or type(exc).__name__}")
 
 
 @contextlib.contextmanager
@@ -281,63 +276,3 @@ def resolve_local(name: str, local_dir: Optional[str | Path] = None,
     except DownloadError:
         return None
     return found[filename]
-
-
-# -- CLI hooks (wired into `rwkv-nvim download` by rwkv_engine.cli) ----------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", metavar="NAME",
-                        help=f"short name ({', '.join(KNOWN_SHORT_NAMES)}) or an exact .pth file name")
-    parser.add_argument("--dir", metavar="DIR", default=None,
-                        help="store the file in DIR instead of the Hugging Face cache")
-    parser.add_argument("--list", action="store_true",
-                        help=f"list the models available in {DEFAULT_REPO} and exit")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
-
-
-def _quiet_hub_logging() -> None:
-    # huggingface_hub logs retry/resume warnings; the user gets our one line instead
-    from huggingface_hub.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-
-
-def run(args: argparse.Namespace) -> int:
-    """`rwkv-nvim download`: print the local path (or the list) on stdout; 0 on success.
-    On failure print one line to stderr and return 1."""
-    quiet = getattr(args, "quiet", False)
-    try:
-        _quiet_hub_logging()
-        if quiet:
-            log.setLevel(logging.ERROR)
-        if getattr(args, "list", False):
-            files = list_models()
-            aliases = {f: s for s, f in short_names_of(files).items()}
-            for f in files:
-                print(f"{f}\t{aliases[f]}" if f in aliases else f)
-            return 0
-        if not args.name:
-            raise DownloadError(f"give a model NAME ({', '.join(KNOWN_SHORT_NAMES)}) or --list")
-        if not _plausible_name(args.name):
-            raise _unknown(args.name, ())
-        if not quiet:
-            print(f"rwkv-nvim: fetching {args.name} from {_endpoint()} ...", file=sys.stderr, flush=True)
-        path = download(args.name, local_dir=args.dir, progress=not quiet)
-        print(path)
-        return 0
-    except DownloadError as exc:
-        print(f"rwkv-nvim download: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rwkv-nvim download: interrupted", file=sys.stderr)
-        return 130
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m rwkv_engine.download NAME` (same as `rwkv-nvim download NAME`)."""
-    parser = argparse.ArgumentParser(prog="rwkv-nvim download",
-                                     description="Download an RWKV-7 G1 model from Hugging Face.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

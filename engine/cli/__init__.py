@@ -8,11 +8,11 @@ from typing import List, Optional
 
 # name -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS = {
-    "complete": ("rwkv_engine.complete_cmd", "complete a file at a cursor position and print the candidates"),
-    "bench": ("rwkv_engine.bench", "benchmark prefill, decode and a keystroke replay against the rwkv package"),
-    "download": ("rwkv_engine.download", "download an official RWKV-7 model (e.g. g1-0.1b) from Hugging Face"),
-    "eval": ("rwkv_engine.evaluate", "evaluate a model on held-out fill-in-the-middle line tasks"),
-    "info": ("rwkv_engine.info_cmd", "show a model's shape, vocabulary and state size"),
+    "complete": ("rwkv_engine.cli.complete", "complete a file at a cursor position and print the candidates"),
+    "bench": ("rwkv_engine.cli.bench", "benchmark prefill, decode and a keystroke replay against the rwkv package"),
+    "download": ("rwkv_engine.cli.download", "download an official RWKV-7 model (e.g. g1-0.1b) from Hugging Face"),
+    "eval": ("rwkv_engine.cli.evaluate", "evaluate a model on held-out fill-in-the-middle line tasks"),
+    "info": ("rwkv_engine.cli.info", "show a model's shape, vocabulary and state size"),
 }
 
 
@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("rwkv-nvim: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line, never a traceback, for expected failures
-        from .checkpoint import CheckpointError
+        from ..core.checkpoint import CheckpointError
         if isinstance(e, (CheckpointError, FileNotFoundError, ValueError, RuntimeError)):
             print(f"rwkv-nvim {args.command}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                   file=sys.stderr)

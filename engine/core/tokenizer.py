@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-VOCAB_FILE = Path(__file__).with_name("data") / "rwkv_vocab_v20230424.txt"
+VOCAB_FILE = Path(__file__).resolve().parent.parent / "data" / "rwkv_vocab_v20230424.txt"
 END_OF_TEXT = 0
 WORLD_VOCAB_SIZE = 65536  # output size of World-vocabulary models
 _ID_KEY = 256  # trie node key holding the token id (child keys are bytes 0..255)

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
+from ..core.errors import one_line
 from .config import EngineConfig
 
 log = logging.getLogger("rwkv_engine")
@@ -128,10 +129,10 @@ class CompletionService:
         self._emit("loading", {"model": name})
         t0 = time.perf_counter()
         try:
-            from .completion import Completer
+            from .completer import Completer
             self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
-            msg = _one_line(e)
+            msg = one_line(e)
             with self._cv:
                 self._status["error"] = msg
             self._emit("error", {"message": msg})
@@ -157,7 +158,7 @@ class CompletionService:
         if not getattr(model, "use_kernel", False):
             return
         try:
-            from .kernel_loader import backend_for, get_wkv7, kernel_status, kernels_disabled
+            from ..core.kernel_loader import backend_for, get_wkv7, kernel_status, kernels_disabled
             if kernels_disabled() or model.device.type == "meta":
                 return
             kernel = get_wkv7(model.device, progress=lambda msg: self._emit("progress", {"message": msg}))
@@ -166,7 +167,7 @@ class CompletionService:
                 self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: "
                               f"{failed[len('failed: '):]}")
         except Exception as e:                          # never fatal: the reference path works
-            self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: {_one_line(e)}")
+            self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: {one_line(e)}")
 
     def _run(self) -> None:
         try:
@@ -174,8 +175,8 @@ class CompletionService:
         except Exception as e:                          # never leave the caller waiting silently
             log.exception("rwkv.nvim: engine start failed")
             with self._cv:
-                self._status["error"] = _one_line(e)
-            self._emit("error", {"message": _one_line(e)})
+                self._status["error"] = one_line(e)
+            self._emit("error", {"message": one_line(e)})
         while True:
             with self._cv:
                 while not (self._closing or self._pending or self._chunks or self._accepts
@@ -190,7 +191,7 @@ class CompletionService:
                 self._work(chunks, accepts, job)
             except Exception as e:                      # never let the worker die silently
                 log.exception("rwkv.nvim: engine error")
-                self._emit("error", {"message": _one_line(e)})
+                self._emit("error", {"message": one_line(e)})
 
     def _work(self, chunks, accepts, job) -> None:
         c = self._completer
@@ -250,11 +251,11 @@ class CompletionService:
         try:
             return c.complete(request, on_partial=partial, should_stop=superseded)
         except ValueError as e:                         # a malformed request
-            return {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
+            return {"id": rid, "candidates": [], "stats": {}, "error": one_line(e)}
         except Exception as e:                          # engine failure (e.g. out of memory)
             log.exception("rwkv.nvim: request %s failed", rid)
-            self._emit("error", {"message": _one_line(e)})
-            return {"id": rid, "candidates": [], "stats": {}, "error": _one_line(e)}
+            self._emit("error", {"message": one_line(e)})
+            return {"id": rid, "candidates": [], "stats": {}, "error": one_line(e)}
 
     def _prime(self, c) -> None:
         def interrupted() -> bool:
@@ -268,7 +269,3 @@ class CompletionService:
         with self._cv:
             self._status["cache"] = c.cache_stats()
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -1,0 +1,1 @@
+"""The model and nothing about editing (no imports of pipeline or cli)."""

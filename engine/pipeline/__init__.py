@@ -1,0 +1,1 @@
+"""From a completion request to ranked candidates (imports core, never cli)."""

@@ -1,0 +1,201 @@
+"""Synchronous completion pipeline: one request in, ranked candidates + stats out.
+
+``Completer`` owns the model, the state cache, the context ring and the prompt
+builder, and puts the jobs of its helpers in order. Per request:
+
+    build prompt (prompt_layout) -> speculative state after an accept (speculation)
+    or resume + prefill the rest (prefill) -> fork into N rows and decode with stops
+    (candidates) -> rank -> stats
+
+Out-of-memory policy and model loading live in ``loading``. It is single-threaded;
+``service.CompletionService`` runs it on a worker thread, and ``rwkv-nvim complete`` /
+``bench`` drive it directly. ``should_stop`` is polled between prefill pieces and
+decode steps; a stopped request returns None and keeps every checkpoint it reached.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable, Optional
+
+from ..core.sampler import SamplingParams
+from .candidates import StopRules, decode_candidates, rank_candidates
+from .config import EngineConfig
+from .context_ring import ContextRing
+from .loading import OutOfMemory, free_gpu_memory, load_configured_model, load_on_cpu, out_of_memory_as, say
+from .prefill import Prefiller, ShouldStop
+from .prompt_layout import Prompt, PromptBuilder, Segment
+from .speculation import LastRequest, Speculator
+from .state_cache import StateCache
+
+
+class Completer:
+    """Owns model + state cache + context ring; does one request at a time."""
+
+    def __init__(self, config: Optional[EngineConfig] = None, model=None,
+                 on_warning: Optional[Callable[[str], None]] = None):
+        """``on_warning(message)`` receives one-line notices (CPU fallback, fewer candidates
+        after running out of memory); without it they go to the log."""
+        self.config = config if config is not None else EngineConfig()
+        self.on_warning = on_warning
+        cfg = self.config
+        self.ring = ContextRing(cfg.ring_n_chunks, cfg.ring_chunk_size, cfg.ring_queue)
+        self._use_model(model if model is not None else load_configured_model(cfg, on_warning))
+        self.last_stats: dict = {}
+        self.last_prime: dict = {}
+
+    def _use_model(self, model) -> None:
+        """(Re)build everything that depends on the model (its cache keys name it)."""
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.builder = PromptBuilder(self.config, self.tokenizer)
+        self.cache = StateCache.from_config(self.config, model.model_id, model.device)
+        self.prefiller = Prefiller(model, self.cache, self.config.prefill_chunk)
+        self.speculator = Speculator(self.prefiller)
+        self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
+        self._last: Optional[LastRequest] = None
+        self.rows = self.config.candidates        # candidates decoded together (lowered on OOM)
+
+    # -- public API --------------------------------------------------------------------
+    def add_chunk(self, text: str, filename: str = "") -> bool:
+        """Queue an extra-context chunk (moved into the ring by ``prime_step``)."""
+        return self.ring.add(text, filename)
+
+    def cache_stats(self) -> dict:
+        s = self.cache.stats()
+        s["ring"] = {"chunks": len(self.ring.chunks), "queued": len(self.ring.queue)}
+        s["line_cache"] = {"hits": self.builder.lines.hits, "misses": self.builder.lines.misses}
+        return s
+
+    def build_prompt(self, request: dict) -> Prompt:
+        """The prompt ``complete`` would use now (evicts ring chunks too similar to the cursor)."""
+        self.ring.evict_similar(self.builder.around_cursor(request))
+        return self.builder.build(request, list(self.ring.chunks))
+
+    def complete(self, request: dict, on_partial: Optional[Callable[[str], None]] = None,
+                 should_stop: ShouldStop = None) -> Optional[dict]:
+        """Candidates for ``request`` ({lines, first, row, col, ...}); None if stopped."""
+        return self._with_memory_policy(lambda: self._complete(request, on_partial, should_stop))
+
+    def prime_step(self, should_stop: ShouldStop = None) -> bool:
+        """One unit of idle work: move a queued chunk into the ring and prefill the ring's
+        checkpoints, then the last request's prompt. True = did work (call again)."""
+        return self._with_memory_policy(lambda: self._prime_step(should_stop))
+
+    def accept(self, request_id, text: str) -> bool:
+        """The user accepted ``text`` of the last request: the next request that shows
+        exactly that buffer continues from the state after the accepted tokens."""
+        last = self._last
+        if last is None or not text or (request_id is not None and last.id is not None
+                                        and request_id != last.id):
+            return False
+        self.speculator.after_accept(last, text, self.tokenizer)
+        return True
+
+    # -- steps ---------------------------------------------------------------------------
+    def _with_memory_policy(self, run):
+        """Out of memory while decoding N rows retries with N/2 (remembered, one warning);
+        otherwise on a GPU the model is reloaded on the CPU (one warning) and ``run`` retried."""
+        reduced_from = None
+        while True:
+            try:
+                result = run()
+                break
+            except OutOfMemory as oom:
+                free_gpu_memory()
+                self.cache.clear_memory()            # cached states are the first thing to give up
+                if oom.stage == "decode" and self.rows > 1:
+                    reduced_from = reduced_from or self.rows
+                    self.rows = max(1, self.rows // 2)
+                elif self.model.device.type != "cpu":
+                    self._use_model(load_on_cpu(self.config, oom.error, self.on_warning))
+                    reduced_from = None
+                else:
+                    raise oom.error
+        if reduced_from is not None:
+            n = self.rows
+            say(self.on_warning, f"out of memory decoding {reduced_from} candidates at once: "
+                                 f"decoding {n} candidate{'s' if n > 1 else ''} from now on")
+        return result
+
+    def _ring_key(self, prompt: Prompt) -> str:
+        return self.prefiller.final_key(prompt.segments[:1 + prompt.n_chunks])
+
+    def _complete(self, request: dict, on_partial, should_stop) -> Optional[dict]:
+        t0 = time.perf_counter()
+        cfg = self.config
+        prompt = self.build_prompt(request)
+        ring_key = self._ring_key(prompt)
+        with out_of_memory_as("prefill"):
+            pre = self.speculator.prefill(request, prompt, ring_key)
+            speculative = pre is not None
+            if pre is None:
+                pre = self.prefiller.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints)
+        if pre is None:
+            return None
+        self.cache.count_hit(pre.tier)
+        t1 = time.perf_counter()
+
+        single_line = bool(prompt.line_suffix.strip())   # inside a line: finish that line only
+        rules = StopRules(max_tokens=cfg.max_tokens, max_lines=1 if single_line else cfg.max_lines,
+                          stop_strings=list(cfg.stop), indent=prompt.indent,
+                          blank_line_ends_block=prompt.indent == 0,
+                          deadline=time.monotonic() + cfg.time_budget_ms / 1000.0)
+        n = self.rows
+        with out_of_memory_as("decode"):
+            rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n,
+                                     SamplingParams(**cfg.sampling_dict()),
+                                     [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
+                                     on_partial=on_partial)
+        if rows is None:
+            return None
+        ranked = rank_candidates(rows, prompt.after_lines)
+        t2 = time.perf_counter()
+        stats = {
+            "reused_tokens": pre.reused, "prefilled_tokens": pre.fed,
+            "decoded_tokens": sum(len(r.logprobs) for r in rows),
+            "ms_prefill": round((t1 - t0) * 1000, 2), "ms_decode": round((t2 - t1) * 1000, 2),
+            "ms_total": round((t2 - t0) * 1000, 2), "candidates": len(ranked),
+            "cache_hits": {t: int(t == (pre.tier or "miss")) for t in ("device", "host", "disk", "miss")},
+            "prompt_tokens": pre.snapshot.n_tokens, "fim": prompt.fim, "speculative": speculative,
+            "stop_reasons": [r.reason for r in rows],
+        }
+        self.last_stats = stats
+        self._last = LastRequest(request.get("id"), _request_copy(request), prompt, pre.key, ring_key, rows)
+        return {"id": request.get("id"),
+                "candidates": [{"text": c["text"], "logprob": round(c["logprob"], 4)} for c in ranked],
+                "stats": stats}
+
+    def _prime_step(self, should_stop: ShouldStop) -> bool:
+        promoted = self.ring.promote()
+        t0 = time.perf_counter()
+        segments = [Segment("start", (0,))] + [self._chunk_segment(c) for c in self.ring.chunks]
+        what = "chunks"
+        if self.prefiller.is_cached(segments):
+            if self._last is None:
+                return promoted
+            segments, what = self.build_prompt(self._last.request).segments, "request"
+            if self.prefiller.is_cached(segments):
+                return promoted
+        with out_of_memory_as("prefill"):
+            pre = self.prefiller.prefill(segments, should_stop,
+                                         tail=self.config.tail_checkpoints if what == "request" else 0)
+        self.last_prime = {"what": what, "done": pre is not None,
+                           "reused_tokens": pre.reused if pre else None,
+                           "prefilled_tokens": pre.fed if pre else None,
+                           "ms": round((time.perf_counter() - t0) * 1000, 2)}
+        return True
+
+    def _chunk_segment(self, chunk) -> Segment:
+        k = (chunk.filename, chunk.lines)
+        seg = self._chunk_segments.get(k)
+        if seg is None:
+            seg = self._chunk_segments[k] = self.builder.chunk_segment(chunk)
+            while len(self._chunk_segments) > 4 * max(1, self.config.ring_n_chunks):
+                self._chunk_segments.popitem(last=False)
+        return seg
+
+
+def _request_copy(req: dict) -> dict:
+    keep = ("id", "buf", "filename", "lines", "first", "row", "col")
+    return {k: (list(req[k]) if k == "lines" else req[k]) for k in keep if k in req}

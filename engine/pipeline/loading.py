@@ -1,0 +1,124 @@
+"""Which model runs where: model resolution, device choice, CPU threads, and the
+out-of-memory policy (fewer rows, then the CPU) shared by requests and priming.
+torch is imported on use (``DEFAULT_MODEL`` is read by cheap command-line code).
+
+No orchestration here: ``Completer`` calls these; nothing here imports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..core.checkpoint import CheckpointError
+from ..core.errors import is_out_of_memory, one_line
+from .config import EngineConfig
+
+log = logging.getLogger("rwkv_engine")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default-model.pth"
+
+Warn = Optional[Callable[[str], None]]
+
+
+def resolve_model_path(config: EngineConfig) -> Path:
+    """The checkpoint file for ``config.model`` (None = the shipped default model)."""
+    if config.model is None:
+        if not DEFAULT_MODEL.is_file():
+            raise CheckpointError(f"{DEFAULT_MODEL}: the default model is missing; set engine.model "
+                                  "to a checkpoint path or a downloaded model such as g1-0.1b")
+        return DEFAULT_MODEL
+    p = Path(os.path.expanduser(config.model))
+    if p.is_file() or Path(str(p) + ".pth").is_file():
+        return p
+    if os.sep not in config.model and "/" not in config.model:
+        from ..core.download import resolve_local
+        found = resolve_local(config.model, config.download_dir)
+        if found is not None:
+            return found
+        raise CheckpointError(f"model {config.model!r} is neither a file nor a downloaded model; "
+                              f"run: rwkv-nvim download {config.model}")
+    return p        # load_model raises a CheckpointError naming the missing file
+
+
+def pick_device(config: EngineConfig) -> str:
+    import torch
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def load_configured_model(config: EngineConfig, warn: Warn = None):
+    """Load ``config.model``; ``device = "cuda"`` without a usable GPU falls back to the
+    CPU with one ``warn`` (a log warning when ``warn`` is None)."""
+    import torch
+
+    from ..core.model import load_model
+    device = pick_device(config)
+    if device == "cuda" and not torch.cuda.is_available():
+        say(warn, "CUDA was requested but torch sees no CUDA/ROCm GPU: running on the CPU (slower)")
+        device = "cpu"
+    dtype = None if config.dtype == "auto" else config.dtype
+    model = load_model(resolve_model_path(config), device=device, dtype=dtype)
+    if model.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
+    return model
+
+
+def load_on_cpu(config: EngineConfig, error: BaseException, warn: Warn = None):
+    """The configured model reloaded on the CPU after ``error`` (out of GPU memory);
+    re-raises ``error`` when even that fails."""
+    import torch
+
+    from ..core.model import load_model
+    try:
+        model = load_model(resolve_model_path(config), device="cpu")
+    except Exception:
+        raise error from None                    # cannot reload: report the original failure
+    torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
+    say(warn, f"out of GPU memory ({one_line(error, 80)}): running on the CPU from now on (slower)")
+    return model
+
+
+def cpu_threads(configured: int, n_embd: int) -> int:
+    """Torch CPU threads: the configured number, else 1 for small models (per-op overhead
+    dominates and a second thread only competes with the editor), else up to 8 cores."""
+    if configured:
+        return configured
+    return 1 if n_embd <= 512 else max(1, min(8, os.cpu_count() or 1))
+
+
+def say(warn: Warn, message: str) -> None:
+    """Deliver a one-line notice to ``warn``, or to the log without one."""
+    if warn is not None:
+        warn(message)
+    else:
+        log.warning("rwkv.nvim: %s", message)
+
+
+# -- out of memory ------------------------------------------------------------------------
+class OutOfMemory(Exception):
+    """An out-of-memory error of one phase; the caller decides what to give up."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage, self.error = stage, error     # stage: "prefill" | "decode"
+
+
+@contextlib.contextmanager
+def out_of_memory_as(stage: str):
+    """Re-raise an out-of-memory error inside the block as ``OutOfMemory(stage)``."""
+    try:
+        yield
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise OutOfMemory(stage, e) from e
+        raise
+
+
+def free_gpu_memory() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
