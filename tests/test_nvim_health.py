@@ -48,6 +48,16 @@ def test_checkhealth_reports_a_missing_model(nvim_session, tmp_path):
     assert "not found" in report and ":RwkvDownload" in report
 
 
+def test_checkhealth_finds_a_downloaded_model_by_its_short_name(nvim_session, tiny_model_path, tmp_path):
+    """The health probe resolves short names through the engine's download module."""
+    got = tmp_path / "models" / "rwkv7-g1a-0.1b-20250101-ctx4096.pth"
+    got.parent.mkdir()
+    got.write_bytes(tiny_model_path.read_bytes())
+    s = nvim_session({"engine": {"model": "g1-0.1b", "download_dir": str(got.parent)}})
+    report = checkhealth(s)
+    assert f"OK model g1-0.1b: {got}" in report, report
+
+
 def test_unregistered_plugin_says_so_once_and_stays_quiet(nvim_session):
     s = nvim_session({"debounce_ms": 10}, manifest=False)
     s.cmd("setlocal filetype=python")

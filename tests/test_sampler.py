@@ -57,3 +57,25 @@ def test_bad_params_are_rejected():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 1e-3, 1e-4])
+def test_small_temperature_on_a_flat_distribution_samples(temperature):
+    """probs ** (1/T) after the cut underflowed to all zeros -> NaN -> multinomial error."""
+    lg = torch.zeros(2, 60)                                   # flat: every token 1/60
+    lg[1, 7] = 0.2                                            # almost flat, one slightly ahead
+    s = Sampler(SamplingParams(temperature=temperature, top_p=0.9, alpha_frequency=0), 2, 60, seeds=[1, 2])
+    tok, lp = s.sample(lg)
+    assert 0 <= int(tok[0]) < 60 and torch.isfinite(lp).all()
+    assert int(tok[1]) == 7                                   # 0.2 / T >= 20: T -> 0 is greedy
+
+
+def test_temperature_scales_the_kept_logits():
+    """Within the nucleus, P(token) is softmax(logit / T): two tokens, T = 0.5."""
+    lg = torch.full((1, 10), -30.0)
+    lg[0, 3], lg[0, 4] = 1.0, 0.0                             # P(3) : P(4) = e^1 : 1 untempered
+    s = Sampler(SamplingParams(temperature=0.5, top_p=1.0, alpha_frequency=0), 1, 10, seeds=[5])
+    draws = [int(s.sample(lg)[0]) for _ in range(3000)]
+    share = draws.count(3) / len(draws)
+    want = torch.softmax(torch.tensor([1.0, 0.0]) / 0.5, 0)[0].item()   # e^2 / (e^2 + 1) = 0.881
+    assert abs(share - want) < 0.03

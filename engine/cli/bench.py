@@ -4,7 +4,7 @@ Raw figures (same process, same checkpoint, best of --repeat runs):
   prefill tok/s (B=1, T=--prefill-tokens), batch-1 decode tok/s, batch-8 decode
   aggregate tok/s. The `rwkv` package's RWKV_x070 has no batched decode, so its
   batch-8 figure is 8 sequential single-row steps.
-The replay (rwkv_engine.bench_replay) types a real source file through the completion
+The replay (rwkv_engine.cli.bench_replay) types a real source file through the completion
 pipeline and reports tokens re-fed per keystroke and latency p50/p95.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """JIT build and load of the compiled WKV-7 kernels (CUDA, ROCm/HIP, CPU).
 
 ``get_wkv7(device)`` returns a :class:`WKV7Kernel` for the device, or ``None`` when
-no kernel can be had; the caller (``rwkv_engine.wkv.wkv7``) then uses the pure-torch
+no kernel can be had; the caller (``rwkv_engine.core.wkv.wkv7``) then uses the pure-torch
 reference. The first request per backend and process builds the extension with
 ``torch.utils.cpp_extension.load`` (ninja) into a per-user cache directory and
 loads it; later requests, from any thread, get the memoized result - including a
@@ -95,7 +95,7 @@ class WKV7Kernel:
     state [B, H, 64, 64] fp32 (S[value i, key j]); r, w, k, v, a, b [B, T, H, 64]
     (fp16/bf16/fp32 on GPU; the CPU op computes in fp32 and casts y back);
     w is the log-log decay. ``__call__`` never mutates its inputs; ``inplace``
-    updates ``state`` in place and writes ``y`` (for CUDA-graph decode).
+    updates ``state`` in place and returns y.
     """
 
     def __init__(self, backend: str, op, build_seconds: float, build_dir: Path) -> None:
@@ -115,32 +115,19 @@ class WKV7Kernel:
         y = self.inplace(new_state, r, w, k, v, a, b)
         return y, new_state
 
-    def inplace(self, state, r, w, k, v, a, b, y=None):
-        """Advance ``state`` (contiguous fp32, modified) over T steps; return y [B, T, H, 64].
-
-        ``y`` may be a preallocated contiguous output of r's shape and dtype (it is
-        written and returned), which keeps the call allocation-free inside a CUDA graph.
-        """
+    def inplace(self, state, r, w, k, v, a, b):
+        """Advance ``state`` (contiguous fp32, modified) over T steps; return y [B, T, H, 64]."""
         import torch
 
         if r.dim() != 4 or r.shape[-1] != HEAD_SIZE:
             raise ValueError(f"wkv7: r must be [B, T, H, {HEAD_SIZE}], got {tuple(r.shape)}")
         out_dtype = r.dtype
         if self.backend == "cpu" and out_dtype != torch.float32:
-            r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+            r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))   # the CPU op computes in fp32
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-        if y is None:
-            y = torch.empty(r.shape, dtype=out_dtype, device=r.device)  # [B, T, H, 64]
-        elif y.dtype != out_dtype or y.shape != r.shape:
-            raise ValueError(f"wkv7: y must be {tuple(r.shape)} {out_dtype}, "
-                             f"got {tuple(y.shape)} {y.dtype}")
-        if y.dtype == r.dtype:
-            self._op(state, r, w, k, v, a, b, y)
-            return y
-        y32 = torch.empty_like(r)  # CPU op on non-fp32 inputs: compute fp32, cast into y
-        self._op(state, r, w, k, v, a, b, y32)
-        y.copy_(y32)
-        return y
+        y = torch.empty(r.shape, dtype=r.dtype, device=r.device)             # [B, T, H, 64]
+        self._op(state, r, w, k, v, a, b, y)
+        return y.to(out_dtype)
 
 
 # ---------------------------------------------------------------- build & cache

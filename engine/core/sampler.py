@@ -2,7 +2,10 @@
 
 Per step and row (as in the rwkv package's sampler):
     logit[n] -= alpha_presence * [n seen] + occurrences[n] * alpha_frequency
-    occurrences *= alpha_decay ; then softmax -> top_p -> top_k -> probs ** (1 / T)
+    occurrences *= alpha_decay ; then softmax -> top_k -> top_p -> softmax(logit / T)
+The nucleus is cut on the untempered distribution (as in the rwkv package and
+llama.cpp, temperature last); temperature then scales the kept LOGITS (never
+``probs ** (1/T)``, which underflows to all zeros for small T on a flat distribution).
 Temperature 0 is greedy. Each row draws from its own torch.Generator, so a row's
 tokens depend only on its seed and its own logits: N forked rows decoded together
 equal N separate decodes with the same seeds.
@@ -77,26 +80,26 @@ class Sampler:
         if p.temperature == 0:
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample_rows(logp.exp())
+            tokens = self._sample_rows(logits, logp)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         self.update(tokens)
         return tokens, chosen
 
-    def _sample_rows(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs [B, V] (rows sum to 1) -> tokens [B]: top-p, top-k, temperature, per-row RNG.
+    def _sample_rows(self, logits: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """logits, log-probabilities [B, V] -> tokens [B]: top-k, top-p, temperature, per-row RNG.
 
         The nucleus is taken within the POOL most likely tokens (one batched topk
         instead of sorting the whole vocabulary per row and step).
         """
         p = self.params
-        pool = min(probs.shape[-1], p.top_k or self.POOL)
-        vals, idx = torch.topk(probs, pool, dim=-1)                              # [B, K] descending
+        pool = min(logp.shape[-1], p.top_k or self.POOL)
+        top_logp, idx = torch.topk(logp, pool, dim=-1)                            # [B, K] descending
+        keep = torch.ones_like(top_logp, dtype=torch.bool)
         if p.top_p < 1:
-            keep = (torch.cumsum(vals, dim=-1) - vals) < p.top_p                  # keeps the first token
-            vals = vals * keep
-        if p.temperature != 1.0:
-            vals = vals ** (1.0 / p.temperature)
-        vals = (vals / vals.sum(dim=-1, keepdim=True)).float().cpu()
+            probs = top_logp.exp()
+            keep = (torch.cumsum(probs, dim=-1) - probs) < p.top_p               # keeps the first token
+        tempered = logits.gather(1, idx) / p.temperature                          # [B, K]
+        vals = torch.softmax(tempered.masked_fill(~keep, float("-inf")), dim=-1).float().cpu()
         idx = idx.cpu()
         tokens = torch.empty(self.batch, dtype=torch.long)
         for b in range(self.batch):

@@ -62,7 +62,6 @@ class ContextRing:
         self.queue_size = queue_size
         self.chunks: List[Chunk] = []
         self.queue: Deque[Chunk] = deque()
-        self.version = 0          # bumped whenever ``chunks`` changes
 
     # -- input ------------------------------------------------------------------
     def make_chunk(self, text: str, filename: str) -> Chunk:
@@ -83,10 +82,7 @@ class ContextRing:
                 return False
         kept = deque(c for c in self.queue if line_dice(c, chunk) <= REPLACE_SIMILARITY)
         self.queue = kept
-        before = len(self.chunks)
         self.chunks = [c for c in self.chunks if line_dice(c, chunk) <= REPLACE_SIMILARITY]
-        if len(self.chunks) != before:
-            self.version += 1
         self.queue.append(chunk)
         while len(self.queue) > self.queue_size:
             self.queue.popleft()
@@ -104,7 +100,6 @@ class ContextRing:
             # prefill per promotion instead of n when dropping one at a time).
             del self.chunks[: max(1, self.n_chunks // 2)]
         self.chunks.append(chunk)
-        self.version += 1
         return True
 
     def evict_similar(self, around_cursor: Sequence[str], threshold: float = CURSOR_SIMILARITY) -> int:
@@ -125,13 +120,11 @@ class ContextRing:
         dropped = len(self.chunks) - len(kept)
         if dropped:
             self.chunks = kept
-            self.version += 1
         return dropped
 
     def clear(self) -> None:
         self.chunks.clear()
         self.queue.clear()
-        self.version += 1
 
     def __len__(self) -> int:
         return len(self.chunks)

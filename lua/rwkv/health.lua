@@ -63,7 +63,7 @@ if pkg:
             out["model_path"], out["model_found"] = path, True
         elif "/" not in model and os.sep not in model:
             try:
-                from rwkv_engine.download import resolve_local
+                from rwkv_engine.core.download import resolve_local
                 found = resolve_local(model, local_dir=download_dir)
             except Exception as exc:
                 found, out["model_error"] = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,106 @@
+"""The engine's layers import only downwards: core < pipeline < cli.
+
+Every ``import`` / ``from ... import`` in engine/ (module scope and inside functions)
+is resolved to an absolute ``rwkv_engine.<layer>...`` name and checked. The
+orchestrator (``pipeline.completer``) is imported only by the service and the CLI.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+ENGINE = Path(__file__).resolve().parent.parent / "engine"
+RANK = {"core": 0, "pipeline": 1, "cli": 2}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ENGINE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["rwkv_engine", *parts])
+
+
+def imports_of(path: Path):
+    """Absolute names imported by ``path`` (relative imports resolved)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if node.module is None or mod in ("rwkv_engine", "rwkv_engine.core", "rwkv_engine.pipeline",
+                                              "rwkv_engine.cli"):
+                for a in node.names:                # `from . import x` names submodules
+                    yield node.lineno, f"{mod}.{a.name}"
+            else:
+                yield node.lineno, mod
+
+
+def layer_of(name: str):
+    parts = name.split(".")
+    if parts[0] != "rwkv_engine" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in RANK else None
+
+
+def engine_modules():
+    return sorted(p for p in ENGINE.rglob("*.py"))
+
+
+def test_every_module_belongs_to_a_layer():
+    loose = [p.name for p in ENGINE.glob("*.py") if p.name != "__init__.py"]
+    assert loose == [], f"modules outside core/pipeline/cli: {loose}"
+
+
+@pytest.mark.parametrize("path", engine_modules(), ids=lambda p: str(p.relative_to(ENGINE)))
+def test_imports_only_go_down(path):
+    own = layer_of(module_name(path))
+    if own is None:                                  # rwkv_engine/__init__.py: the core facade
+        own = "core"
+    bad = []
+    for line, target in imports_of(path):
+        layer = layer_of(target)
+        if layer is not None and RANK[layer] > RANK[own]:
+            bad.append(f"{path.relative_to(ENGINE)}:{line} imports {target} ({own} -> {layer})")
+        if target.startswith("rwkv_engine.pipeline.completer") and own == "pipeline" \
+                and path.name not in ("service.py", "completer.py"):
+            bad.append(f"{path.relative_to(ENGINE)}:{line} imports the orchestrator {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_upward_imports(tmp_path, monkeypatch):
+    """The check itself can fail: a core module importing the pipeline is caught."""
+    fake = ENGINE / "core" / "model.py"
+    src = "from ..pipeline.config import EngineConfig\ndef f():\n    from ..cli import main\n"
+    probe = tmp_path / "probe.py"
+    probe.write_text(src)
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: src if self == fake else
+                        Path.read_bytes(self).decode())
+    found = [t for _, t in imports_of(fake)]
+    assert found == ["rwkv_engine.pipeline.config", "rwkv_engine.cli.main"]
+    with pytest.raises(AssertionError, match="core -> pipeline"):
+        test_imports_only_go_down(fake)
+
+
+def test_contract_names_stay_importable():
+    import importlib
+    import subprocess
+    import sys
+    eng = importlib.import_module("rwkv_engine")
+    assert callable(eng.load_model)
+    tok = importlib.import_module("rwkv_engine.tokenizer")
+    assert tok.decode(tok.encode("def f(x):\n")) == "def f(x):\n"
+    assert eng.tokenizer is tok
+    out = subprocess.run([sys.executable, "-c", "import rwkv_engine.tokenizer as t, sys; "
+                          "print('torch' in sys.modules, t.decode(t.encode('ok')))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "ok"]
+    from rwkv_engine.cli import main
+    assert callable(main)
