@@ -171,3 +171,143 @@ def test_candidates_are_distinct_and_streamed(prompt_state):
     assert len(texts) == len(set(texts)) >= 2
     assert partials and all(isinstance(p, str) for p in partials)
     assert partials[-1] in {r.text for r in rows}
+
+
+# -- the streamed row stays first (issue 11: the ghost text must not jump) -------------------
+def streamed_row(text, lps):
+    r = row(text, lps)
+    r.streamed = True
+    return r
+
+
+def test_rank_puts_the_streamed_row_first_then_the_rest_by_log_probability():
+    rows = [row("bar()", [-0.5]), streamed_row("foo(x)", [-2.0]), row("baz()", [-1.0])]
+    out = rank_candidates(rows, [])
+    assert [c["text"] for c in out] == ["foo(x)", "bar()", "baz()"]
+    assert out[0]["row"] == 1
+    assert [c["text"] for c in rank_candidates([row(r.text, r.logprobs) for r in rows], [])] == \
+        ["bar()", "baz()", "foo(x)"]                   # nothing streamed: plain rank order
+
+
+def test_a_streamed_duplicate_of_a_better_row_keeps_the_streamed_text_first():
+    rows = [row("foo(x)", [-0.5]), row("bar()", [-1.0]), streamed_row("foo(x)  ", [-2.0])]
+    out = rank_candidates(rows, [])
+    assert [c["text"] for c in out] == ["foo(x)  ", "bar()"]   # the text the user watched
+    assert out[0]["row"] == 2
+
+
+def test_a_streamed_row_that_is_filtered_out_leaves_first_a_row_that_extends_it():
+    after = [")", "    return y", "other"]
+    # the streamed text only repeats what follows the cursor: a row extending it goes first
+    rows = [streamed_row(")", [-0.1]), row("pass", [-0.5]), row(")\n    return y + 1", [-1.0])]
+    assert [c["text"] for c in rank_candidates(rows, after)] == [")\n    return y + 1", "pass"]
+    # none extends it: plain rank order
+    rows = [streamed_row(")", [-0.1]), row("pass", [-0.5]), row("z = 2", [-1.0])]
+    assert [c["text"] for c in rank_candidates(rows, after)] == ["pass", "z = 2"]
+    # whitespace only (after cleaning): plain rank order
+    rows = [streamed_row("\n   \n", [-0.1]), row("b", [-2.0]), row("a", [-1.0])]
+    assert [c["text"] for c in rank_candidates(rows, [])] == ["a", "b"]
+
+
+class _RowsState:
+    """A stand-in decode state that knows each batch row's id and step (fork / select)."""
+
+    def __init__(self, ids, step=0):
+        self.ids, self.step = list(ids), step
+
+    @property
+    def batch(self):
+        return len(self.ids)
+
+    def fork(self, n):
+        return _RowsState(range(n), self.step)
+
+    def select(self, keep):
+        return _RowsState([self.ids[j] for j in keep], self.step)
+
+
+def _logits_for(token, logprob, vocab=65536):
+    """Logits [V] whose argmax is ``token`` with log-probability ``logprob``."""
+    import math
+    rest = math.log((math.exp(-logprob) - 1.0) / (vocab - 1))
+    out = torch.full((vocab,), rest)
+    out[token] = 0.0
+    return out
+
+
+class PerRowModel:
+    """Greedy decoding yields ``scripts[row]``: a list of (text of one token, log-probability);
+    the first step is shared (the forked prompt logits), later steps follow each row's script."""
+
+    def __init__(self, first, scripts):
+        self.tokenizer = TOK
+        self.device = torch.device("cpu")
+        self.first = first
+        self.scripts = [[(self._tok(t), lp) for t, lp in s] for s in scripts]
+
+    @staticmethod
+    def _tok(text):
+        if text == "":
+            return 0
+        (tok,) = TOK.encode(text)
+        return tok
+
+    def prompt_logits(self):
+        text, lp = self.first
+        return _logits_for(self._tok(text), lp)[None]
+
+    def forward(self, tokens, state):
+        rows = []
+        for rid in state.ids:
+            script = self.scripts[rid]
+            rows.append(_logits_for(*script[min(state.step, len(script) - 1)]))
+        return torch.stack(rows), _RowsState(state.ids, state.step + 1)
+
+
+def decode_scripted(first, scripts, after_lines=()):
+    model = PerRowModel(first, scripts)
+    partials = []
+    rows = decode_candidates(model, _RowsState([0]), model.prompt_logits(), len(scripts), GREEDY,
+                             list(range(len(scripts))), StopRules(max_tokens=16),
+                             on_partial=partials.append, after_lines=after_lines)
+    return rows, partials
+
+
+def test_streaming_stays_on_its_row_and_that_row_stays_first():
+    # row 0 leads after two tokens ("x="), then falls behind row 1 ("x()"), whose text does
+    # not extend what shows: the stream stays on row 0 and row 0 stays first
+    rows, partials = decode_scripted(("x", -0.1), [
+        [("=", -0.1), ("1", -5.0), ("", -0.1)],
+        [("(", -1.0), (")", -0.5), ("", -0.1)],
+    ])
+    assert [r.text for r in rows] == ["x=1", "x()"]
+    assert rows[1].mean_logprob > rows[0].mean_logprob     # row 1 is the better-ranked one
+    assert partials == ["x", "x=", "x=1"]                  # the ghost text only grows
+    assert [r.streamed for r in rows] == [True, False]
+    assert [c["text"] for c in rank_candidates(rows, [])] == ["x=1", "x()"]
+
+
+def test_streaming_moves_only_to_a_better_row_that_extends_what_shows():
+    # row 2 extends "x=" and becomes the best: the stream moves to it (the text still grows);
+    # row 1 is better than row 0 but never extends what shows
+    rows, partials = decode_scripted(("x", -0.1), [
+        [("=", -0.1), ("1", -5.0), ("", -0.1)],
+        [("(", -1.0), (")", -0.5), ("", -0.1)],
+        [("=", -0.2), ("2", -0.1), ("", -0.1)],
+    ])
+    assert partials == ["x", "x=", "x=2"]
+    assert [r.streamed for r in rows] == [False, False, True]
+    assert [c["text"] for c in rank_candidates(rows, [])] == ["x=2", "x()", "x=1"]
+    for a, b in zip(partials, partials[1:]):
+        assert b.startswith(a)
+
+
+def test_a_row_that_repeats_the_text_after_the_cursor_is_never_streamed():
+    # row 0 is the best but only repeats what follows the cursor ("x=1"): the final list
+    # drops it, so showing it would make the ghost text jump at the end
+    rows, partials = decode_scripted(("x", -0.1), [
+        [("=", -0.1), ("1", -0.1), ("", -0.1)],
+        [("(", -1.0), (")", -0.5), ("", -0.1)],
+    ], after_lines=["", "x=1"])
+    assert partials == ["x(", "x()"]                       # "x" and "x=" only echo "x=1"
+    assert [c["text"] for c in rank_candidates(rows, ["", "x=1"])] == ["x()"]

@@ -111,10 +111,10 @@ def test_unusable_python_gives_one_clean_message_and_health_says_why(nvim_sessio
 
 @pytest.mark.parametrize("opts, fragment", [
     ({"candidate": 3}, "unknown option candidate "),
-    ({"candidates": 99}, "engine.candidates = 99"),
-    ({"engine": {"candidates": 99}}, "engine.candidates = 99"),
-    ({"engine": {"device": "tpu"}}, "engine.device must be one of"),
-    ({"engine": {"bogus": 1}}, "unknown option engine.bogus"),
+    ({"candidates": 99}, "engine option candidates = 99: must be in 1..16"),
+    ({"engine": {"candidates": 99}}, "engine option candidates = 99: must be in 1..16"),
+    ({"engine": {"device": "tpu"}}, "engine option device = 'tpu': must be one of"),
+    ({"engine": {"bogus": 1}}, "unknown engine option 'bogus'"),
     ({"keymaps": {"pick": "<M-x>"}}, "keymaps.pick must contain %d"),
     ({"filetypes": {"python": "yes"}}, 'filetypes["python"]: expected boolean, got string'),
     ({"debounce_ms": "fast"}, "debounce_ms: expected number, got string"),
@@ -146,8 +146,8 @@ def test_lua_engine_options_match_engine_config(nvim_session):
     from rwkv_engine.pipeline.config import EngineConfig
 
     s = nvim_session(manifest=False)
-    lua_types = s.lua("return require('rwkv.config').engine_types")
-    mirror = s.lua("return require('rwkv.config').engine_mirror")
+    lua_types = s.lua("return require('rwkv.engine_options').by_name")
+    mirror = {n: s.lua(f"return require('rwkv.config').engine('{n}')") for n in lua_types}
     assert set(lua_types) == {f.name for f in fields(EngineConfig)}
     defaults = EngineConfig()
     for name, value in mirror.items():

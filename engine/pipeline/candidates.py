@@ -12,6 +12,12 @@ after some code), ``max_lines`` lines,
 ``max_tokens`` tokens, or the request's deadline (all rows). Afterwards candidates
 that are whitespace-only, that only repeat the text already after the cursor, or
 that duplicate a better one are dropped; the rest are ranked by mean log-probability.
+
+Streaming (``on_partial``, shown as ghost text while the rows decode) never makes the
+text jump: it starts with the best row and afterwards moves only to a better row whose
+text extends what already shows, so the ghost text only grows. The row streamed last is
+marked (``Row.streamed``) and ranked first, so the final suggestion is the text the user
+has been reading, extended; the other candidates follow by mean log-probability.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class Row:
     text: str = ""                                       # raw text cut by the stop rules
     done: bool = False
     reason: str = ""                                     # eos|stop|block|max_lines|max_tokens|time
+    streamed: bool = False                               # the row on_partial showed last
 
     @property
     def mean_logprob(self) -> float:
@@ -77,10 +84,13 @@ def apply_text_rules(text: str, rules: StopRules):
 def decode_candidates(model, state, logits: torch.Tensor, n: int, params: SamplingParams,
                       seeds: Sequence[int], rules: StopRules,
                       should_stop: Optional[Callable[[], bool]] = None,
-                      on_partial: Optional[Callable[[str], None]] = None) -> Optional[List[Row]]:
+                      on_partial: Optional[Callable[[str], None]] = None,
+                      after_lines: Sequence[str] = ()) -> Optional[List[Row]]:
     """Decode ``n`` rows forked from a batch-1 ``state`` whose last logits are ``logits`` [1, V].
 
-    Returns the rows, or None when ``should_stop`` said the request was superseded.
+    Returns the rows, or None when ``should_stop`` said the request was superseded. With
+    ``on_partial`` the row whose text it showed last is marked ``streamed``; a row that
+    only repeats ``after_lines`` (the text after the cursor) is never streamed.
     """
     tok = model.tokenizer
     V = logits.shape[-1]
@@ -90,7 +100,7 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
     rows = [Row() for _ in range(n)]
     streams = [tok.stream() for _ in range(n)]
     active = list(range(n))                                             # row ids in batch order
-    shown = None
+    shown, streamed = None, None                                        # text on_partial showed, its row
     while True:
         if should_stop is not None and should_stop():
             return None
@@ -114,9 +124,9 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
             else:
                 keep.append(j)
         if on_partial is not None:
-            best = _best_row(rows)
-            if best is not None and best.text != shown:
-                shown = best.text
+            streamed = _stream_row(rows, streamed, shown, after_lines)
+            if streamed is not None and rows[streamed].text != shown:
+                shown = rows[streamed].text
                 on_partial(shown)
         if not keep:
             break
@@ -132,15 +142,25 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
         logits, state = model.forward(tokens[:, None], state)           # [B, V], state [B, ...]
     for rid in active:
         rows[rid].text, _ = apply_text_rules(rows[rid].raw + streams[rid].flush(), rules)
+    if streamed is not None:
+        rows[streamed].streamed = True
     return rows
 
 
-def _best_row(rows: Sequence[Row]) -> Optional[Row]:
+def _stream_row(rows: Sequence[Row], current: Optional[int], shown: Optional[str],
+                after_lines: Sequence[str] = ()) -> Optional[int]:
+    """The row to stream: the best (mean log-probability) row with non-blank text among
+    those whose text extends ``shown`` (all, before anything shows); ``current`` when none
+    does (its text was cut by a stop rule): the ghost text never switches to another text."""
     best = None
-    for r in rows:
-        if r.text.strip() and (best is None or r.mean_logprob > best.mean_logprob):
-            best = r
-    return best
+    for i, r in enumerate(rows):
+        if not r.text.strip() or (shown is not None and not r.text.startswith(shown)):
+            continue
+        if after_lines and echoes_after_cursor(r.text, after_lines):
+            continue                           # (so far) only what follows the cursor: not shown
+        if best is None or r.mean_logprob > rows[best].mean_logprob:
+            best = i
+    return current if best is None else best
 
 
 _TRAILING_BLANK_LINES = re.compile(r"(\n[ \t]*)+\Z")
@@ -159,17 +179,45 @@ def repeats_after_cursor(text: str, after_lines: Sequence[str]) -> bool:
     return bool(cand) and cand == after[: len(cand)]
 
 
+def echoes_after_cursor(text: str, after_lines: Sequence[str]) -> bool:
+    """True when ``text`` so far is only the start of what follows the cursor (line by line,
+    ignoring surrounding whitespace and blank lines; its last line may be cut short): such a
+    row would show nothing new, and once complete it is dropped by ``repeats_after_cursor``."""
+    cand = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    after = [ln.strip() for ln in after_lines if ln.strip()]
+    if not cand or len(cand) > len(after):
+        return False
+    return cand[:-1] == after[:len(cand) - 1] and after[len(cand) - 1].startswith(cand[-1])
+
+
 def rank_candidates(rows: Sequence[Row], after_lines: Sequence[str]) -> List[dict]:
-    """Filtered, deduplicated candidates, best mean log-probability first:
-    [{"text": str, "logprob": float, "row": int}]."""
+    """Filtered, deduplicated candidates: [{"text": str, "logprob": float, "row": int}].
+
+    The streamed row's candidate (``Row.streamed``: the text the user has been reading)
+    comes first; among duplicates it is the one kept. When the filters dropped it (it only
+    repeats the text after the cursor), the best candidate that extends its text comes
+    first, if any. The rest follow by mean log-probability, best first.
+    """
     best_by_text = {}
+    streamed_text = None                       # the streamed row's cleaned text, filtered or not
     for i, r in enumerate(rows):
         text = clean_text(r.text)
+        if r.streamed:
+            streamed_text = text
         if not text.strip() or repeats_after_cursor(text, after_lines):
             continue
         norm = "\n".join(ln.rstrip() for ln in text.split("\n"))
         lp = r.mean_logprob
         old = best_by_text.get(norm)
-        if old is None or lp > old["logprob"]:
-            best_by_text[norm] = {"text": text, "logprob": lp, "row": i}
-    return sorted(best_by_text.values(), key=lambda c: -c["logprob"])
+        if old is None or r.streamed or (lp > old["logprob"] and not old["streamed"]):
+            best_by_text[norm] = {"text": text, "logprob": lp, "row": i, "streamed": r.streamed}
+    ranked = sorted(best_by_text.values(), key=lambda c: -c["logprob"])
+    first = next((c for c in ranked if c["streamed"]), None)
+    if first is None and streamed_text is not None and streamed_text.strip():
+        first = next((c for c in ranked if c["text"].startswith(streamed_text.rstrip())), None)
+    if first is not None:
+        ranked.remove(first)
+        ranked.insert(0, first)
+    for c in ranked:
+        del c["streamed"]
+    return ranked

@@ -146,7 +146,7 @@ class Completer:
             rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n,
                                      SamplingParams(**cfg.sampling_dict()),
                                      [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
-                                     on_partial=on_partial)
+                                     on_partial=on_partial, after_lines=prompt.after_lines)
         if rows is None:
             return None
         ranked = rank_candidates(rows, prompt.after_lines)

@@ -1,75 +1,211 @@
-"""Typed configuration of the completion engine (``EngineConfig``).
+"""Typed configuration of the completion engine (``EngineConfig``) and its schema.
+
+``EngineConfig`` is the single source of every engine-option fact: each field carries
+its type, default, allowed range or choices and its documentation in
+``dataclasses.field(metadata=...)`` (built by :func:`option`). Three things are
+derived from it:
+
+- ``__post_init__``/``validate()``: coercion of Lua values and the checks below,
+- ``tools/gen_config.py`` -> ``lua/rwkv/engine_options.lua`` (the same checks in
+  ``setup()``, before anything reaches Python) and the engine-options section of
+  ``doc/rwkv.txt``; ``tools/gen_config.py --check`` fails when those are stale.
 
 The Neovim plugin passes the user's ``setup({engine = {...}})`` table through
-``EngineConfig.from_dict``; unknown keys and out-of-range values raise ValueError
-with a one-line message naming the option. No torch import here.
+``EngineConfig.from_dict``; unknown keys and bad values raise ValueError with a
+one-line message ``engine option NAME = VALUE: must be ...``. No torch import here.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
-_DEVICES = ("auto", "cpu", "cuda")
-_DTYPES = ("auto", "fp16", "bf16", "fp32", "int8")
+# Schema value types, named as the Lua side checks them. "table" is a list of non-empty
+# strings (the only list option); "number" is a finite float; "integer" a whole number.
+TYPES = ("string", "number", "integer", "boolean", "table")
+
+# "engine option NAME = VALUE: <this>" for a value of the wrong type
+TYPE_MUST = {
+    "string": "must be a string",
+    "number": "must be a finite number",
+    "integer": "must be an integer",
+    "boolean": "must be true or false",
+    "table": "must be a list of non-empty strings",
+}
+
+
+def _num(x) -> str:
+    """A bound as the messages print it: 0.0 -> "0", 1 << 20 -> "1048576"."""
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def option(type: str, default: Any, doc: str, *, group: str, min=None, max=None,
+           min_open: bool = False, max_option: Optional[str] = None,
+           choices: Optional[tuple] = None, nullable: bool = False, nonblank: bool = False,
+           hint: str = "", must: Optional[str] = None):
+    """One schema entry as a dataclass field.
+
+    type      one of TYPES
+    doc       help text (doc/rwkv.txt, the generated Lua table); the allowed values are
+              appended by the generator, so do not repeat them here
+    group     help-file heading the option is listed under
+    min, max  inclusive bounds (min_open: min itself is excluded)
+    max_option  cross-field rule: the value is lowered to that option's value when larger
+              (``__post_init__``) and must then be in min..that option
+    choices   allowed values of a string option
+    nullable  None (Lua nil) is a valid value
+    nonblank  a string must contain a non-blank character
+    hint      appended to the range in messages: "must be >= 0 (0 = off)"
+    must      the whole "must be ..." text, when the derived one does not fit
+    """
+    assert type in TYPES, type
+    derived = None
+    if choices:
+        derived = "must be one of " + ", ".join(choices)
+    elif max_option is not None:
+        derived = f"must be in {_num(min)}..{max_option}"
+    elif min is not None and max is not None:
+        derived = f"must be in ({_num(min)}, {_num(max)}]" if min_open else f"must be in {_num(min)}..{_num(max)}"
+    elif min is not None:
+        derived = f"must be {'>' if min_open else '>='} {_num(min)}"
+    if derived and hint:
+        derived += " " + hint
+    if type == "table":             # list elements are checked as values, with the type's words
+        must = must or TYPE_MUST["table"]
+    meta = {"type": type, "doc": doc, "group": group, "min": min, "max": max, "min_open": min_open,
+            "max_option": max_option, "choices": tuple(choices) if choices else None,
+            "nullable": nullable, "nonblank": nonblank,
+            "must": must or derived,      # the message for a well-typed but disallowed value
+            "shows_range": derived is not None and must is None}   # the help lists `must`
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_MODEL, _SAMPLING, _LOCAL = "Model", "Candidates and sampling", "Context around the cursor"
+_RING, _CACHE, _PREFILL = "Extra context ring", "State cache", "Prefill scheduling"
 
 
 @dataclass
 class EngineConfig:
-    # model
-    model: Optional[str] = None          # None = engine/data/default-model.pth; a path; or a short name
-    device: str = "auto"                 # "auto" | "cpu" | "cuda"
-    dtype: str = "auto"                  # "auto" | "fp16" | "bf16" | "fp32"
-    threads: int = 0                     # torch CPU threads; 0 = auto (1 for small models)
-    download_dir: Optional[str] = None   # where `download` put models (None = the Hugging Face cache)
-    # candidates and sampling
-    candidates: int = 4                  # rows decoded in one batch (1..16)
-    max_tokens: int = 64                 # per candidate
-    max_lines: int = 8                   # per candidate (the rest of the cursor line counts as one)
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 0
-    alpha_presence: float = 0.0
-    alpha_frequency: float = 0.2
-    alpha_decay: float = 0.996
-    seed: int = 0                        # row i samples with seed + i
-    stop: List[str] = field(default_factory=list)   # extra stop strings
-    time_budget_ms: int = 1000           # decode time budget per request
-    # local context (lines around the cursor)
-    n_prefix: int = 256                  # lines above the cursor
-    n_suffix: int = 64                   # lines below the cursor
-    near_prefix: int = 24                # lines above the cursor inside the FIM window (at least)
-    near_suffix: int = 8                 # lines below the cursor inside the FIM window
-    max_line_suffix: int = 8             # plugin: no auto-trigger with more text right of the cursor
-    max_line_bytes: int = 1024           # longer lines are cut (minified code, data files)
-    # extra context ring (llama.vim semantics)
-    ring_n_chunks: int = 16
-    ring_chunk_size: int = 64            # lines per chunk
-    ring_queue: int = 16                 # pending chunks waiting for an idle moment
-    # state cache
-    cache_device_mb: int = 512
-    cache_host_mb: int = 1024
-    cache_disk_mb: int = 2048
-    cache_dir: Optional[str] = None      # None = $XDG_CACHE_HOME/rwkv.nvim or ~/.cache/rwkv.nvim
-    # prefill scheduling
-    prefill_chunk: int = 64              # tokens per forward call during prefill (cancel granularity)
-    tail_checkpoints: int = 4            # checkpoints kept at the last token positions of a prompt
+    model: Optional[str] = option(
+        "string", None, group=_MODEL, nullable=True, nonblank=True,
+        must="must be a path, a model name, or nil for the default model",
+        doc='nil: the small model shipped with the plugin; a path to an RWKV-7 `.pth` checkpoint '
+            '(".pth" optional); or a downloaded model\'s short name such as "g1-0.4b" '
+            '(see |:RwkvDownload|).')
+    device: str = option(
+        "string", "auto", group=_MODEL, choices=("auto", "cpu", "cuda"),
+        doc='"auto": CUDA/ROCm when available, else the CPU.')
+    dtype: str = option(
+        "string", "auto", group=_MODEL, choices=("auto", "fp16", "bf16", "fp32", "int8"),
+        doc='"auto" is fp16 on a GPU and fp32 on the CPU. "int8" (CPU only) stores the large '
+            'matrices as int8 and runs them with int8 matrix products: 3-5x faster on bigger '
+            'models, top-1 agreement with fp32 checked by the tests.')
+    threads: int = option(
+        "integer", 0, group=_MODEL, min=0, max=256, hint="(0 = auto)",
+        doc="Torch CPU threads. 0: 1 thread for small models (the bundled one), up to 8 cores "
+            "for models of n_embd > 512.")
+    download_dir: Optional[str] = option(
+        "string", None, group=_MODEL, nullable=True,
+        doc="Where |:RwkvDownload| puts models (nil: the Hugging Face cache).")
+
+    candidates: int = option(
+        "integer", 4, group=_SAMPLING, min=1, max=16,
+        doc="Candidates decoded together in one batch.")
+    max_tokens: int = option(
+        "integer", 64, group=_SAMPLING, min=1, max=4096, doc="Tokens per candidate at most.")
+    max_lines: int = option(
+        "integer", 8, group=_SAMPLING, min=1, max=1000,
+        doc="Lines per candidate at most (the rest of the cursor line counts as one).")
+    temperature: float = option(
+        "number", 0.6, group=_SAMPLING, min=0.0, max=10.0, hint="(0 = greedy)",
+        doc="Sampling temperature.")
+    top_p: float = option(
+        "number", 0.9, group=_SAMPLING, min=0.0, max=1.0, min_open=True,
+        doc="Nucleus sampling: the smallest set of tokens with this much probability.")
+    top_k: int = option(
+        "integer", 0, group=_SAMPLING, min=0, hint="(0 = off)",
+        doc="Sample from the k most likely tokens only.")
+    alpha_presence: float = option(
+        "number", 0.0, group=_SAMPLING,
+        doc="Repetition penalties (as in the `rwkv` package): per token already generated.")
+    alpha_frequency: float = option(
+        "number", 0.2, group=_SAMPLING, doc="Penalty per occurrence of a generated token.")
+    alpha_decay: float = option(
+        "number", 0.996, group=_SAMPLING, min=0.0, max=1.0,
+        doc="Per-token decay of the repetition counts.")
+    seed: int = option(
+        "integer", 0, group=_SAMPLING, doc="Candidate i samples with seed + i.")
+    stop: List[str] = option(
+        "table", [], group=_SAMPLING,
+        doc="Extra stop strings (a single string counts as a list of one).")
+    time_budget_ms: int = option(
+        "integer", 1000, group=_SAMPLING, min=1, doc="Decode time budget per request.")
+
+    n_prefix: int = option(
+        "integer", 256, group=_LOCAL, min=0, doc="Lines above the cursor sent with a request.")
+    n_suffix: int = option(
+        "integer", 64, group=_LOCAL, min=0, doc="Lines below the cursor sent with a request.")
+    near_prefix: int = option(
+        "integer", 24, group=_LOCAL, min=0, max_option="n_prefix",
+        doc='Of those, lines above the cursor inside the fill-in-the-middle window (the rest '
+            'is "far" prefix). A larger value is lowered to n_prefix.')
+    near_suffix: int = option(
+        "integer", 8, group=_LOCAL, min=0, max_option="n_suffix",
+        doc="Lines below the cursor inside that window. A larger value is lowered to n_suffix.")
+    max_line_suffix: int = option(
+        "integer", 8, group=_LOCAL, min=0,
+        doc="No automatic suggestion when more than this many non-blank characters are right "
+            "of the cursor (the `trigger` key still works).")
+    max_line_bytes: int = option(
+        "integer", 1024, group=_LOCAL, min=64, max=1 << 20,
+        doc="Longest line sent or put in a prompt, in bytes; a longer line is cut (the cursor "
+            "line around the cursor), so a minified 10 MB line costs nothing.")
+
+    ring_n_chunks: int = option(
+        "integer", 16, group=_RING, min=0, hint="(0 = no extra context)", doc="Chunks kept.")
+    ring_chunk_size: int = option(
+        "integer", 64, group=_RING, min=3, hint="lines", doc="Lines per chunk.")
+    ring_queue: int = option(
+        "integer", 16, group=_RING, min=1, doc="Chunks waiting for an idle moment.")
+
+    cache_device_mb: int = option(
+        "integer", 512, group=_CACHE, min=0, doc="Budget on the GPU (or in RAM when on the CPU).")
+    cache_host_mb: int = option(
+        "integer", 1024, group=_CACHE, min=0, doc="Budget in RAM for states moved off the device.")
+    cache_disk_mb: int = option(
+        "integer", 2048, group=_CACHE, min=0, hint="(0 = no disk cache)",
+        doc="Budget on disk for project-wide context states.")
+    cache_dir: Optional[str] = option(
+        "string", None, group=_CACHE, nullable=True,
+        doc="nil: $XDG_CACHE_HOME/rwkv.nvim or ~/.cache/rwkv.nvim.")
+
+    prefill_chunk: int = option(
+        "integer", 64, group=_PREFILL, min=1, max=4096,
+        doc="Tokens per forward call while reading the prompt (a newer request can interrupt "
+            "between chunks).")
+    tail_checkpoints: int = option(
+        "integer", 4, group=_PREFILL, min=0, max=16,
+        doc="States kept at the last token positions of a prompt.")
 
     # -- construction ---------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "EngineConfig":
-        """Build from a plain dict (e.g. from Lua); unknown keys are an error."""
+        """Build from a plain dict (e.g. from Lua); unknown keys are an error, None (Lua
+        vim.NIL) means "the default"."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"engine options = {d!r}: must be a table of option = value")
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names)
+        unknown = sorted((k for k in d if k not in names), key=str)
         if unknown:
             raise ValueError(f"unknown engine option {unknown[0]!r} (known: {', '.join(sorted(names))})")
-        for f in dataclasses.fields(cls):
-            if f.name in d and d[f.name] is not None:
-                d[f.name] = _coerce(f.name, f.type, d[f.name])
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if v is not None})
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -78,48 +214,26 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
     def __post_init__(self):
+        # three passes, in field order, mirrored by lua/rwkv/config.lua: types, then the
+        # cross-field clamp, then values
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.metadata, getattr(self, f.name)))
         # the FIM window is part of the local window: shrinking n_prefix/n_suffix alone
         # shrinks the near window with it instead of failing
-        if isinstance(self.n_prefix, int) and isinstance(self.near_prefix, int) and self.n_prefix >= 0:
-            self.near_prefix = min(self.near_prefix, self.n_prefix)
-        if isinstance(self.n_suffix, int) and isinstance(self.near_suffix, int) and self.n_suffix >= 0:
-            self.near_suffix = min(self.near_suffix, self.n_suffix)
+        for f in dataclasses.fields(self):
+            limit = getattr(self, f.metadata["max_option"]) if f.metadata["max_option"] else None
+            if limit is not None and limit >= 0:
+                setattr(self, f.name, min(getattr(self, f.name), limit))
         self.validate()
 
     def validate(self) -> None:
-        def check(name, ok, what):
-            if not ok:
-                raise ValueError(f"engine option {name} = {getattr(self, name)!r}: {what}")
-
-        check("device", self.device in _DEVICES, f"must be one of {', '.join(_DEVICES)}")
-        check("dtype", self.dtype in _DTYPES, f"must be one of {', '.join(_DTYPES)}")
-        check("model", self.model is None or (isinstance(self.model, str) and self.model.strip() != ""),
-              "must be a path, a model name, or nil for the default model")
-        check("candidates", 1 <= self.candidates <= 16, "must be in 1..16")
-        check("max_tokens", 1 <= self.max_tokens <= 4096, "must be in 1..4096")
-        check("max_lines", 1 <= self.max_lines <= 1000, "must be in 1..1000")
-        check("temperature", 0.0 <= self.temperature <= 10.0, "must be in 0..10 (0 = greedy)")
-        check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")
-        check("top_k", self.top_k >= 0, "must be >= 0 (0 = off)")
-        check("alpha_decay", 0.0 <= self.alpha_decay <= 1.0, "must be in 0..1")
-        check("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-              "must be a list of non-empty strings")
-        check("time_budget_ms", self.time_budget_ms >= 1, "must be >= 1")
-        check("n_prefix", self.n_prefix >= 0, "must be >= 0")
-        check("n_suffix", self.n_suffix >= 0, "must be >= 0")
-        check("near_prefix", 0 <= self.near_prefix <= self.n_prefix, "must be in 0..n_prefix")
-        check("near_suffix", 0 <= self.near_suffix <= self.n_suffix, "must be in 0..n_suffix")
-        check("max_line_suffix", self.max_line_suffix >= 0, "must be >= 0")
-        check("max_line_bytes", 64 <= self.max_line_bytes <= 1 << 20, "must be in 64..1048576")
-        check("ring_n_chunks", self.ring_n_chunks >= 0, "must be >= 0 (0 = no extra context)")
-        check("ring_chunk_size", self.ring_chunk_size >= 3, "must be >= 3 lines")
-        check("ring_queue", self.ring_queue >= 1, "must be >= 1")
-        check("cache_device_mb", self.cache_device_mb >= 0, "must be >= 0")
-        check("cache_host_mb", self.cache_host_mb >= 0, "must be >= 0")
-        check("cache_disk_mb", self.cache_disk_mb >= 0, "must be >= 0 (0 = no disk cache)")
-        check("prefill_chunk", 1 <= self.prefill_chunk <= 4096, "must be in 1..4096")
-        check("threads", 0 <= self.threads <= 256, "must be in 0..256 (0 = auto)")
-        check("tail_checkpoints", 0 <= self.tail_checkpoints <= 16, "must be in 0..16")
+        """Raise ValueError for the first option (in field order) the schema rejects."""
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if not _has_type(meta, value):
+                raise ValueError(f"engine option {f.name} = {value!r}: {TYPE_MUST[meta['type']]}")
+            if not _allowed(meta, value, self):
+                raise ValueError(f"engine option {f.name} = {value!r}: {meta['must']}")
 
     # -- derived --------------------------------------------------------------
     def resolved_cache_dir(self) -> Path:
@@ -136,27 +250,77 @@ class EngineConfig:
                 "alpha_decay": self.alpha_decay}
 
 
-def _coerce(name: str, type_name, value):
-    """Lua numbers arrive as float or int, lists as lists; coerce and reject the wrong kind."""
-    t = str(type_name)
-    if t == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise ValueError(f"engine option {name} = {value!r}: must be an integer")
+def schema() -> List[dict]:
+    """Every option in field order: {"name", "default", **metadata} (for tools/gen_config.py
+    and the tests)."""
+    out = []
+    for f in dataclasses.fields(EngineConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append({"name": f.name, "default": default, **f.metadata})
+    return out
+
+
+# -- checks (driven by the field metadata) -------------------------------------------
+_FLOAT_MAX = sys.float_info.max     # a larger Python int has no float
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _coerce(name: str, meta, value):
+    """Lua numbers arrive as float or int, lists as lists (an empty table possibly as {});
+    normalise to the field's type or raise the type's message."""
+    t = meta["type"]
+    if value is None and meta["nullable"]:
+        return None
+    if t == "integer" and _is_number(value) and (isinstance(value, int) or value.is_integer()):
         return int(value)
-    if t == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"engine option {name} = {value!r}: must be a number")
+    if t == "number" and _has_type(meta, value):
         return float(value)
-    if t in ("str", "Optional[str]"):
-        if not isinstance(value, str):
-            raise ValueError(f"engine option {name} = {value!r}: must be a string")
-        return value
-    if t == "List[str]":
+    if t == "table":
         if isinstance(value, str):
-            value = [value]
-        if isinstance(value, dict):       # an empty Lua table can arrive as {}
-            value = list(value.values())
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"engine option {name} = {value!r}: must be a list of strings")
-        return [v for v in value]
-    return value
+            return [value]
+        if isinstance(value, dict) and not value:
+            return []
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    if _has_type(meta, value):
+        return value
+    raise ValueError(f"engine option {name} = {value!r}: {TYPE_MUST[t]}")
+
+
+def _has_type(meta, value) -> bool:
+    """Whether a (coerced) value has the field's type; elements of lists are a value check."""
+    t = meta["type"]
+    if value is None:
+        return meta["nullable"]
+    if t == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t == "number":
+        return _is_number(value) and abs(value) <= _FLOAT_MAX
+    if t == "string":
+        return isinstance(value, str)
+    if t == "boolean":
+        return isinstance(value, bool)
+    return isinstance(value, list)      # "table"
+
+
+def _allowed(meta, value, cfg: EngineConfig) -> bool:
+    """Range, choices, non-blank strings, list elements and the cross-field bound."""
+    if value is None:
+        return True
+    if meta["type"] == "table":
+        return all(isinstance(s, str) and s != "" for s in value)
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return False
+    if meta["nonblank"] and value.strip() == "":
+        return False
+    lo, hi = meta["min"], meta["max"]
+    if meta["max_option"] is not None:
+        hi = getattr(cfg, meta["max_option"])
+    if lo is not None and (value <= lo if meta["min_open"] else value < lo):
+        return False
+    return hi is None or value <= hi

@@ -1,8 +1,10 @@
 -- rwkv.nvim: one typed, validated configuration.
 --
 -- Editor-side options live at the top level; engine options live in `engine` and are
--- passed verbatim to Python (rwkv_engine.config.EngineConfig.from_dict), which fills in
--- its own defaults. Defaults are documented in doc/rwkv.txt (`:help rwkv-options`).
+-- passed verbatim to Python (rwkv_engine.pipeline.config.EngineConfig.from_dict), which
+-- fills in its own defaults. setup() checks them first against the table generated from
+-- that schema (rwkv.engine_options), so a bad engine option fails here, in the engine's
+-- words, before anything is sent. Defaults: doc/rwkv.txt (`:help rwkv-options`).
 local M = {}
 
 ---@class rwkv.Keymaps
@@ -59,56 +61,9 @@ M.defaults = {
   engine = {}, -- see :help rwkv-engine-options; nil keys use the engine's defaults
 }
 
--- Engine options: name -> Lua type(s). Must match EngineConfig's fields (a test checks).
-M.engine_types = {
-  model = "string",
-  download_dir = "string",
-  device = "string",
-  dtype = "string",
-  threads = "number",
-  candidates = "number",
-  max_tokens = "number",
-  max_lines = "number",
-  temperature = "number",
-  top_p = "number",
-  top_k = "number",
-  alpha_presence = "number",
-  alpha_frequency = "number",
-  alpha_decay = "number",
-  seed = "number",
-  stop = "table",
-  time_budget_ms = "number",
-  n_prefix = "number",
-  n_suffix = "number",
-  near_prefix = "number",
-  near_suffix = "number",
-  max_line_suffix = "number",
-  ring_n_chunks = "number",
-  ring_chunk_size = "number",
-  ring_queue = "number",
-  cache_device_mb = "number",
-  cache_host_mb = "number",
-  cache_disk_mb = "number",
-  cache_dir = "string",
-  max_line_bytes = "number",
-  prefill_chunk = "number",
-  tail_checkpoints = "number",
-}
-
--- The engine defaults the editor side needs itself (window of lines, auto-trigger rule,
--- context chunk size). Must equal EngineConfig's defaults (a test checks).
-M.engine_mirror = {
-  n_prefix = 256,
-  n_suffix = 64,
-  max_line_suffix = 8,
-  ring_chunk_size = 64,
-  ring_queue = 16,
-  candidates = 4,
-  max_line_bytes = 1024,
-}
-
-local allowed_devices = { auto = true, cpu = true, cuda = true }
-local allowed_dtypes = { auto = true, fp16 = true, bf16 = true, fp32 = true, int8 = true }
+-- Engine options (types, defaults, ranges, docs): generated from the engine's own schema
+-- (rwkv_engine.pipeline.config.EngineConfig) by tools/gen_config.py.
+local engine_options = require("rwkv.engine_options")
 
 ---@type rwkv.Config
 M.current = vim.deepcopy(M.defaults)
@@ -149,35 +104,118 @@ local function check_unknown(prefix, given, known)
   end
 end
 
-local function validate_engine(e)
-  check_unknown("engine.", e, M.engine_types)
-  for name, t in pairs(M.engine_types) do
-    check_type("engine." .. name, e[name], t, true)
+-- -- engine options: the engine's rules and words (EngineConfig.__post_init__/validate) -----
+
+local function finite(v)
+  return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
+end
+
+--- A value as the engine's messages print it (Python's repr, near enough): 'cpu', 0.0, 17.
+local function show(value, opt)
+  if type(value) == "string" then
+    return "'" .. value .. "'"
+  elseif type(value) == "number" then
+    if value ~= value then
+      return "nan"
+    elseif not finite(value) then
+      return value > 0 and "inf" or "-inf"
+    elseif opt and opt.type == "number" and value == math.floor(value) and math.abs(value) < 1e16 then
+      return ("%.1f"):format(value) -- the engine has made it a float by then: 0 -> 0.0
+    end
+    return tostring(value)
   end
-  if e.device and not allowed_devices[e.device] then
-    fail("engine.device must be one of auto, cpu, cuda")
+  return (vim.inspect(value, { newline = " ", indent = "" })) -- one line: { "a", "" }
+end
+
+local function engine_fail(opt, value, must)
+  fail(("engine option %s = %s: %s"):format(opt.name, show(value, opt), must))
+end
+
+--- Type check (Python: _coerce). A string is a list of one for "table" options; an empty
+--- table may be a dict (vim.empty_dict()), as Python also accepts.
+local function has_type(opt, v)
+  local t = opt.type
+  if t == "integer" then
+    return finite(v) and v == math.floor(v)
+  elseif t == "number" then
+    return finite(v)
+  elseif t == "table" then
+    return type(v) == "string" or (type(v) == "table" and (next(v) == nil or vim.islist(v)))
   end
-  if e.dtype and not allowed_dtypes[e.dtype] then
-    fail("engine.dtype must be one of auto, fp16, bf16, fp32, int8")
+  return type(v) == t -- "string", "boolean"
+end
+
+--- Value check (Python: _allowed); `eff` holds every option's effective value.
+local function allowed(opt, v, eff)
+  if v == nil then
+    return true
   end
-  if e.model ~= nil and vim.trim(e.model) == "" then
-    fail("engine.model must be a path or a model name (or nil for the default model)")
-  end
-  check_range("engine.candidates", e.candidates, 1, 16)
-  check_range("engine.max_tokens", e.max_tokens, 1, 4096)
-  check_range("engine.temperature", e.temperature, 0, 10)
-  check_range("engine.top_p", e.top_p, 0, 1)
-  for _, n in ipairs({ "n_prefix", "n_suffix", "max_line_suffix", "ring_n_chunks", "top_k",
-    "cache_device_mb", "cache_host_mb", "cache_disk_mb" }) do
-    check_range("engine." .. n, e[n], 0)
-  end
-  check_range("engine.ring_chunk_size", e.ring_chunk_size, 3)
-  check_range("engine.max_line_bytes", e.max_line_bytes, 64, 1048576)
-  if e.stop ~= nil then
-    for i, s in ipairs(e.stop) do
+  if opt.type == "table" then
+    for _, s in ipairs(type(v) == "string" and { v } or v) do
       if type(s) ~= "string" or s == "" then
-        fail(("engine.stop[%d] must be a non-empty string"):format(i))
+        return false
       end
+    end
+    return true
+  end
+  if opt.choices and not vim.tbl_contains(opt.choices, v) then
+    return false
+  end
+  if opt.nonblank and not v:find("%S") then
+    return false
+  end
+  local lo, hi = opt.min, opt.max
+  if opt.max_option then
+    hi = eff[opt.max_option]
+  end
+  if lo and (v < lo or (opt.min_open and v == lo)) then
+    return false
+  end
+  return hi == nil or v <= hi
+end
+
+--- Raise on the first engine option the engine would reject, in the engine's order:
+--- unknown keys, then types, then the near_* clamp, then values. vim.NIL = not set.
+local function validate_engine(e)
+  local unknown = {}
+  for k in pairs(e) do
+    if not engine_options.by_name[k] then
+      table.insert(unknown, k)
+    end
+  end
+  if #unknown > 0 then
+    table.sort(unknown, function(a, b)
+      return tostring(a) < tostring(b)
+    end)
+    local names = vim.tbl_map(function(o)
+      return o.name
+    end, engine_options.options)
+    table.sort(names)
+    fail(("unknown engine option %s (known: %s)"):format(show(unknown[1]), table.concat(names, ", ")))
+  end
+  local eff = {}
+  for _, opt in ipairs(engine_options.options) do
+    local v = e[opt.name]
+    if v == vim.NIL then
+      v = nil
+    end
+    if v ~= nil and not has_type(opt, v) then
+      engine_fail(opt, v, engine_options.type_must[opt.type])
+    end
+    if v == nil then
+      v = opt.default
+    end
+    eff[opt.name] = v
+  end
+  for _, opt in ipairs(engine_options.options) do
+    local limit = opt.max_option and eff[opt.max_option]
+    if limit and limit >= 0 then
+      eff[opt.name] = math.min(eff[opt.name], limit)
+    end
+  end
+  for _, opt in ipairs(engine_options.options) do
+    if not allowed(opt, eff[opt.name], eff) then
+      engine_fail(opt, eff[opt.name], opt.must)
     end
   end
 end
@@ -237,7 +275,7 @@ function M.apply(opts)
   opts = vim.deepcopy(opts or {})
   -- shorthand: engine options may also be given at the top level (setup({ model = ... }))
   for k, v in pairs(opts) do
-    if M.engine_types[k] ~= nil and M.defaults[k] == nil then
+    if engine_options.by_name[k] ~= nil and M.defaults[k] == nil then
       opts.engine = opts.engine or {}
       if type(opts.engine) == "table" and opts.engine[k] == nil then
         opts.engine[k] = v
@@ -252,12 +290,20 @@ function M.apply(opts)
   return merged
 end
 
---- An engine option as the engine will see it (the user's value or the engine default).
+--- An engine option as the engine will see it: the user's value or the engine default,
+--- near_prefix/near_suffix lowered to n_prefix/n_suffix as the engine does.
 ---@param name string
 function M.engine(name)
+  local opt = engine_options.by_name[name] or error("rwkv: unknown engine option " .. tostring(name))
   local v = M.current.engine[name]
-  if v == nil then
-    return M.engine_mirror[name]
+  if v == nil or v == vim.NIL then
+    v = vim.deepcopy(opt.default)
+  end
+  if opt.max_option then
+    local limit = M.engine(opt.max_option)
+    if limit >= 0 and v > limit then
+      v = limit
+    end
   end
   return v
 end

@@ -129,19 +129,6 @@ function M.show(items, index, opts)
   pcall(vim.api.nvim_win_set_cursor, state.win, { ranges[index].first + 1, 0 })
 end
 
---- Move the highlight to `index` (no re-layout).
-function M.select(index, n)
-  if not M.is_open() or not state.ranges[index] then
-    return
-  end
-  highlight(index)
-  pcall(vim.api.nvim_win_set_cursor, state.win, { state.ranges[index].first + 1, 0 })
-  local cfg = vim.api.nvim_win_get_config(state.win)
-  if cfg.title then
-    pcall(vim.api.nvim_win_set_config, state.win, { title = title(index, n), title_pos = "right" })
-  end
-end
-
 function M.is_open()
   return state.win ~= nil and vim.api.nvim_win_is_valid(state.win)
 end
