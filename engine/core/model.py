@@ -149,7 +149,7 @@ class RWKV7:
 
         With ``all_logits`` the logits of every position are returned, [B, T, V].
         """
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        tokens = self._checked_tokens(tokens)
         if tokens.dim() == 1:
             tokens = tokens[None]
         B, T = tokens.shape
@@ -159,8 +159,6 @@ class RWKV7:
             state = self.new_state(B)
         if state.batch != B:
             raise ValueError(f"state has {state.batch} rows but tokens have {B}")
-        if int(tokens.max()) >= self.shape.vocab_size or int(tokens.min()) < 0:
-            raise ValueError(f"token id out of range for vocabulary size {self.shape.vocab_size}")
         x = self.emb[tokens]                                                       # [B, T, C]
         new = State([], [], [])
         v_first = None
@@ -174,12 +172,24 @@ class RWKV7:
 
     __call__ = forward
 
+    def _checked_tokens(self, tokens) -> torch.Tensor:
+        """``tokens`` as a long tensor on the model's device. Ids from the host (lists, CPU
+        tensors: prompts) are range-checked on the host BEFORE the copy, so the check never
+        waits for the GPU; a tensor already on the device (ids the sampler drew from this
+        model's logits) is used as it is."""
+        t = torch.as_tensor(tokens, dtype=torch.long)
+        if t.device.type == "cpu" and t.numel():
+            lo, hi = torch.aminmax(t)
+            if int(lo) < 0 or int(hi) >= self.shape.vocab_size:
+                raise ValueError(f"token id out of range for vocabulary size {self.shape.vocab_size}")
+        return t.to(self.device)
+
     def _time_mix(self, p: _Layer, x, state: State, new: State, i: int, v_first):
         B, T, C = x.shape
         H, N = self.shape.n_head, self.shape.head_size
         h = F.layer_norm(x, (C,), p.ln1_w, p.ln1_b)                                # [B, T, C]
         prev = torch.cat([state.att_x[i][:, None], h[:, :-1]], dim=1) if T > 1 else state.att_x[i][:, None]
-        new.att_x.append(h[:, -1].contiguous())
+        new.att_x.append(h[:, -1].clone(memory_format=torch.contiguous_format))   # own storage, not a view of h
         d = prev - h
         xr, xw, xk = torch.addcmul(h, d, p.x_r), torch.addcmul(h, d, p.x_w), torch.addcmul(h, d, p.x_k)
         xv, xa, xg = torch.addcmul(h, d, p.x_v), torch.addcmul(h, d, p.x_a), torch.addcmul(h, d, p.x_g)
@@ -208,7 +218,7 @@ class RWKV7:
         B, T, C = x.shape
         f = F.layer_norm(x, (C,), p.ln2_w, p.ln2_b)
         prev = torch.cat([state.ffn_x[i][:, None], f[:, :-1]], dim=1) if T > 1 else state.ffn_x[i][:, None]
-        new.ffn_x.append(f[:, -1].contiguous())
+        new.ffn_x.append(f[:, -1].clone(memory_format=torch.contiguous_format))   # own storage, not a view of f
         kx = torch.addcmul(f, prev - f, p.ffn_x_k)
         hidden = torch.relu_(p.ffn_K(kx))                                          # [B, T, F]
         return x + p.ffn_V(hidden.mul_(hidden))                                    # relu(.)^2
@@ -217,9 +227,18 @@ class RWKV7:
 def load_model(path, device="cpu", dtype=None, use_kernel: bool = True) -> RWKV7:
     """Load an official RWKV-7 ``.pth`` checkpoint (suffix optional) onto ``device``.
 
-    Raises CheckpointError (one line naming the file) for any unusable file, and
-    RuntimeError with a clear message when the device is not available.
+    Raises CheckpointError (one line naming the file) for an unusable file only: a
+    missing tensor, a tensor of the wrong shape or size, a bad trimmed vocabulary.
+    What is not the file's fault keeps its kind: out of memory re-raised as is (the
+    caller's memory policy), an option error (dtype) as ValueError, and any other
+    failure to build the model on ``device`` (no CUDA, "no kernel image is available"
+    for this GPU, a driver error) as a one-line RuntimeError saying so.
     """
+    import re
+
+    from .errors import is_out_of_memory, one_line
+    from .tokenizer import TokenizerError
+
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA/ROCm GPU is available to torch")
@@ -227,9 +246,27 @@ def load_model(path, device="cpu", dtype=None, use_kernel: bool = True) -> RWKV7
     try:
         return RWKV7(sd, shape, device=dev, dtype=dtype, world_ids=world_ids, path=p,
                      use_kernel=use_kernel)
-    except (RuntimeError, ValueError, KeyError) as e:
-        if isinstance(e, CheckpointError):
+    except CheckpointError:
+        raise
+    except KeyError as e:               # a tensor infer_shape did not ask for
+        raise CheckpointError(f"{p}: not a complete RWKV-7 (x070) checkpoint: missing "
+                              f"{one_line(e.args[0] if e.args else e, 160)!r}") from None
+    except TokenizerError as e:
+        if world_ids is None:           # the shipped vocabulary, not this file
             raise
-        if "out of memory" in str(e).lower():
+        raise CheckpointError(f"{p}: unusable trimmed vocabulary ({one_line(e, 160)})") from None
+    except RuntimeError as e:
+        if is_out_of_memory(e):
             raise
-        raise CheckpointError(f"{p}: cannot build the model ({str(e).splitlines()[0][:160]})") from None
+        cause = one_line(e)
+        # torch's words for tensors that do not fit together ("shape '[128]' is invalid
+        # for input of size 256", "size of tensor a (64) must match ...", "Given
+        # normalized_shape=[128], expected input with shape ..."), unless the device
+        # speaks (a CUDA/HIP error message may mention sizes too)
+        device_words = re.search(r"\b(CUDA|HIP|ROCm|cuDNN|cuBLAS|CUBLAS|NCCL|MPS|XPU|driver|device)\b"
+                                 r"|kernel image", cause, re.IGNORECASE)
+        shape_words = re.search(r"\bshapes?\b|\bsize\b|must match|mismatch|cannot be multiplied"
+                                r"|normalized_shape", cause)
+        if shape_words and not device_words:
+            raise CheckpointError(f"{p}: cannot build the model ({one_line(e, 160)})") from None
+        raise RuntimeError(f"could not put the model {p.name} on {dev}: {cause}") from e

@@ -144,21 +144,29 @@ def clip_bytes(text: str, max_bytes: int, keep_end: bool = False) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+class MalformedRequest(ValueError):
+    """A completion request the caller built wrong (a missing key, a wrong type, the
+    cursor outside its window of lines): the caller's fault, not an engine failure.
+    Only :func:`validate_request` raises it; any other exception while completing
+    (CheckpointError and TokenizerError are ValueErrors too) is the engine's."""
+
+
 def validate_request(req: dict) -> None:
-    """One-line ValueError for a malformed completion request."""
+    """One-line :class:`MalformedRequest` for a malformed completion request."""
     for key in ("lines", "first", "row", "col"):
         if key not in req:
-            raise ValueError(f"completion request has no {key!r}")
+            raise MalformedRequest(f"completion request has no {key!r}")
     lines = req["lines"]
     if not isinstance(lines, (list, tuple)) or not all(isinstance(x, str) for x in lines):
-        raise ValueError("completion request 'lines' must be a list of strings")
+        raise MalformedRequest("completion request 'lines' must be a list of strings")
     first, row, col = req["first"], req["row"], req["col"]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, row, col)):
-        raise ValueError("completion request 'first', 'row' and 'col' must be integers")
+        raise MalformedRequest("completion request 'first', 'row' and 'col' must be integers")
     if first < 0 or col < 0:
-        raise ValueError("completion request 'first' and 'col' must be >= 0")
+        raise MalformedRequest("completion request 'first' and 'col' must be >= 0")
     if not first <= row < first + len(lines):
-        raise ValueError(f"cursor row {row} is outside the window of lines {first}..{first + len(lines) - 1}")
+        raise MalformedRequest(f"cursor row {row} is outside the window of lines "
+                               f"{first}..{first + len(lines) - 1}")
 
 
 class PromptBuilder:

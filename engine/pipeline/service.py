@@ -10,7 +10,14 @@ thread; every method except ``close`` returns at once. The worker thread
   decode steps and calls nothing (it is *superseded*),
 * applies queued chunks and accepts between requests,
 * does idle priming (``prime()``) only while no request is waiting; a request that
-  arrives during priming waits for at most one prefill piece.
+  arrives during priming waits for at most one prefill piece; if priming fails it is
+  switched off for this service with one "warning".
+
+Failures: a malformed request (``MalformedRequest``, the caller's fault) only gets
+its one-line message in the result's "error". Every other exception while serving is
+an engine failure: logged with its traceback, emitted as an "error" event, kept as
+``status()["last_error"]`` ({"message", "time"}: epoch seconds) and returned in the
+result's "error".
 
 Callbacks (``on_partial``, ``on_done``, ``on_event``) run on the worker thread.
 """
@@ -22,8 +29,10 @@ import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
+from ..core.checkpoint import CheckpointError
 from ..core.errors import one_line
 from .config import EngineConfig
+from .prompt_layout import MalformedRequest
 
 log = logging.getLogger("rwkv_engine")
 
@@ -43,12 +52,14 @@ class CompletionService:
         self._chunks: List[Tuple[str, str]] = []
         self._accepts: List[Tuple[int, str]] = []
         self._prime_wanted = False
+        self._prime_failed: Optional[str] = None   # priming raised once: it stays off
         self._closing = False
         self._thread: Optional[threading.Thread] = None
         self._completer = None
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
-                        "dtype": "", "error": None, "cache": {}, "last": {}}
+                        "dtype": "", "error": None, "cache": {}, "last": {},
+                        "last_error": None}     # {"message", "time"} of the last engine failure
         # request accounting (status()["load"]): at most one request computes at a time
         self._counts = {"submitted": 0, "finished": 0, "superseded": 0, "running": 0, "max_running": 0}
 
@@ -82,6 +93,8 @@ class CompletionService:
 
     def prime(self) -> None:
         with self._cv:
+            if self._prime_failed is not None:     # reported once already; requests still run
+                return
             self._prime_wanted = True
             self._cv.notify_all()
 
@@ -102,6 +115,7 @@ class CompletionService:
             s = dict(self._status)
             s["cache"] = dict(s["cache"])
             s["last"] = dict(s["last"])
+            s["last_error"] = dict(s["last_error"]) if s["last_error"] else None
             s["load"] = dict(self._counts)
             s["busy"] = self._pending is not None or self._counts["running"] > 0
         return s
@@ -124,6 +138,16 @@ class CompletionService:
             except Exception:                         # a broken listener must not kill the worker
                 log.exception("rwkv.nvim: on_event(%s) failed", kind)
 
+    def _failed(self, error: BaseException, what: str, traceback: bool = True) -> str:
+        """An engine failure: logged (with its traceback), kept as status()["last_error"],
+        emitted as one "error" event. Returns the one-line message."""
+        msg = one_line(error)
+        log.error("rwkv.nvim: %s failed: %s", what, msg, exc_info=error if traceback else None)
+        with self._cv:
+            self._status["last_error"] = {"message": msg, "time": time.time()}
+        self._emit("error", {"message": msg})
+        return msg
+
     def _load(self) -> None:
         name = self.config.model or "default"
         self._emit("loading", {"model": name})
@@ -132,10 +156,10 @@ class CompletionService:
             from .completer import Completer
             self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
-            msg = one_line(e)
             with self._cv:
-                self._status["error"] = msg
-            self._emit("error", {"message": msg})
+                self._status["error"] = one_line(e)
+            # an unusable model file is the user's to fix: its message says it all
+            self._failed(e, f"loading {name}", traceback=not isinstance(e, CheckpointError))
             return
         m = self._completer.model
         self._warm_kernel(m)
@@ -173,10 +197,9 @@ class CompletionService:
         try:
             self._load()
         except Exception as e:                          # never leave the caller waiting silently
-            log.exception("rwkv.nvim: engine start failed")
             with self._cv:
                 self._status["error"] = one_line(e)
-            self._emit("error", {"message": one_line(e)})
+            self._failed(e, "engine start")
         while True:
             with self._cv:
                 while not (self._closing or self._pending or self._chunks or self._accepts
@@ -190,8 +213,7 @@ class CompletionService:
             try:
                 self._work(chunks, accepts, job)
             except Exception as e:                      # never let the worker die silently
-                log.exception("rwkv.nvim: engine error")
-                self._emit("error", {"message": one_line(e)})
+                self._failed(e, "engine work")
 
     def _work(self, chunks, accepts, job) -> None:
         c = self._completer
@@ -250,19 +272,32 @@ class CompletionService:
     def _complete(self, c, rid, request, partial, superseded) -> Optional[dict]:
         try:
             return c.complete(request, on_partial=partial, should_stop=superseded)
-        except ValueError as e:                         # a malformed request
+        except MalformedRequest as e:                   # the caller's fault: only the result says so
+            log.info("rwkv.nvim: malformed request %s: %s", rid, one_line(e))
             return {"id": rid, "candidates": [], "stats": {}, "error": one_line(e)}
-        except Exception as e:                          # engine failure (e.g. out of memory)
-            log.exception("rwkv.nvim: request %s failed", rid)
-            self._emit("error", {"message": one_line(e)})
-            return {"id": rid, "candidates": [], "stats": {}, "error": one_line(e)}
+        except Exception as e:                          # engine failure: CheckpointError, tokenizer, OOM, ...
+            return {"id": rid, "candidates": [], "stats": {}, "error": self._failed(e, f"request {rid}")}
 
     def _prime(self, c) -> None:
         def interrupted() -> bool:
             return self._pending is not None or self._closing or bool(self._chunks)
 
         while not interrupted():
-            if not c.prime_step(should_stop=interrupted):
+            try:
+                more = c.prime_step(should_stop=interrupted)
+            except Exception as e:
+                # out of memory was already handled (Completer's memory policy); anything
+                # else would fail again on every idle pass: priming goes off for good with
+                # one warning (the worker loop would otherwise spin on _prime_wanted)
+                msg = one_line(e)
+                log.error("rwkv.nvim: idle priming failed: %s", msg, exc_info=e)
+                with self._cv:
+                    self._prime_wanted = False
+                    self._prime_failed = msg
+                    self._status["last_error"] = {"message": f"idle priming: {msg}", "time": time.time()}
+                self._emit("warning", {"message": f"idle priming stopped: {msg}"})
+                break
+            if not more:
                 with self._cv:
                     self._prime_wanted = False
                 break

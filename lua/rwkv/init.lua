@@ -1,7 +1,7 @@
 -- rwkv.nvim: local RWKV-7 code completion. Public Lua API:
 --   require("rwkv").setup(opts)        validate and apply options (:help rwkv-options)
 --   .enable() .disable() .toggle()     suggestions on / off
---   .status()                          {enabled, model, device, loaded, error, last = {...}}
+--   .status()                          {enabled, model, device, loaded, error, last_error, last = {...}}
 --   .statusline()                      a short string for the statusline
 -- The model loads in the Python host on the first InsertEnter, never at start-up.
 local config = require("rwkv.config")
@@ -20,13 +20,26 @@ local engine = {
   device = nil, ---@type string|nil
   dtype = nil, ---@type string|nil
   load_ms = nil, ---@type number|nil
-  error = nil, ---@type string|nil
+  error = nil, ---@type string|nil  why the engine is unusable (its start or load failed)
+  last_error = nil, ---@type {message: string, time: integer}|nil  the newest failure of any kind
   warnings = {}, ---@type string[]  degraded but working (CPU fallback, no disk cache, ...)
 }
+-- errors already notified: each distinct message once (not once per keystroke); forgotten
+-- when the engine loads again, so that a retry that fails the same way says so again
 local notified_errors = {}
+local notified_warnings = {} -- each warning once per session
 
 local function notify(msg, level)
   vim.notify(msg, level or vim.log.levels.INFO, { title = "rwkv" })
+end
+
+--- Record an error as the last one (for :RwkvStatus) and notify it unless already notified.
+local function report_error(msg)
+  engine.last_error = { message = msg, time = os.time() }
+  if not notified_errors[msg] then
+    notified_errors[msg] = true
+    notify("rwkv: " .. msg, vim.log.levels.ERROR)
+  end
 end
 
 local function define_highlights()
@@ -100,7 +113,9 @@ function M.on_event(kind, info)
   info = info or {}
   local quiet = not config.current.notify
   if kind == "loading" then
-    engine.loading, engine.error, engine.model = true, nil, info.model or engine.model
+    -- a new engine (first start, new options or a retry): the old one is gone
+    engine.loading, engine.loaded, engine.error, engine.model = true, false, nil, info.model or engine.model
+    notified_errors = {}
     if not quiet then
       notify(("rwkv: loading model %s …"):format(info.model or "(default)"))
     end
@@ -116,22 +131,30 @@ function M.on_event(kind, info)
       notify("rwkv: " .. info.message)
     end
   elseif kind == "error" then
-    engine.loading = false
-    engine.error = info.message or "unknown error"
-    if not notified_errors[engine.error] then
-      notified_errors[engine.error] = true
-      notify("rwkv: " .. engine.error, vim.log.levels.ERROR)
-    end
+    local msg = info.message or "unknown error"
+    if not engine.loaded then -- the start or the load failed: suggestions are off
+      engine.loading = false
+      engine.error = msg
+    end -- else one request failed: the engine still works
+    report_error(msg)
   elseif kind == "warning" then
     local msg = info.message or "unknown problem"
-    if not notified_errors[msg] then -- each warning once per session
-      notified_errors[msg] = true
+    if not notified_warnings[msg] then -- each warning once per session
+      notified_warnings[msg] = true
       engine.warnings[#engine.warnings + 1] = msg
       notify("rwkv: " .. msg, vim.log.levels.WARN)
     end
   elseif kind == "download" then
     notify("rwkv: " .. (info.message or ""), info.ok and vim.log.levels.INFO or vim.log.levels.ERROR)
   end
+end
+
+--- From suggest.on_done: the error of a finished request (a malformed request, an engine
+--- failure also sent as an "error" event, or the model that did not load). Kept for
+--- :RwkvStatus; notified once per distinct message.
+---@param msg string
+function M.on_request_error(msg)
+  report_error(msg)
 end
 
 function M.is_enabled()
@@ -141,6 +164,15 @@ end
 function M.enable()
   M.ensure_setup()
   config.current.enabled = true
+  -- the model failed to load (e.g. not downloaded yet): load it again; the host starts a
+  -- new engine for the same options only when the last load failed
+  if engine.error and not engine.loaded and not engine.loading and remote.state.started
+      and not remote.state.failed then
+    engine.loading = true
+    if not remote.start(config.engine_opts()) then
+      engine.loading = false
+    end
+  end
 end
 
 function M.disable()
@@ -167,6 +199,7 @@ function M.status()
     model = engine.model or config.current.engine.model,
     device = engine.device or config.current.engine.device,
     error = engine.error or remote.state.failed,
+    last_error = engine.last_error and vim.deepcopy(engine.last_error) or nil,
     last = {
       reused_tokens = last.reused_tokens,
       prefilled_tokens = last.prefilled_tokens,
@@ -195,6 +228,32 @@ function M.statusline()
     return "rwkv:…"
   end
   return "rwkv:on"
+end
+
+--- "14:03:12, 2 min ago" for an epoch time in seconds.
+local function fmt_when(t)
+  local ago = math.max(0, os.time() - math.floor(t))
+  local rel
+  if ago < 60 then
+    rel = ("%d s ago"):format(ago)
+  elseif ago < 3600 then
+    rel = ("%d min ago"):format(math.floor(ago / 60))
+  else
+    rel = ("%.1f h ago"):format(ago / 3600)
+  end
+  return ("%s, %s"):format(os.date("%H:%M:%S", math.floor(t)), rel)
+end
+
+--- The newer of two {message, time} records (either may be nil or vim.NIL).
+local function newer_error(a, b)
+  local function ok(e)
+    return type(e) == "table" and type(e.message) == "string" and type(e.time) == "number"
+  end
+  a, b = ok(a) and a or nil, ok(b) and b or nil
+  if a and b then
+    return (b.time > a.time) and b or a
+  end
+  return a or b
 end
 
 local function fmt_bytes(n)
@@ -227,8 +286,17 @@ function M.status_lines()
   add("model: %s  device: %s  dtype: %s  %s", model, where, py.dtype or engine.dtype or "?",
     loaded and "loaded" or (st.loading and "loading" or "not loaded"))
   local err = py.error or st.error
+  local last_err = newer_error(engine.last_error, py.last_error)
   if err and err ~= vim.NIL and err ~= remote.state.failed then
-    add("error: %s", err)
+    if last_err and last_err.message == err then
+      add("error (%s): %s", fmt_when(last_err.time), err)
+      last_err = nil
+    else
+      add("error: %s", err)
+    end
+  end
+  if last_err then
+    add("last error (%s): %s", fmt_when(last_err.time), last_err.message)
   end
   for _, w in ipairs(engine.warnings) do
     add("warning: %s", w)

@@ -296,9 +296,13 @@ function M.on_partial(msg)
   render()
 end
 
---- From Python: the final candidates and the request's stats.
----@param msg {id: integer, candidates: {text: string, logprob: number}[], stats: table}
+--- From Python: the final candidates and the request's stats (and "error" when it failed).
+---@param msg {id: integer, candidates: {text: string, logprob: number}[], stats: table, error: string|nil}
 function M.on_done(msg)
+  if type(msg.error) == "string" and msg.error ~= "" then
+    -- even for a request since replaced: it failed, :RwkvStatus shows it (notified once)
+    require("rwkv").on_request_error(msg.error)
+  end
   if type(msg.stats) == "table" then
     S.last = msg.stats
   end
@@ -310,6 +314,9 @@ function M.on_done(msg)
   if not drawable(s) then
     return
   end
+  -- keep the engine's order (never sort by logprob): its first candidate is the streamed
+  -- text the ghost shows now, extended, so the ghost only grows and the extmark is updated
+  -- in place (ghost.show reuses it)
   local items, seen = {}, {}
   for _, c in ipairs(msg.candidates or {}) do
     local t = type(c) == "table" and c.text or c

@@ -22,7 +22,7 @@ import logging
 
 import pynvim
 
-from .bridge import Bridge
+from .bridge import Bridge, one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class RwkvPlugin:
             return fn(*args)
         except Exception as exc:
             log.exception("rwkv: handler failed")
-            self.bridge.event("error", {"message": f"internal error: {exc}"})
+            self.bridge.event("error", {"message": f"internal error: {one_line(exc)}"})
             return None
 
     @pynvim.function("RwkvStart", sync=False)

@@ -7,7 +7,8 @@ Rules kept here:
 - ``rwkv_engine.pipeline.service`` (torch) is imported lazily, on a background thread, the first
   time the engine starts, so host start and :UpdateRemotePlugins stay fast.
 - Nothing raises into pynvim (it would print a traceback while the user types): errors
-  become one line in the "error" event.
+  become one line in the "error" event, formatted by the engine's own formatter
+  (``rwkv_engine.core.errors.one_line``, torch-free; see ``one_line`` below).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,30 +31,75 @@ LUA_MAIN = "require('rwkv')"
 CHECKOUT_ENGINE = Path(__file__).resolve().parents[3] / "engine"
 
 
+# import_engine runs on the start / download threads and, through one_line, on any thread
+# that reports an error; reentrant because the engine's import may log a warning, whose
+# forwarding formats it with one_line on the same thread
+_IMPORT_LOCK = threading.RLock()
+
+
 def import_engine() -> None:
     """Make ``rwkv_engine`` importable: the installed package, else this checkout's engine/
     (a plugin manager's clone whose Python has torch but not the package installed)."""
-    if "rwkv_engine" in sys.modules or importlib.util.find_spec("rwkv_engine") is not None:
-        return
-    init = CHECKOUT_ENGINE / "__init__.py"
-    if not init.is_file():
-        raise ImportError("No module named 'rwkv_engine'")
-    spec = importlib.util.spec_from_file_location(
-        "rwkv_engine", init, submodule_search_locations=[str(CHECKOUT_ENGINE)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rwkv_engine"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["rwkv_engine"]
-        raise
+    with _IMPORT_LOCK:
+        if "rwkv_engine" in sys.modules or importlib.util.find_spec("rwkv_engine") is not None:
+            return
+        init = CHECKOUT_ENGINE / "__init__.py"
+        if not init.is_file():
+            raise ImportError("No module named 'rwkv_engine'")
+        spec = importlib.util.spec_from_file_location(
+            "rwkv_engine", init, submodule_search_locations=[str(CHECKOUT_ENGINE)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["rwkv_engine"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules["rwkv_engine"]
+            raise
 
 
-def one_line(exc: BaseException) -> str:
-    """A user-facing one-line message for `exc`."""
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    return msg if msg else type(exc).__name__
+# The error formatter: ONE implementation, the engine's rwkv_engine.core.errors (torch-free,
+# standard library only). Loaded on the first error, never at import (host start and
+# :UpdateRemotePlugins stay light):
+#   1. as part of the package (import_engine: installed, else this checkout's engine/);
+#   2. if the package itself cannot be imported (its __init__ fails, a broken install),
+#      the same file, this checkout's engine/core/errors.py, loaded on its own, so that
+#      the failure to import the engine is reported by the same function;
+#   3. only when neither exists (no engine anywhere) a bare first line: there is no
+#      formatter to share, and the message still has to reach the user.
+ERRORS_FILE = CHECKOUT_ENGINE / "core" / "errors.py"
+_errors_module: Any = None
+
+
+def _load_errors_module() -> Any:
+    global _errors_module
+    with _IMPORT_LOCK:
+        if _errors_module is not None:
+            return _errors_module
+        try:
+            import_engine()
+            from rwkv_engine.core import errors
+        except Exception:
+            errors = None
+            if ERRORS_FILE.is_file():
+                try:
+                    spec = importlib.util.spec_from_file_location("_rwkv_nvim_engine_errors", ERRORS_FILE)
+                    errors = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(errors)
+                except Exception:
+                    log.debug("cannot load %s", ERRORS_FILE, exc_info=True)
+                    errors = None
+        _errors_module = errors
+        return errors
+
+
+def one_line(error: Any) -> str:
+    """The one line a user sees for ``error`` (an exception or a message), by the engine's
+    formatter (see above)."""
+    errors = _load_errors_module()
+    if errors is not None:
+        return errors.one_line(error)
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def lua_dict(value: Any) -> dict:
@@ -153,6 +200,15 @@ def setup_debug_log(path: str) -> Optional[logging.Handler]:
     return handler
 
 
+def _load_failed(service) -> bool:
+    """Whether ``service`` finished loading without a model (its status has an error)."""
+    try:
+        st = service.status()
+    except Exception:
+        return True
+    return not st.get("loaded") and bool(st.get("error"))
+
+
 class Bridge:
     """Owns the CompletionService for one Neovim instance."""
 
@@ -162,7 +218,8 @@ class Bridge:
         self._service = None          # rwkv_engine.pipeline.service.CompletionService, once started
         self._options: Optional[dict] = None   # engine options of the running/starting service
         self._starting = False
-        self._error: Optional[str] = None
+        self._error: Optional[str] = None      # why the engine could not start (no service)
+        self._last_error: Optional[dict] = None   # {"message", "time"} of the last "error" event
         self._pending_request: Optional[dict] = None   # arrived while the service was starting
         self._pending_chunks: list = []
         self._next_options: Optional[dict] = None
@@ -184,8 +241,12 @@ class Bridge:
     def event(self, kind: str, info: dict) -> None:
         """Service event -> require('rwkv').on_event(kind, info)."""
         if kind == "error":
-            self._error = info.get("message")
+            self._last_error = {"message": info.get("message"), "time": time.time()}
         self._to_lua(f"return {LUA_MAIN}.on_event(...)", kind, plain(info))
+
+    def _fail_start(self, message: str) -> None:
+        self._error = message
+        self.event("error", {"message": message})
 
     def _on_partial(self, msg: dict) -> None:
         self._to_lua(f"return {LUA_SUGGEST}.on_partial(...)", plain(msg))
@@ -216,15 +277,18 @@ class Bridge:
         try:
             options = lua_dict(options)
         except ValueError as exc:
-            self.event("error", {"message": one_line(exc)})
+            self._fail_start(one_line(exc))
             return
         with self._lock:
             if self._starting:
                 self._next_options = options     # applied when the current start finishes
                 return
-            if self._service is not None and options == self._options:
+            # the same options: nothing to do, unless that engine failed to load (a model
+            # downloaded since, a file fixed): then :RwkvEnable / setup() loads again
+            if self._service is not None and options == self._options and not _load_failed(self._service):
                 return
             self._starting = True
+            self._error = None
             self._options = options
             old, self._service = self._service, None
         threading.Thread(target=self._start_thread, args=(options, old),
@@ -243,10 +307,10 @@ class Bridge:
             service = CompletionService(config, on_event=self.event)
             service.start()
         except Exception as exc:  # bad option, missing torch, ...
-            self._error = one_line(exc)
+            message = one_line(exc)
             if isinstance(exc, ImportError):
-                self._error = f"cannot import the engine ({self._error}); see :checkhealth rwkv"
-            self.event("error", {"message": self._error})
+                message = f"cannot import the engine ({message}); see :checkhealth rwkv"
+            self._fail_start(message)
             service = None
         with self._lock:
             self._service = service
@@ -326,16 +390,22 @@ class Bridge:
             self._guard(service.prime)
 
     def status(self) -> dict:
+        """The service's status; "error": why it is unusable (None when it works),
+        "last_error": {"message", "time"} of the newest failure (the service's or this
+        bridge's own: a start that failed, a call that raised)."""
         service = self._running()
         if service is None:
-            return {"loaded": False, "starting": self._starting, "error": self._error,
-                    "model": (self._options or {}).get("model")}
+            return plain({"loaded": False, "starting": self._starting, "error": self._error,
+                          "model": (self._options or {}).get("model"), "last_error": self._last_error})
         try:
             st = dict(service.status())
         except Exception as exc:
-            return {"loaded": False, "error": one_line(exc)}
+            return {"loaded": False, "error": one_line(exc), "last_error": self._last_error}
         if st.get("error") is None and self._error:
             st["error"] = self._error
+        mine, theirs = self._last_error, st.get("last_error")
+        if mine and (not isinstance(theirs, dict) or mine.get("time", 0) > theirs.get("time", 0)):
+            st["last_error"] = mine
         return plain(st)
 
     def download(self, name: Any) -> None:
