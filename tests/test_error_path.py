@@ -317,3 +317,27 @@ def test_priming_that_raises_stops_with_one_warning(service, monkeypatch):
     time.sleep(0.3)
     assert len(calls) == 1 and len(rec.kinds("warning")) == 1
     assert run(svc, rec, make_request(SOURCE_LINES[:12], 9, rid=3))["candidates"]   # requests still run
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_gpu_that_cannot_run_the_model_falls_back_to_the_cpu_once(monkeypatch, tiny_model_path, device):
+    """"no kernel image is available" (a torch build without this GPU's architecture) is
+    the GPU's fault, not the file's: the model runs on the CPU, with one warning saying why."""
+    from rwkv_engine.core import model as model_mod
+    from rwkv_engine.pipeline.config import EngineConfig
+    from rwkv_engine.pipeline.loading import load_configured_model
+
+    real = model_mod.load_model
+
+    def fake(path, device="cpu", dtype=None, **kw):
+        if str(device).startswith("cuda"):
+            raise RuntimeError("could not put the model tiny.pth on cuda: CUDA error: no kernel image "
+                               "is available for execution on the device")
+        return real(path, device=device, dtype=dtype, **kw)
+
+    monkeypatch.setattr(model_mod, "load_model", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    warnings = []
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device=device), warnings.append)
+    assert m.device.type == "cpu"
+    assert len(warnings) == 1 and "no kernel image" in warnings[0] and "CPU" in warnings[0]

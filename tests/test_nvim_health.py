@@ -321,3 +321,15 @@ print(rwkv_engine.__file__, EngineConfig.__module__)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(REPO / "engine" / "__init__.py"), "rwkv_engine.pipeline.config"]
+
+
+def test_a_failed_setup_keeps_the_plugin_off_instead_of_starting_with_defaults(nvim_session):
+    """setup() with a bad option, then VimEnter's default setup: nothing starts with the
+    defaults (the user's options were wrong, not absent) and :RwkvStatus says why."""
+    s = nvim_session({"engine": {"top_p": 0}}, manifest=False)
+    s.lua("require('rwkv').ensure_setup()")
+    assert s.lua("return #vim.api.nvim_get_autocmds({event = 'InsertEnter', pattern = '*'})"
+                 " == 0 or #vim.tbl_filter(function(a) return a.group_name == 'rwkv' end,"
+                 " vim.api.nvim_get_autocmds({event = 'InsertEnter'})) == 0")
+    lines = s.lua("return require('rwkv').status_lines()")
+    assert "setup() failed" in lines[0] and "top_p" in lines[0], lines

@@ -61,7 +61,16 @@ def load_configured_model(config: EngineConfig, warn: Warn = None):
         say(warn, "CUDA was requested but torch sees no CUDA/ROCm GPU: running on the CPU (slower)")
         device = "cpu"
     dtype = None if config.dtype == "auto" else config.dtype
-    model = load_model(resolve_model_path(config), device=device, dtype=dtype)
+    path = resolve_model_path(config)
+    try:
+        model = load_model(path, device=device, dtype=dtype)
+    except RuntimeError as e:                       # not the file's fault (CheckpointError is not one)
+        if device == "cpu":
+            raise
+        # the GPU cannot run it ("no kernel image is available", a driver error, out of
+        # memory): the CPU can, slower; say why once
+        say(warn, f"cannot run the model on the GPU ({one_line(e, 160)}): running on the CPU (slower)")
+        model = load_model(path, device="cpu", dtype="int8" if dtype == "int8" else None)
     if model.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
     return model

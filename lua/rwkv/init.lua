@@ -11,6 +11,7 @@ local api = vim.api
 local M = {}
 
 local configured = false
+local setup_error = nil ---@type string|nil  the last setup() failure: the plugin stays off
 
 -- engine state as reported by Python's on_event callbacks
 local engine = {
@@ -72,10 +73,11 @@ end
 function M.setup(opts)
   local ok, err = pcall(config.apply, opts)
   if not ok then
-    notify(tostring(err), vim.log.levels.ERROR)
+    setup_error = tostring(err)
+    notify(setup_error, vim.log.levels.ERROR)
     return false
   end
-  configured = true
+  configured, setup_error = true, nil
   define_highlights()
   create_autocmds()
   require("rwkv.keymaps").setup(config.current.keymaps)
@@ -86,9 +88,10 @@ function M.setup(opts)
   return true
 end
 
---- setup() with defaults unless the user already called it (plugin/rwkv.lua).
+--- setup() with defaults unless the user already called it (plugin/rwkv.lua). After a
+--- failed setup() nothing starts with defaults: the user's options were wrong, not absent.
 function M.ensure_setup()
-  if not configured then
+  if not configured and not setup_error then
     M.setup()
   end
 end
@@ -270,6 +273,10 @@ function M.status_lines()
   local lines = {}
   local function add(fmt, ...)
     lines[#lines + 1] = fmt:format(...)
+  end
+  if setup_error then
+    add("rwkv: off: setup() failed: %s", setup_error)
+    return lines
   end
   add("rwkv: suggestions %s", st.enabled and "enabled" or "disabled")
   if remote.state.failed then
