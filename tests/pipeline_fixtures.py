@@ -91,3 +91,91 @@ class Recorder:
     def kinds(self, kind):
         """The info dicts of every event of this kind."""
         return [i for k, i in self.events if k == kind]
+
+
+# -- memory and equivalence helpers (state cache / prefill tests) ---------------------------
+def reachable_bytes(tensors) -> int:
+    """Bytes kept alive by holding ``tensors``: each distinct storage once, whole (a view
+    of a larger buffer keeps all of it). Computed here, independently of the engine."""
+    seen = {}
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        seen[(str(st.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())
+
+
+def logical_bytes(tensors) -> int:
+    """Bytes of the elements themselves (what compact tensors would hold)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def snapshot_tensors(snap) -> list:
+    """Every tensor a state-cache Snapshot keeps alive (state + logits)."""
+    return [*snap.state.tensors(), snap.logits]
+
+
+def cache_reachable_bytes(cache, tier: str = "both") -> int:
+    """Distinct storage bytes reachable from a StateCache's memory tiers
+    ("device", "host" or "both")."""
+    lrus = {"device": [cache.dev], "host": [cache.host], "both": [cache.dev, cache.host]}[tier]
+    tensors = []
+    for lru in lrus:
+        for snap, _ in lru.items.values():
+            tensors.extend(snapshot_tensors(snap))
+    return reachable_bytes(tensors)
+
+
+def cold_forward(model, tokens):
+    """(logits [1, V], state) of ``tokens`` run through ``model`` from a zero state in one
+    forward call: the reference a resumed prefill must equal."""
+    import torch
+    return model.forward(torch.tensor([list(tokens)], dtype=torch.long, device=model.device),
+                         model.new_state(1))
+
+
+def assert_logits_close(got, want, rel: float = 1e-4) -> None:
+    """max |got - want| < rel * (the logits' scale, max |want|), fp32 CPU."""
+    scale = float(want.abs().max())
+    diff = float((got.float() - want.float()).abs().max())
+    assert diff < rel * max(scale, 1.0), f"logits differ by {diff:.3g} (scale {scale:.3g})"
+
+
+def assert_states_close(got, want, rel: float = 1e-4) -> None:
+    for a, b in zip(got.tensors(), want.tensors()):
+        scale = max(float(b.abs().max()), 1.0)
+        diff = float((a.float() - b.float()).abs().max())
+        assert diff < rel * scale, f"state differs by {diff:.3g} (scale {scale:.3g})"
+
+
+def greedy_tokens(model, state, logits, n_tokens: int = 8) -> list:
+    """The greedy continuation (temperature 0, no penalties) of a batch-1 state."""
+    from rwkv_engine.core.sampler import SamplingParams
+    from rwkv_engine.pipeline.candidates import StopRules, decode_candidates
+    rows = decode_candidates(model, state, logits, 1,
+                             SamplingParams(temperature=0.0, top_p=1.0, alpha_frequency=0.0),
+                             [0], StopRules(max_tokens=n_tokens, max_lines=1000))
+    return rows[0].tokens
+
+
+def record_prefills(completer) -> list:
+    """Make ``completer`` record every PrefillResult (plain and speculative) into the
+    returned list, as (kind, segments or None, result)."""
+    got = []
+    prefill, spec = completer.prefiller.prefill, completer.speculator.prefill
+
+    def plain(segments, *a, **k):
+        res = prefill(segments, *a, **k)
+        got.append(("prefill", list(segments), res))
+        return res
+
+    def speculative(*a, **k):
+        res = spec(*a, **k)
+        if res is not None:
+            got.append(("speculative", None, res))
+        return res
+
+    completer.prefiller.prefill = plain
+    completer.speculator.prefill = speculative
+    return got

@@ -13,8 +13,10 @@ import torch
 from rwkv_engine.core.state import State
 from rwkv_engine.pipeline.state_cache import Snapshot, StateCache, chain_key, partial_keys, root_key
 
-from pipeline_fixtures import (SOURCE_LINES, completer_factory, make_request, one_torch_thread,  # noqa: F401
-                               type_text)
+from rwkv_engine.pipeline import state_cache as state_cache_mod
+from pipeline_fixtures import (SOURCE_LINES, cache_reachable_bytes, completer_factory,  # noqa: F401
+                               logical_bytes, make_request, one_torch_thread, reachable_bytes,
+                               snapshot_tensors, type_text)
 
 
 def random_snapshot(seed: int, n_tokens: int = 5) -> Snapshot:
@@ -242,3 +244,118 @@ def test_stale_temp_files_are_cleaned_and_never_indexed(tmp_path):
     cache = disk_cache(tmp_path)
     assert list(cache.disk.index) == ["k"]
     assert not stale.exists() and fresh.exists()      # a concurrent writer's file is left alone
+
+
+# -- memory: what a cached state really holds (issue 11, defect 1) ----------------------------
+def _tokens(n: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 60000, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("T", [1, 64, 512])
+def test_a_prefilled_state_holds_only_its_own_bytes(tiny_model, T):
+    """The token-shift rows must not be views of the [B, T, C] activations: after a
+    T-token forward the storage reachable from the state is exactly its size, and
+    State.nbytes says so."""
+    logits, st = tiny_model.forward(torch.tensor([_tokens(T)]), tiny_model.new_state(1))
+    held = reachable_bytes(st.tensors())
+    assert held == logical_bytes(st.tensors()) == tiny_model.state_bytes(1), (T, held)
+    assert st.nbytes == held
+    assert reachable_bytes([logits]) == logical_bytes([logits])
+    snap = Snapshot(st, logits, T)
+    assert snap.nbytes == reachable_bytes(snapshot_tensors(snap))
+
+
+def test_nbytes_never_under_counts_a_view():
+    """Whatever a caller hands in, nbytes is at least what keeping the tensors holds."""
+    big = torch.randn(3, 512, 64)                      # an activation buffer
+    st = State([big[:1, -1]], [torch.zeros(1, 1, 64, 64)], [big[1:2, -1]])
+    assert st.nbytes == reachable_bytes(st.tensors()) > logical_bytes(st.tensors())
+    snap = Snapshot(st, big[2:3, -1], 1)               # logits: a view of the same buffer
+    assert snap.nbytes == reachable_bytes(snapshot_tensors(snap))
+
+
+def test_state_value_operations_return_compact_tensors(tiny_model):
+    _, st3 = tiny_model.forward(torch.tensor([_tokens(8, 1), _tokens(8, 2), _tokens(8, 3)]),
+                                tiny_model.new_state(3))
+    for name, op in [("fork(1)", lambda: st3.fork(1, row=1)), ("fork(2)", lambda: st3.fork(2, row=2)),
+                     ("select", lambda: st3.select([2])),
+                     ("copy", st3.copy), ("to", lambda: st3.select([1]).to("cpu"))]:
+        out = op()
+        assert reachable_bytes(out.tensors()) == logical_bytes(out.tensors()), name
+    # a state made of views (rows of a batch) is compacted, values unchanged
+    views = State([t[1:2] for t in st3.att_x], [t[1:2] for t in st3.wkv], [t[1:2] for t in st3.ffn_x])
+    assert reachable_bytes(views.tensors()) > logical_bytes(views.tensors())
+    out = views.compact()
+    assert reachable_bytes(out.tensors()) == logical_bytes(out.tensors()) and out.equal(views)
+    one = st3.fork(1, row=1)
+    assert torch.equal(one.wkv[0][0], st3.wkv[0][1]) and torch.equal(one.att_x[1][0], st3.att_x[1][1])
+
+
+def test_a_snapshot_read_from_disk_does_not_hold_the_file_buffer(tmp_path):
+    cache = disk_cache(tmp_path)
+    cache.put("k", random_snapshot(4), persist=True)
+    snap, tier = disk_cache(tmp_path).get("k")
+    assert tier == "disk" and snap_equal(snap, random_snapshot(4))
+    assert reachable_bytes(snap.state.tensors()) == logical_bytes(snap.state.tensors())
+    assert reachable_bytes([snap.logits]) == logical_bytes([snap.logits])
+    assert snap.nbytes == logical_bytes(snapshot_tensors(snap))
+
+
+def test_cache_stays_within_its_budgets_in_real_bytes(tiny_model):
+    """Prefill long pieces (prefill_chunk 512) through a cache whose tiers hold about
+    three snapshots: the bytes really reachable from each tier stay within its budget."""
+    from rwkv_engine.pipeline.prefill import Prefiller
+    from rwkv_engine.pipeline.prompt_layout import CK_MEM, Segment
+    snap_size = tiny_model.state_bytes(1) + 4 * tiny_model.shape.vocab_size     # state + fp32 logits
+    budget = 3 * snap_size + snap_size // 2
+    cache = StateCache("m", "cpu", device_bytes=budget, host_bytes=budget)
+    pre = Prefiller(tiny_model, cache, prefill_chunk=512)
+    for i in range(4):
+        segs = [Segment("start", (0,))] + [Segment("far", tuple(_tokens(512, 10 * i + j)), CK_MEM)
+                                           for j in range(2)]
+        pre.prefill(segs, tail=0)
+        for tier, lru in (("device", cache.dev), ("host", cache.host)):
+            real = cache_reachable_bytes(cache, tier)
+            assert real <= lru.budget, (i, tier, real, lru.budget)
+            assert real == lru.storage_bytes <= lru.bytes
+        stats = cache.stats()
+        assert stats["device"]["storage_bytes"] <= stats["device"]["budget"]
+    assert len(cache.dev.items) == 3 and len(cache.host.items) == 3
+    assert cache_reachable_bytes(cache) <= 2 * budget
+
+
+# -- keys name the engine (issue 11, defect 3) ----------------------------------------------------
+@pytest.mark.parametrize("what, other", [("STATE_FORMAT", 1), ("ENGINE_VERSION", "0.0.1-old")])
+def test_snapshots_written_by_another_engine_version_are_not_found(tmp_path, monkeypatch, what, other):
+    d = tmp_path / "states"
+    toks = [0, 11, 22, 33]
+    monkeypatch.setattr(state_cache_mod, what, other, raising=False)
+    old = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, d)
+    old.put(chain_key(old.root, toks), random_snapshot(5), persist=True)
+    monkeypatch.undo()
+    new = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, d)
+    key = chain_key(new.root, toks)
+    assert new.root != old.root
+    assert new.tier_of(key) is None and new.get(key) is None
+    # the same engine still finds its own files
+    new.put(key, random_snapshot(6), persist=True)
+    again = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, d)
+    snap, tier = again.get(chain_key(again.root, toks))
+    assert tier == "disk" and snap_equal(snap, random_snapshot(6))
+
+
+def test_chunk_checkpoints_of_an_older_engine_are_not_reused(completer_factory, monkeypatch):
+    chunk = "alpha = 1\nbeta = 2\ngamma = 3\n"
+    monkeypatch.setattr(state_cache_mod, "ENGINE_VERSION", "0.0.1-old", raising=False)
+    c1 = completer_factory()
+    c1.add_chunk(chunk, "a.py")
+    while c1.prime_step():
+        pass
+    assert c1.cache.stats()["disk"]["entries"] >= 1
+    monkeypatch.undo()
+    c2 = completer_factory()                      # same cache_dir, the current engine
+    c2.add_chunk(chunk, "a.py")
+    c2.ring.promote()
+    s = c2.complete(make_request(SOURCE_LINES[:12], 9))["stats"]
+    assert s["cache_hits"]["disk"] == 0 and s["reused_tokens"] == 0

@@ -3,15 +3,18 @@
 A snapshot is the state after a prompt prefix (batch 1) plus the logits of its last
 position, so a fully cached prompt needs no forward call at all. Keys:
 
-    root  = H("rwkv-state-v1" | model_id)
+    root  = H("rwkv-state" | STATE_FORMAT | engine version | model_id)
     key_i = H(key_{i-1} | tokens of segment i)          (segment boundary)
     partial key inside segment i = H(key_{i-1} | tokens[:p])   (same function)
 
-so the key of a prefix names the model and every token before it. Tiers:
+so the key of a prefix names the model, the engine that computed the state and every
+token before it: a snapshot written by an engine that computed differently (another
+``STATE_FORMAT`` or ``rwkv_engine.__version__``) is never found. Tiers:
 device LRU (the model's device) -> host RAM LRU (``State.to("cpu")``) -> disk
 (only snapshots put with ``persist=True``: the global-context/chunk checkpoints).
-Each tier has a byte budget; the least recently used entry is demoted (device ->
-host) or dropped (host) when a budget is exceeded. Disk files live in
+Each tier has a byte budget, counted in the storage really held (``State.nbytes``:
+distinct storages, whole, so a view is never under-counted); the least recently used
+entry is demoted (device -> host) or dropped (host) when a budget is exceeded. Disk files live in
 ``<cache_dir>/states`` (dirs 0700, files 0600), are written atomically
 (temp file + rename), carry a digest so a corrupt file is detected, deleted and
 treated as a miss, and round-trip tensors bit-exactly.
@@ -33,8 +36,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import __version__ as _PACKAGE_VERSION
 from ..core.private_fs import make_private_dir
-from ..core.state import State
+from ..core.state import State, compact, storage_bytes, storages
 
 log = logging.getLogger("rwkv_engine")
 
@@ -43,14 +47,26 @@ _SUFFIX = ".rwst"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIERS = ("device", "host", "disk")
 
+# Bump STATE_FORMAT whenever the model's computation (numerics of forward, state
+# layout) or the snapshot layout changes: it is part of every key, so states computed
+# by an older engine are never reused. The package version is part of the key too.
+STATE_FORMAT = 2
+ENGINE_VERSION = _PACKAGE_VERSION
+
 
 # -- keys ---------------------------------------------------------------------------
 def _tok_bytes(tokens: Sequence[int]) -> bytes:
     return array("i", tokens).tobytes()
 
 
+def engine_tag() -> str:
+    """What computed a state: the state format and the engine version (read at call time)."""
+    return f"format {STATE_FORMAT}|engine {ENGINE_VERSION}"
+
+
 def root_key(model_id: str) -> str:
-    return hashlib.blake2b(b"rwkv-state-v1|" + model_id.encode("utf-8"), digest_size=16).hexdigest()
+    head = f"rwkv-state|{engine_tag()}|".encode("utf-8")
+    return hashlib.blake2b(head + model_id.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def chain_key(parent: str, tokens: Sequence[int]) -> str:
@@ -76,14 +92,25 @@ class Snapshot:
     logits: Optional[torch.Tensor]     # [1, V] fp32 of the last position
     n_tokens: int                      # prompt tokens this state has seen
 
+    def tensors(self) -> List[torch.Tensor]:
+        return self.state.tensors() + ([] if self.logits is None else [self.logits])
+
+    def storages(self) -> Dict[tuple, int]:
+        return storages(self.tensors())
+
     @property
     def nbytes(self) -> int:
-        lg = 0 if self.logits is None else self.logits.numel() * self.logits.element_size()
-        return self.state.nbytes + lg
+        """Bytes really held: distinct storages of the state and the logits, whole."""
+        return storage_bytes(self.tensors())
+
+    def compact(self) -> "Snapshot":
+        """This snapshot with every tensor owning compact storage (copies only views)."""
+        return Snapshot(self.state.compact(), None if self.logits is None else compact(self.logits),
+                        self.n_tokens)
 
     def to(self, device) -> "Snapshot":
-        return Snapshot(self.state.to(device), None if self.logits is None else self.logits.to(device),
-                        self.n_tokens)
+        return Snapshot(self.state.to(device),
+                        None if self.logits is None else compact(self.logits.to(device)), self.n_tokens)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -101,7 +128,8 @@ def encode_snapshot(key: str, model_id: str, snap: Snapshot) -> bytes:
                       "shape": list(t.shape), "nbytes": len(b)})
         blobs.append(b)
     data = b"".join(blobs)
-    header = json.dumps({"key": key, "model_id": model_id, "n_tokens": snap.n_tokens, "tensors": metas,
+    header = json.dumps({"key": key, "model_id": model_id, "engine": engine_tag(),
+                         "n_tokens": snap.n_tokens, "tensors": metas,
                          "digest": hashlib.blake2b(data, digest_size=16).hexdigest()}).encode("utf-8")
     return _MAGIC + struct.pack("<I", len(header)) + header + data
 
@@ -115,39 +143,70 @@ def decode_snapshot(raw: bytes, key: str, model_id: str, device) -> Snapshot:
     data = raw[12 + hlen:]
     if header.get("key") != key or header.get("model_id") != model_id:
         raise ValueError("snapshot key or model does not match")
+    if header.get("engine") != engine_tag():
+        raise ValueError("snapshot written by another engine version")
     if hashlib.blake2b(data, digest_size=16).hexdigest() != header.get("digest"):
         raise ValueError("snapshot digest mismatch")
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     tensors, off = {}, 0
     for m in header["tensors"]:
         n = int(m["nbytes"])
+        # a copy with its own storage: a view would keep the whole file buffer alive
         t = buf[off:off + n].view(_DTYPES[m["dtype"]]).reshape(m["shape"])
-        tensors[m["name"]] = t
+        tensors[m["name"]] = t.clone(memory_format=torch.contiguous_format)
         off += n
     if off != len(data):
         raise ValueError("snapshot length mismatch")
     logits = tensors.pop("logits", None)
     state = State.from_dict(tensors, device=device)
-    return Snapshot(state, None if logits is None else logits.to(device), int(header["n_tokens"]))
+    return Snapshot(state, None if logits is None else compact(logits.to(device)), int(header["n_tokens"]))
 
 
 # -- tiers ---------------------------------------------------------------------------
 class _LRU:
+    """Entries oldest first. ``bytes`` (what the budget limits) adds up each entry's
+    ``Snapshot.nbytes``, so storage shared by two entries counts twice: never less than
+    ``storage_bytes``, the distinct storages the tier really holds (kept for stats)."""
+
     def __init__(self, budget: int):
         self.budget = budget
         self.items: "OrderedDict[str, Tuple[Snapshot, bool]]" = OrderedDict()   # key -> (snap, persist)
         self.bytes = 0
+        self._held: Dict[str, Dict[tuple, int]] = {}          # key -> the entry's storages
+        self._refs: Dict[tuple, List[int]] = {}               # storage -> [entries using it, bytes]
+        self.storage_bytes = 0
 
     def pop(self, key: str):
         item = self.items.pop(key, None)
         if item is not None:
-            self.bytes -= item[0].nbytes
+            held = self._held.pop(key)
+            self.bytes -= sum(held.values())
+            for sk in held:
+                ref = self._refs[sk]
+                ref[0] -= 1
+                if ref[0] == 0:
+                    del self._refs[sk]
+                    self.storage_bytes -= ref[1]
         return item
+
+    def popitem(self):
+        """Remove and return the least recently used (key, (snap, persist))."""
+        key = next(iter(self.items))
+        return key, self.pop(key)
 
     def push(self, key: str, snap: Snapshot, persist: bool) -> None:
         self.pop(key)
+        held = snap.storages()
         self.items[key] = (snap, persist)
-        self.bytes += snap.nbytes
+        self._held[key] = held
+        self.bytes += sum(held.values())
+        for sk, n in held.items():
+            ref = self._refs.get(sk)
+            if ref is None:
+                self._refs[sk] = [1, n]
+                self.storage_bytes += n
+            else:
+                ref[0] += 1
 
     def over(self) -> bool:
         return self.bytes > self.budget and bool(self.items)
@@ -293,9 +352,12 @@ class StateCache:
         return snap, tier
 
     def put(self, key: str, snap: Snapshot, persist: bool = False) -> None:
-        """Store a batch-1 snapshot; ``persist`` also writes it to the disk tier."""
+        """Store a batch-1 snapshot; ``persist`` also writes it to the disk tier. Tensors
+        that are views of larger buffers are copied first (only what the state needs
+        stays alive)."""
         if snap.state.batch != 1:
             raise ValueError("the state cache stores batch-1 states")
+        snap = snap.compact()
         self.host.pop(key)
         self._push_device(key, snap, persist)
         if persist and self.disk is not None:
@@ -304,13 +366,11 @@ class StateCache:
     def _push_device(self, key: str, snap: Snapshot, persist: bool) -> None:
         self.dev.push(key, snap, persist)
         while self.dev.over():
-            old, (s, p) = self.dev.items.popitem(last=False)
-            self.dev.bytes -= s.nbytes
+            old, (s, p) = self.dev.popitem()
             if self.host.budget > 0:
                 self.host.push(old, s.to("cpu"), p)
         while self.host.over():
-            old, (s, p) = self.host.items.popitem(last=False)
-            self.host.bytes -= s.nbytes
+            self.host.popitem()
 
     def count_hit(self, tier: Optional[str]) -> None:
         self.hits[tier or "miss"] += 1
@@ -322,8 +382,10 @@ class StateCache:
     def stats(self) -> dict:
         disk = self.disk
         return {
-            "device": {"bytes": self.dev.bytes, "entries": len(self.dev.items), "budget": self.dev.budget},
-            "host": {"bytes": self.host.bytes, "entries": len(self.host.items), "budget": self.host.budget},
+            "device": {"bytes": self.dev.bytes, "storage_bytes": self.dev.storage_bytes,
+                       "entries": len(self.dev.items), "budget": self.dev.budget},
+            "host": {"bytes": self.host.bytes, "storage_bytes": self.host.storage_bytes,
+                     "entries": len(self.host.items), "budget": self.host.budget},
             "disk": {"bytes": disk.bytes if disk else 0, "entries": len(disk.index) if disk else 0,
                      "budget": disk.budget if disk else 0,
                      "dir": str(disk.root) if disk else None},
