@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from nvim_harness import RECORDER, NvimSession  # noqa: F401  (RECORDER re-exported)
+from nvim_harness import RECORDER, REPO, NvimSession  # noqa: F401  (RECORDER re-exported)
 
 SUGGEST = "require('rwkv.suggest')"
 
@@ -102,3 +102,34 @@ def fresh_buffer(s: NvimSession, lines: Optional[list] = None, filetype: str = "
     s.cmd(f"setlocal filetype={filetype}")
     if lines is not None:
         s.nvim.current.buffer[:] = lines
+
+
+def bridge_module():
+    """rplugin/python3/rwkv_nvim/bridge.py, imported the way the python3 host does."""
+    import sys
+    sys.path.insert(0, str(REPO / "rplugin" / "python3"))
+    try:
+        from rwkv_nvim import bridge
+    finally:
+        sys.path.pop(0)
+    return bridge
+
+
+class FakeNvim:
+    """What the host Bridge sends to Lua, recorded (async_call runs the callback now)."""
+
+    def __init__(self):
+        import threading
+        self.sent = []
+        self.lock = threading.Lock()
+
+    def async_call(self, fn, *args):
+        fn(*args)
+
+    def exec_lua(self, code, *args, async_=False):
+        with self.lock:
+            self.sent.append((code, args))
+
+    def events(self, kind):
+        with self.lock:
+            return [a[1] for c, a in self.sent if "on_event" in c and a[0] == kind]

@@ -34,6 +34,7 @@ from rwkv_engine.pipeline.service import CompletionService
 from nvim_harness import REPO
 from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
 from random_checkpoint import make_state_dict
+from reliability_helpers import FakeNvim, bridge_module
 
 WAIT = 120.0
 BUILD_LOG = ("Error building extension 'wkv7_cpu'\n[1/2] c++ -c wkv7_cpu.cpp\n"
@@ -49,37 +50,13 @@ def wait_until(cond, timeout=WAIT):
     return True
 
 
-def _bridge_module():
-    sys.path.insert(0, str(REPO / "rplugin" / "python3"))
-    try:
-        from rwkv_nvim import bridge
-    finally:
-        sys.path.pop(0)
-    return bridge
 
 
-class FakeNvim:
-    """What the host Bridge sends to Lua, recorded (async_call runs the callback now)."""
-
-    def __init__(self):
-        self.sent = []
-        self.lock = threading.Lock()
-
-    def async_call(self, fn, *args):
-        fn(*args)
-
-    def exec_lua(self, code, *args, async_=False):
-        with self.lock:
-            self.sent.append((code, args))
-
-    def events(self, kind):
-        with self.lock:
-            return [a[1] for c, a in self.sent if "on_event" in c and a[0] == kind]
 
 
 # -- 1. one formatter ---------------------------------------------------------------------
 def test_the_bridge_formats_with_the_engine_formatter():
-    bridge = _bridge_module()
+    bridge = bridge_module()
     assert bridge.one_line(RuntimeError(BUILD_LOG)) == one_line(RuntimeError(BUILD_LOG)) \
         == "/x/wkv7_cpu.cpp:12:3: error: 'foo' was not declared in this scope"
     assert bridge.one_line(KeyError()) == "KeyError"
@@ -267,7 +244,7 @@ def test_a_tensor_of_the_wrong_size_is_the_files_fault(tmp_path):
 
 # -- 4. a failed load is retried by the same options -----------------------------------------
 def test_a_failed_load_is_retried_with_the_same_options_and_a_good_one_is_not(tmp_path, tiny_model_path):
-    bridge = _bridge_module()
+    bridge = bridge_module()
     later = tmp_path / "later.pth"
     opts = {"model": str(later), "device": "cpu", "cache_dir": str(tmp_path / "cache"),
             "candidates": 2, "max_tokens": 3}

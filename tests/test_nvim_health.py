@@ -14,6 +14,7 @@ import time
 import pytest
 
 from nvim_harness import REPO, nvim_session, require_nvim  # noqa: F401  (fixture)
+from reliability_helpers import bridge_module
 
 pytestmark = [pytest.mark.nvim]
 
@@ -241,17 +242,10 @@ class FakeNvim:
             fn(*args)
 
 
-def _bridge_module():
-    sys.path.insert(0, str(REPO / "rplugin" / "python3"))
-    try:
-        from rwkv_nvim import bridge
-    finally:
-        sys.path.pop(0)
-    return bridge
 
 
 def test_bridge_reports_a_bad_engine_option_once():
-    bridge = _bridge_module()
+    bridge = bridge_module()
     nvim = FakeNvim()
     b = bridge.Bridge(nvim)
     b.start({"candidates": 99})
@@ -289,7 +283,7 @@ def test_bridge_forwards_service_callbacks_only_through_async_call(monkeypatch):
             pass
 
     monkeypatch.setattr(service_mod, "CompletionService", FakeService)
-    bridge = _bridge_module()
+    bridge = bridge_module()
     nvim = FakeNvim()
     b = bridge.Bridge(nvim)
     b.request({"id": 7, "lines": []})   # before the service exists: submitted once it starts

@@ -19,7 +19,7 @@ import torch
 from nvim_harness import REPO, require_nvim, start_nvim
 from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
 from random_checkpoint import make_state_dict
-from reliability_helpers import SUGGEST, fresh_buffer, host_log_text, live_opts, wait_done
+from reliability_helpers import FakeNvim, SUGGEST, fresh_buffer, host_log_text, live_opts, wait_done
 
 WAIT = 120.0
 
@@ -202,23 +202,6 @@ def test_kernel_build_failure_warns_once_and_results_stay_correct(how, tmp_path,
 
 
 # -- disk cache unwritable / corrupted ------------------------------------------------------
-class FakeNvim:
-    """What the host Bridge sends to Lua, recorded (async_call runs the callback now)."""
-
-    def __init__(self):
-        self.sent = []
-        self.lock = threading.Lock()
-
-    def async_call(self, fn, *args):
-        fn(*args)
-
-    def exec_lua(self, code, *args, async_=False):
-        with self.lock:
-            self.sent.append((code, args))
-
-    def events(self, kind):
-        with self.lock:
-            return [a[1] for c, a in self.sent if "on_event" in c and a[0] == kind]
 
 
 def test_unwritable_disk_cache_one_warning_and_suggestions_continue(tmp_path, tiny_model_path):
