@@ -335,3 +335,21 @@ def test_speculation_after_an_accept_equals_cold(completer_factory, tiny_model):
     assert r.key == chain_key(prev.key, accepted)
     # speculation's state is the previous prompt + the accepted tokens
     assert_equals_cold(tiny_model, r.snapshot, flat(prev_segments) + accepted)
+
+
+def test_reopening_a_file_resumes_its_far_prefix_from_disk(tiny_model, tmp_path):
+    """Only ring chunks were persisted: a restarted editor (fresh memory tiers, same cache
+    dir) re-fed the whole file. Far-prefix checkpoints now go to disk too."""
+    from rwkv_engine.pipeline.completer import Completer
+    from pipeline_fixtures import SOURCE_LINES, fast_config, make_request
+
+    lines = SOURCE_LINES * 2                          # 96 lines; cursor far below the top
+    cfg = fast_config(tmp_path, n_prefix=80, near_prefix=8, n_suffix=8, candidates=1, max_tokens=1)
+    req = make_request(lines, 90)
+    first = Completer(cfg, model=tiny_model).complete(req)
+    assert first["stats"]["cache_hits"]["miss"] == 1
+    again = Completer(cfg, model=tiny_model).complete(req)     # the editor restarted
+    s = again["stats"]
+    assert s["cache_hits"]["disk"] == 1, s
+    assert s["reused_tokens"] > s["prefilled_tokens"], s       # the far prefix came from disk
+    assert s["reused_tokens"] + s["prefilled_tokens"] == first["stats"]["prompt_tokens"]

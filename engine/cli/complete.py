@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         completer = Completer(config)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:
-        print(f"rwkv-nvim complete: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+        from ..core.errors import one_line
+        print(f"rwkv-nvim complete: {one_line(e)}", file=sys.stderr)
         return 1
     result = completer.complete(request)
     out = {"candidates": result["candidates"], "stats": result["stats"]}

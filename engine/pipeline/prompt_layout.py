@@ -13,7 +13,9 @@ spans two lines and a 2,000-line window re-tokenizes from the cache.
 
 The prompt is a list of *segments* (start token, chunks, lines, markers, the cursor
 line); the state cache keys checkpoints by a hash chain over segments, so each
-segment boundary is a possible resume point. Boundaries are placed so that
+segment boundary is a possible resume point (kept in memory; the ring chunks and, in
+the far prefix, every FAR_SPARSE-th line and the far/near split also on disk, so a
+restarted editor reopening a file resumes from them). Boundaries are placed so that
   * typing on one line changes only the last segment,
   * moving one line changes only the FIM window: the far/near split is aligned to
     ``NEAR_ALIGN`` lines and the far prefix start to ``FAR_ALIGN`` lines, so both
@@ -220,6 +222,8 @@ class PromptBuilder:
             end = ln_no + 1                               # boundary after this line
             dense = end >= split - FAR_DENSE and end % min(NEAR_ALIGN, max(1, cfg.near_prefix)) == 0
             ck = CK_MEM if (dense or end % FAR_SPARSE == 0 or end == split or end >= row - 1) else CK_NONE
+            if end % FAR_SPARSE == 0 or (end == split and end % NEAR_ALIGN == 0):
+                ck = CK_PERSIST                           # on disk too: reopening the file starts warm
             segments.append(Segment("far", line(lines[ln_no - first]), ck))
 
         if fim:
