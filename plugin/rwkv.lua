@@ -40,6 +40,13 @@ end, {
   end,
 })
 
+cmd("RwkvBuild", function(a)
+  require("rwkv.build").command(a.bang)
+end, {
+  bang = true,
+  desc = "rwkv: create or repair the plugin's Python environment (! waits for it)",
+})
+
 -- setup() with defaults unless the user calls it from their config (checked after start-up).
 if vim.v.vim_did_enter == 1 then
   vim.schedule(function()

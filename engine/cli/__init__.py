@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "download": ("rwkv_engine.cli.download", "download an official RWKV-7 model (e.g. g1-0.1b) from Hugging Face"),
     "eval": ("rwkv_engine.cli.evaluate", "evaluate a model on held-out fill-in-the-middle line tasks"),
     "info": ("rwkv_engine.cli.info", "show a model's shape, vocabulary and state size"),
+    "kernels": ("rwkv_engine.cli.kernels", "build the compiled WKV-7 kernels now (CPU, and the GPU one where possible)"),
+    "export-gguf": ("rwkv_engine.cli.export_gguf", "convert a checkpoint to a llama.cpp GGUF file (arch rwkv7)"),
 }
 
 

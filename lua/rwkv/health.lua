@@ -37,6 +37,17 @@ if out["torch"]:
     for key in ("cuda", "hip"):
         m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]" % key, text, re.M)
         out["torch_" + key] = m.group(1) if m else None
+kroot = os.environ.get("RWKV_NVIM_KERNEL_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rwkv.nvim", "kernels")
+out["kernel_root"], out["kernels"] = kroot, []
+if out["torch_version"]:
+    prefix = re.sub(r"[^A-Za-z0-9_.+-]", "_", out["torch_version"]) + "-"
+    try:
+        for d in sorted(os.listdir(kroot)):
+            if d.startswith(prefix) and any(f.endswith(".so") for f in os.listdir(os.path.join(kroot, d))):
+                out["kernels"].append(d[len(prefix):])
+    except OSError:
+        pass
 out["nvidia_device"] = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 out["rocm_device"] = os.path.exists("/dev/kfd")
 model = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -134,31 +145,54 @@ function M.check()
       return c.filetypes[ft] == false
     end, vim.tbl_keys(c.filetypes)), ", ")))
 
-  h.start("rwkv: Python host")
-  local python, why = M.host_python()
-  if not python then
-    h.error(why, { "install pynvim into a Python 3 and set g:python3_host_prog to it" })
-    return
+  h.start("rwkv: Python environment and host")
+  local kind, why = remote.state.kind, remote.state.why
+  if not kind then
+    kind, why = remote.choose()
   end
-  h.ok(("python3 host: %s%s"):format(python, vim.g.python3_host_prog and " (g:python3_host_prog)" or " (detected)"))
+  local python, fix
+  if kind == "own" then
+    local dir = remote.env_dir()
+    python = remote.env_python(dir)
+    h.ok(("the plugin's own host (`python -m rwkv_nvim.host`), because %s"):format(why))
+    fix = { "run :RwkvBuild to create or repair it (log: " .. require("rwkv.build").log_path() .. ")" }
+    if vim.fn.executable(python) ~= 1 then
+      h.error(("the plugin's environment %s does not exist (no %s)"):format(dir, python), vim.list_extend(vim.deepcopy(fix),
+        { 'or set python = { host = "manifest" } in setup() to use Neovim\'s python3 host' }))
+      return
+    end
+    h.ok("environment: " .. dir)
+  else
+    h.ok(("Neovim's python3 host through the rplugin manifest, because %s"):format(why))
+    h.info(":RwkvBuild creates the plugin's own environment and host instead (no :UpdateRemotePlugins, no restart)")
+    local why_not
+    python, why_not = M.host_python()
+    if not python then
+      h.error(why_not, { "install pynvim into a Python 3 and set g:python3_host_prog to it", "or run :RwkvBuild" })
+      return
+    end
+    h.ok(("python3 host: %s%s"):format(python, vim.g.python3_host_prog and " (g:python3_host_prog)" or " (detected)"))
+  end
+  local function advice(cmd)
+    return fix or { python .. " -m pip install " .. cmd }
+  end
   local info, err = M.probe(python, c.engine.model, c.engine.download_dir)
   if not info then
-    h.error("could not run " .. python .. ": " .. tostring(err))
+    h.error("could not run " .. python .. ": " .. tostring(err), fix)
     return
   end
-  h.info("Python " .. tostring(info.python))
+  h.info(("Python %s (%s)"):format(tostring(info.python), tostring(info.executable)))
   if info.pynvim then
     h.ok("pynvim " .. tostring(info.pynvim_version or "(version unknown)"))
   else
-    h.error("pynvim is not installed in " .. python, { python .. " -m pip install pynvim" })
+    h.error("pynvim is not installed in " .. python, advice("pynvim"))
   end
   if info.rwkv_engine then
     h.ok("rwkv_engine importable")
   elseif info.engine_checkout then
     h.ok("rwkv_engine is not installed; the plugin's own " .. info.engine_checkout .. " is used")
   else
-    h.error("rwkv_engine is not installed in " .. python,
-      { python .. " -m pip install -e <path to rwkv.nvim> (see README)" })
+    h.error("rwkv_engine is not installed in " .. python, advice("-e <path to rwkv.nvim> (see README)"))
   end
   if info.torch then
     h.ok("torch " .. tostring(info.torch_version or "(version unknown)"))
@@ -169,16 +203,24 @@ function M.check()
     else
       h.info("torch is CPU-only: the model runs on the CPU")
       if c.engine.device == "cuda" then
-        h.warn("engine.device = \"cuda\" but this torch has no CUDA support", { "use device = \"auto\" or install a CUDA build of torch" })
+        h.warn("engine.device = \"cuda\" but this torch has no CUDA support", { "use device = \"auto\" or install a CUDA build of torch" .. (fix and " (python.torch_index_url, then :RwkvBuild)" or "") })
+      elseif info.nvidia_device or info.rocm_device then
+        h.info("a GPU is present: a CUDA/ROCm torch would use it (python.torch_index_url or $TORCH_INDEX_URL, see :help rwkv-gpu)")
       end
     end
+    if #(info.kernels or {}) > 0 then
+      h.ok(("compiled WKV-7 kernels: %s (in %s)"):format(table.concat(info.kernels, ", "), tostring(info.kernel_root)))
+    else
+      h.info(("no compiled WKV-7 kernel in %s yet: the first suggestion compiles it (about 10 s); %s compiles it ahead")
+        :format(tostring(info.kernel_root), kind == "own" and ":RwkvBuild" or "`rwkv-nvim kernels`"))
+    end
   else
-    h.error("torch is not installed in " .. python, { python .. " -m pip install torch" })
+    h.error("torch is not installed in " .. (kind == "own" and ("the plugin's environment " .. remote.env_dir()) or python), advice("torch"))
   end
   if info.huggingface_hub then
     h.ok("huggingface_hub installed (:RwkvDownload)")
   else
-    h.warn("huggingface_hub is missing: :RwkvDownload will not work", { python .. " -m pip install huggingface_hub" })
+    h.warn("huggingface_hub is missing: :RwkvDownload will not work", advice("huggingface_hub"))
   end
 
   h.start("rwkv: model")
@@ -199,25 +241,43 @@ function M.check()
     h.info("not loaded yet (it loads on the first InsertEnter)")
   end
 
-  h.start("rwkv: remote plugin")
-  if remote.registered() then
-    h.ok("remote plugin rwkv_nvim is registered")
+  if kind == "own" then
+    h.start("rwkv: own Python host")
+    if remote.state.chan then
+      h.ok(("running: pid %s%s"):format(tostring(remote.state.pid),
+        remote.state.ready_ms and (", started in %d ms"):format(math.floor(remote.state.ready_ms)) or ""))
+    elseif not remote.state.failed then
+      h.info("not started yet (it starts on the first InsertEnter)")
+    end
+    if remote.state.restarts > 0 then
+      h.warn(("restarted %d time(s): it %s"):format(remote.state.restarts, tostring(remote.state.exit)))
+    end
+    if remote.state.failed then
+      h.error(remote.state.failed, { "run :RwkvBuild if the environment is broken, then :RwkvEnable",
+        "the host's last error output: " .. (remote.state.stderr[#remote.state.stderr] or "(none)") })
+    end
   else
-    h.error("remote plugin rwkv_nvim is not registered (its functions are unknown to Neovim)",
-      { "run :UpdateRemotePlugins, then restart Neovim", "the manifest is " .. tostring(vim.g.loaded_remote_plugins) })
-  end
-  if remote.state.failed then
-    h.error(remote.state.failed)
-  elseif remote.state.started then
-    local alive, why_not = remote.host_alive()
-    if alive then
-      h.ok("the python3 host is running")
+    h.start("rwkv: remote plugin")
+    if remote.registered() then
+      h.ok("remote plugin rwkv_nvim is registered")
     else
-      h.error(why_not or "the python3 host is not running")
+      h.error("remote plugin rwkv_nvim is not registered (its functions are unknown to Neovim)",
+        { "run :UpdateRemotePlugins, then restart Neovim", "or run :RwkvBuild: the plugin's own host needs no registration",
+          "the manifest is " .. tostring(vim.g.loaded_remote_plugins) })
+    end
+    if remote.state.failed then
+      h.error(remote.state.failed)
+    elseif remote.state.started then
+      local alive, why_not = remote.host_alive()
+      if alive then
+        h.ok("the python3 host is running")
+      else
+        h.error(why_not or "the python3 host is not running")
+      end
     end
   end
   if st.error and not remote.state.failed then
-    h.error("engine: " .. tostring(st.error))
+    h.error("engine: " .. tostring(st.error), fix)
   end
 end
 

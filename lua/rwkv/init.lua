@@ -167,6 +167,9 @@ end
 function M.enable()
   M.ensure_setup()
   config.current.enabled = true
+  if remote.state.failed and remote.state.kind == "own" then
+    remote.reset() -- the own host died for good or did not start: try again on the next InsertEnter
+  end
   -- the model failed to load (e.g. not downloaded yet): load it again; the host starts a
   -- new engine for the same options only when the last load failed
   if engine.error and not engine.loaded and not engine.loading and remote.state.started
@@ -266,6 +269,40 @@ local function fmt_bytes(n)
   return ("%.1f MB"):format(n / 1048576)
 end
 
+--- The ":RwkvStatus" line about the Python host: which one, its process, its memory.
+---@param py table  the host's status (pid, rss_bytes) or {}
+local function host_line(py)
+  local kind, why = remote.state.kind, remote.state.why
+  if not kind then
+    kind, why = remote.choose()
+  end
+  local st = remote.state
+  local parts = {}
+  if kind == "own" then
+    parts[1] = ("own (%s), environment %s"):format(why, remote.env_dir())
+    if st.ready and st.ready.python then
+      parts[#parts + 1] = "Python " .. tostring(st.ready.python)
+    end
+  else
+    parts[1] = ("Neovim's python3 host via the rplugin manifest (%s)"):format(why)
+  end
+  local pid = py.pid or st.pid
+  if pid then
+    parts[#parts + 1] = ("pid %s"):format(tostring(pid))
+  end
+  if type(py.rss_bytes) == "number" then
+    parts[#parts + 1] = ("%s resident"):format(fmt_bytes(py.rss_bytes))
+  end
+  if st.ready_ms then
+    parts[#parts + 1] = ("started in %d ms"):format(math.floor(st.ready_ms))
+  end
+  if st.restarts > 0 then
+    parts[#parts + 1] = ("restarted %d time%s (it %s)"):format(st.restarts, st.restarts == 1 and "" or "s",
+      tostring(st.exit))
+  end
+  return "host: " .. table.concat(parts, ", ")
+end
+
 --- Lines for :RwkvStatus (asks Python when the host runs).
 function M.status_lines()
   local st = M.status()
@@ -279,6 +316,7 @@ function M.status_lines()
     return lines
   end
   add("rwkv: suggestions %s", st.enabled and "enabled" or "disabled")
+  lines[#lines + 1] = host_line(py)
   if remote.state.failed then
     add("python: %s", remote.state.failed)
   elseif not remote.state.started then

@@ -200,6 +200,25 @@ def setup_debug_log(path: str) -> Optional[logging.Handler]:
     return handler
 
 
+def host_process() -> dict:
+    """This host process: its pid and resident memory (bytes; None when unknown)."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024          # "VmRSS:  123456 kB"
+                    break
+    except (OSError, ValueError, IndexError):
+        try:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # the peak, as a fallback
+            rss = peak if sys.platform == "darwin" else peak * 1024
+        except Exception:
+            rss = None
+    return {"pid": os.getpid(), "rss_bytes": rss}
+
+
 def _load_failed(service) -> bool:
     """Whether ``service`` finished loading without a model (its status has an error)."""
     try:
@@ -392,15 +411,18 @@ class Bridge:
     def status(self) -> dict:
         """The service's status; "error": why it is unusable (None when it works),
         "last_error": {"message", "time"} of the newest failure (the service's or this
-        bridge's own: a start that failed, a call that raised)."""
+        bridge's own: a start that failed, a call that raised); "pid", "rss_bytes": this
+        host process (:RwkvStatus)."""
         service = self._running()
         if service is None:
             return plain({"loaded": False, "starting": self._starting, "error": self._error,
-                          "model": (self._options or {}).get("model"), "last_error": self._last_error})
+                          "model": (self._options or {}).get("model"), "last_error": self._last_error,
+                          **host_process()})
         try:
             st = dict(service.status())
         except Exception as exc:
-            return {"loaded": False, "error": one_line(exc), "last_error": self._last_error}
+            return {"loaded": False, "error": one_line(exc), "last_error": self._last_error, **host_process()}
+        st.update(host_process())
         if st.get("error") is None and self._error:
             st["error"] = self._error
         mine, theirs = self._last_error, st.get("last_error")
