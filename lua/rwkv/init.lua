@@ -82,6 +82,9 @@ function M.setup(opts)
   create_autocmds()
   require("rwkv.keymaps").setup(config.current.keymaps)
   require("rwkv.context").setup(config.current.context)
+  if config.current.lsp.enabled or package.loaded["rwkv.lsp"] then
+    require("rwkv.lsp").setup(config.current.lsp) -- the in-process language server (on or off)
+  end
   if remote.state.started then
     remote.start(config.engine_opts()) -- new engine options take effect now
   end

@@ -4,6 +4,11 @@
 -- streamed partial text (ghost only) -> final candidates (ghost + float). A result is
 -- drawn only while the buffer, changedtick and cursor still match its request, in insert
 -- mode, with no popup menu. Python calls on_partial / on_done through nvim.async_call.
+--
+-- Other views of the same requests (the in-process language server, lua/rwkv/lsp.lua)
+-- subscribe with M.subscribe(fn): fn("request" | "partial" | "done" | "cancel", data) is
+-- called for every request, drawn or not, and S.result keeps the last finished one; they
+-- ask for a position with M.request() like typing does, so no request is computed twice.
 local config = require("rwkv.config")
 local ghost = require("rwkv.ghost")
 local float = require("rwkv.float")
@@ -22,6 +27,7 @@ local S = {
   seq = 0, -- last request id
   sent = nil, ---@type (rwkv.Position|{id: integer|nil, done: boolean})|nil  last request (id nil: dismissed)
   shown = nil, ---@type table|nil  {id, buf, tick, row, col, items: string[], index, done, consumed}
+  result = nil, ---@type table|nil  {id, buf, tick, row, col, items: string[]}  the last finished request, drawn or not
   timer = nil, ---@type uv.uv_timer_t|nil
   last = nil, ---@type table|nil  stats of the last finished request
   requests = 0, -- counters for :RwkvStatus
@@ -46,6 +52,36 @@ end
 
 local function fire(pattern, data)
   pcall(api.nvim_exec_autocmds, "User", { pattern = pattern, modeline = false, data = data })
+end
+
+local subscribers = {} ---@type fun(kind: string, data: table)[]
+
+--- Subscribe another view (lua/rwkv/lsp.lua) to every request's life: fn(kind, data) with
+--- kind "request" {id, buf, tick, row, col}, "partial" {id, text}, "done" (S.result) or
+--- "cancel" {id} (the running request was dropped: Esc, dismiss, :RwkvDisable). A view's
+--- error never breaks the ghost text. Returns a function that unsubscribes.
+---@param fn fun(kind: string, data: table)
+function M.subscribe(fn)
+  subscribers[#subscribers + 1] = fn
+  return function()
+    for i, f in ipairs(subscribers) do
+      if f == fn then
+        table.remove(subscribers, i)
+        return
+      end
+    end
+  end
+end
+
+local function tell(kind, data)
+  for _, fn in ipairs(subscribers) do
+    local ok, err = pcall(fn, kind, data)
+    if not ok then
+      vim.schedule(function()
+        vim.notify("rwkv: internal error in a view: " .. tostring(err), vim.log.levels.ERROR, { title = "rwkv" })
+      end)
+    end
+  end
 end
 
 local function stop_timer()
@@ -76,7 +112,11 @@ local function render()
   local n = #s.items
   local use_float = c.float.enabled and s.done and n > 1
   local note = (not use_float and n > 1 and c.ghost.annotation) and ("(%d/%d)"):format(s.index, n) or nil
-  ghost.show(s.buf, s.row, s.col, text, note)
+  if c.ghost.enabled then
+    ghost.show(s.buf, s.row, s.col, text, note)
+  else
+    ghost.clear()
+  end
   if use_float then
     local below = select(2, text:gsub("\n", ""))
     float.show(s.items, s.index, {
@@ -97,9 +137,11 @@ function M.hide()
   S.shown = nil
 end
 
---- Whether a suggestion is visible and still valid at the cursor.
+--- Whether a suggestion is visible and still valid at the cursor. With the ghost text off
+--- (ghost.enabled = false) only the float shows one: without it nothing is visible and
+--- the keys do what they did before.
 function M.visible()
-  return S.shown ~= nil and drawable(S.shown)
+  return S.shown ~= nil and drawable(S.shown) and (config.current.ghost.enabled or float.is_open())
 end
 
 --- The current candidate's full text (nil when none shows).
@@ -210,7 +252,37 @@ function M.request(manual)
     return false
   end
   S.requests = S.requests + 1
+  tell("request", { id = p.id, buf = p.buf, tick = p.tick, row = p.row, col = p.col })
   fire("RwkvRequestStarted", { id = req.id, buf = p.buf, row = p.row, col = p.col, manual = manual or false })
+  return true
+end
+
+--- Whether typing may ask for position `p` by itself: auto_trigger is on and at most
+--- max_line_suffix non-blank characters are right of the cursor.
+---@param p rwkv.Position
+function M.auto_allowed(p)
+  if not config.current.auto_trigger then
+    return false
+  end
+  -- text right of the cursor: look at a bounded piece (a line may be megabytes long)
+  local limit = config.engine("max_line_suffix")
+  local right = api.nvim_buf_get_text(p.buf, p.row, p.col, p.row, p.col + 4 * limit + 256, {})[1] or ""
+  return vim.fn.strchars((right:gsub("%s", ""))) <= limit
+end
+
+--- Drop the running request `id` when no view needs it any more (the language server's
+--- $/cancelRequest with the ghost text off): the engine stops it, as a keystroke would.
+---@param id integer
+function M.cancel(id)
+  local s = S.sent
+  if not s or s.id ~= id or s.done then
+    return false
+  end
+  if remote.state.started then
+    remote.call("RwkvCancel")
+  end
+  S.sent = nil -- asking here again sends a new request
+  tell("cancel", { id = id })
   return true
 end
 
@@ -268,10 +340,7 @@ function M.on_change()
   if not config.buffer_allowed(p.buf) then
     return
   end
-  -- text right of the cursor: look at a bounded piece (a line may be megabytes long)
-  local limit = config.engine("max_line_suffix")
-  local right = api.nvim_buf_get_text(p.buf, p.row, p.col, p.row, p.col + 4 * limit + 256, {})[1] or ""
-  if vim.fn.strchars((right:gsub("%s", ""))) > limit then
+  if not M.auto_allowed(p) then -- too much text right of the cursor
     stop_timer()
     return
   end
@@ -289,6 +358,7 @@ function M.on_partial(msg)
   if not s or msg.id ~= s.id or s.done or type(msg.text) ~= "string" or blank(msg.text) or unusable(msg.text) then
     return
   end
+  tell("partial", { id = s.id, text = msg.text })
   if not drawable(s) then
     return
   end
@@ -311,19 +381,22 @@ function M.on_done(msg)
     return
   end
   s.done = true
-  if not drawable(s) then
-    return
-  end
   -- keep the engine's order (never sort by logprob): its first candidate is the streamed
   -- text the ghost shows now, extended, so the ghost only grows and the extmark is updated
   -- in place (ghost.show reuses it)
   local items, seen = {}, {}
-  for _, c in ipairs(msg.candidates or {}) do
+  for _, c in ipairs(type(msg.candidates) == "table" and msg.candidates or {}) do
     local t = type(c) == "table" and c.text or c
     if type(t) == "string" and not blank(t) and not unusable(t) and not seen[t] then
       seen[t] = true
       items[#items + 1] = t
     end
+  end
+  -- every view gets the result, also one not drawn here (a popup menu shows)
+  S.result = { id = s.id, buf = s.buf, tick = s.tick, row = s.row, col = s.col, items = vim.deepcopy(items) }
+  tell("done", S.result)
+  if not drawable(s) then
+    return
   end
   if #items == 0 then
     M.hide()
@@ -363,6 +436,32 @@ function M.first_word(text)
     or text:sub(1, 1)
 end
 
+--- An accept counts once, whichever view it came from: the statistics, the engine's
+--- speculation (it continues after `accepted`, all the text inserted since request `id`'s
+--- cursor) and the RwkvAccepted event.
+local function record_accept(id, accepted, kind, part, via)
+  S.accepted = S.accepted + 1
+  if remote.state.started then
+    remote.call("RwkvAccept", id, accepted)
+  end
+  fire("RwkvAccepted", { id = id, kind = kind, text = part, via = via })
+end
+
+--- A candidate of request `id` was inserted by another view (a completion menu through
+--- the language server): count it like <Tab> and ask for the next suggestion at once.
+---@param id integer
+---@param accepted string  all the text inserted since the request's cursor
+function M.accepted(id, accepted)
+  if type(id) ~= "number" or type(accepted) ~= "string" or accepted == "" then
+    return false
+  end
+  stop_timer()
+  record_accept(id, accepted, "all", accepted, "lsp")
+  M.hide()
+  M.request(false) -- the engine continues from the accepted text
+  return true
+end
+
 --- Insert (part of) the current candidate. kind: "all" | "line" | "word"; index picks a candidate.
 ---@return boolean accepted
 function M.accept(kind, index)
@@ -389,11 +488,7 @@ function M.accept(kind, index)
   api.nvim_win_set_cursor(0, { end_row + 1, end_col })
 
   local accepted = (s.consumed or "") .. part
-  S.accepted = S.accepted + 1
-  if remote.state.started then
-    remote.call("RwkvAccept", s.id, accepted)
-  end
-  fire("RwkvAccepted", { id = s.id, kind = kind, text = part })
+  record_accept(s.id, accepted, kind, part)
 
   local rest = text:sub(#part + 1)
   local p = pos()
@@ -417,10 +512,14 @@ function M.dismiss()
   M.hide()
   stop_timer()
   local p = pos()
-  if S.sent and not S.sent.done and remote.state.started then
+  local running = S.sent and not S.sent.done and S.sent.id
+  if running and remote.state.started then
     remote.call("RwkvCancel")
   end
   S.sent = { id = nil, buf = p.buf, tick = p.tick, row = p.row, col = p.col, done = true }
+  if running then
+    tell("cancel", { id = running })
+  end
   return true
 end
 
@@ -428,10 +527,14 @@ end
 function M.reset()
   stop_timer()
   M.hide()
-  if S.sent and not S.sent.done and remote.state.started then
+  local running = S.sent and not S.sent.done and S.sent.id
+  if running and remote.state.started then
     remote.call("RwkvCancel")
   end
   S.sent = nil
+  if running then
+    tell("cancel", { id = running })
+  end
 end
 
 return M
