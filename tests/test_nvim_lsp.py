@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from nvim_harness import RECORDER, NvimSession, require_nvim, start_nvim
+from nvim_harness import RECORDER, NvimSession, nvim_session, require_nvim, start_nvim  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.nvim, pytest.mark.slow]
 
@@ -571,3 +571,21 @@ def test_nvim_cmp_menu_lists_and_accepts_our_items(menu_ui, recipe):
     assert s.buffer_text() == "def f(ö):\n\tö = foo(ö, 1)\n\treturn ö"
     assert s.lua("return _G.T.last('RwkvAccept')")[1] == "o(ö, 1)\n\treturn ö"
     assert_no_errors(s)
+
+
+def test_checkhealth_reports_the_language_server(nvim_session):
+    s = nvim_session({"lsp": {"enabled": False}}, manifest=False)
+    s.cmd("checkhealth rwkv")
+    report = s.buffer_text()
+    assert "language server (completion menus)" in report and "lsp = { enabled = true }" in report
+
+
+def test_checkhealth_reports_a_running_language_server(nvim_session, tmp_path):
+    s = nvim_session({"lsp": {"enabled": True}}, manifest=False)
+    f = tmp_path / "x.py"
+    f.write_text("x = 1\n")
+    s.cmd(f"edit {f}")
+    s.lua("require('rwkv.lsp').attach(0)")
+    s.cmd("checkhealth rwkv")
+    report = s.buffer_text()
+    assert "running in-process as client" in report and "attached to 1 buffer" in report, report

@@ -279,6 +279,27 @@ function M.check()
   if st.error and not remote.state.failed then
     h.error("engine: " .. tostring(st.error), fix)
   end
+  M.check_lsp(h)
+end
+
+--- The in-process language server (completion menus): on/off, running, attached buffers.
+function M.check_lsp(h)
+  h.start("rwkv: language server (completion menus)")
+  local cfg = require("rwkv.config").current
+  if not (cfg.lsp and cfg.lsp.enabled) then
+    h.info("off (lsp = { enabled = true } shows the candidates in blink.cmp, nvim-cmp and "
+      .. "Neovim's own completion menu; :help rwkv-lsp)")
+    return
+  end
+  local id = package.loaded["rwkv.lsp"] and require("rwkv.lsp").client_id()
+  if not id then
+    h.warn("enabled, not running yet (it starts in the first buffer where suggestions are allowed)",
+      { "open a buffer whose filetype is allowed (filetypes option), or check :RwkvStatus" })
+    return
+  end
+  local bufs = vim.lsp.get_buffers_by_client_id and vim.lsp.get_buffers_by_client_id(id) or {}
+  h.ok(("running in-process as client %d (%s), attached to %d buffer(s)"):format(
+    id, require("rwkv.lsp").NAME, #bufs))
 end
 
 return M
