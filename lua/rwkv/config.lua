@@ -34,6 +34,7 @@ M.defaults = {
   notify = true, -- loading / ready notices
   debug = false, -- log requests (buffer text!) to stdpath("log")/rwkv.log; off: buffer text is never logged
   ghost = {
+    enabled = true, -- the suggestion as ghost text at the cursor (false: e.g. when a completion menu shows it)
     annotation = true, -- "(i/n)" after the ghost text when the float is off
   },
   float = {
@@ -58,8 +59,24 @@ M.defaults = {
     save = true, -- lines around the cursor on :write
     prime_on_idle = true, -- compute queued chunks' states on CursorHold
   },
+  python = { -- where the Python side runs (:help rwkv-option-python)
+    host = "auto", -- "auto": the plugin's own host when its environment exists, else the manifest; "own" | "manifest"
+    interpreter = "python3", -- the Python that :RwkvBuild makes the environment with
+    -- env = nil,             -- the plugin's virtualenv (nil: stdpath("data")/rwkv.nvim/venv)
+    -- torch_spec = nil,      -- torch requirement for :RwkvBuild (nil: $TORCH_SPEC or "torch==2.13.0")
+    -- torch_index_url = nil, -- extra index for torch, e.g. "https://download.pytorch.org/whl/cu124"
+  },
+  lsp = { -- an in-process language server: completion menus list the candidates (:help rwkv-lsp)
+    enabled = false, -- attach it to the buffers that get suggestions
+    trigger_characters = true, -- true: every printable character; a list of strings; false: none
+  },
   engine = {}, -- see :help rwkv-engine-options; nil keys use the engine's defaults
 }
+
+-- the python = {...} keys (env, torch_spec and torch_index_url default to nil) and their types
+M.python_keys = { host = "string", interpreter = "string", env = "string", torch_spec = "string",
+  torch_index_url = "string" }
+M.python_hosts = { "auto", "own", "manifest" }
 
 -- Engine options (types, defaults, ranges, docs): generated from the engine's own schema
 -- (rwkv_engine.pipeline.config.EngineConfig) by tools/gen_config.py.
@@ -234,10 +251,11 @@ function M.validate(c)
   for ft, on in pairs(c.filetypes) do
     check_type(("filetypes[%q]"):format(tostring(ft)), on, "boolean")
   end
-  for _, group in ipairs({ "ghost", "float", "keymaps", "context", "engine" }) do
+  for _, group in ipairs({ "ghost", "float", "keymaps", "context", "python", "lsp", "engine" }) do
     check_type(group, c[group], "table")
   end
   check_unknown("ghost.", c.ghost, M.defaults.ghost)
+  check_type("ghost.enabled", c.ghost.enabled, "boolean")
   check_type("ghost.annotation", c.ghost.annotation, "boolean")
   check_unknown("float.", c.float, M.defaults.float)
   check_type("float.enabled", c.float.enabled, "boolean")
@@ -257,6 +275,26 @@ function M.validate(c)
   end
   if c.keymaps.pick and not c.keymaps.pick:find("%d", 1, true) then
     fail("keymaps.pick must contain %d (e.g. \"<M-%d>\") or be false")
+  end
+  check_unknown("python.", c.python, M.python_keys)
+  for name, t in pairs(M.python_keys) do
+    check_type("python." .. name, c.python[name], t, true)
+    if c.python[name] == "" then
+      fail("python." .. name .. " must not be empty (nil uses the default)")
+    end
+  end
+  if not vim.tbl_contains(M.python_hosts, c.python.host) then
+    fail(("python.host = %q must be one of %s"):format(c.python.host, table.concat(M.python_hosts, ", ")))
+  end
+  check_unknown("lsp.", c.lsp, M.defaults.lsp)
+  check_type("lsp.enabled", c.lsp.enabled, "boolean")
+  check_type("lsp.trigger_characters", c.lsp.trigger_characters, "boolean|table")
+  if type(c.lsp.trigger_characters) == "table" then
+    for i, ch in pairs(c.lsp.trigger_characters) do
+      if type(i) ~= "number" or type(ch) ~= "string" or ch == "" then
+        fail("lsp.trigger_characters must be true, false or a list of non-empty strings")
+      end
+    end
   end
   check_unknown("context.", c.context, M.defaults.context)
   for name in pairs(M.defaults.context) do
