@@ -88,6 +88,8 @@ def option(type: str, default: Any, doc: str, *, group: str, min=None, max=None,
 
 _MODEL, _SAMPLING, _LOCAL = "Model", "Candidates and sampling", "Context around the cursor"
 _RING, _CACHE, _PREFILL = "Extra context ring", "State cache", "Prefill scheduling"
+_REMOTE = "Remote server (|rwkv-remote|)"
+BACKENDS = ("local", "llama.cpp", "openai")
 
 
 @dataclass
@@ -193,6 +195,46 @@ class EngineConfig:
         "integer", 4, group=_PREFILL, min=0, max=16,
         doc="States kept at the last token positions of a prompt.")
 
+    backend: str = option(
+        "string", "local", group=_REMOTE, choices=BACKENDS,
+        doc='"local": the model runs inside Neovim\'s Python host. "llama.cpp": requests go to '
+            'a llama-server at `url`; "openai": to an OpenAI-compatible /v1/completions server '
+            '(vLLM, SGLang, Ollama, ...). The model options above do not apply to a server.')
+    url: Optional[str] = option(
+        "string", None, group=_REMOTE, nullable=True, nonblank=True,
+        must="must be a non-blank server address, or nil",
+        doc='The server, e.g. "http://127.0.0.1:8080" (llama-server) or '
+            '"http://gpu-box:8000/v1" (OpenAI-compatible; "/v1" is added when the address '
+            'has no path). Required when backend is not "local".')
+    api_key_env: Optional[str] = option(
+        "string", None, group=_REMOTE, nullable=True, nonblank=True,
+        must="must be the name of an environment variable, or nil",
+        doc='Name of the environment variable that holds the API key, sent as '
+            '"Authorization: Bearer ...". The key itself never goes in the configuration.')
+    remote_model: Optional[str] = option(
+        "string", None, group=_REMOTE, nullable=True, nonblank=True,
+        must="must be a model name, or nil",
+        doc='Model name sent with each request (the OpenAI API\'s "model"). nil: the first '
+            'model the server lists.')
+    fim: str = option(
+        "string", "auto", group=_REMOTE, choices=("auto", "rwkv", "infill", "plain"),
+        doc='How the text around the cursor is sent. "rwkv": the suffix-first prompt of the '
+            'local engine, for RWKV-7 models; "infill": the server\'s own fill-in-the-middle '
+            '(llama-server /infill, the "suffix" field of /v1/completions) for models with '
+            'FIM tokens; "plain": the text before the cursor only; "auto": "rwkv" when the '
+            'model has the RWKV vocabulary, else "infill", else "plain".')
+    timeout_connect_ms: int = option(
+        "integer", 2000, group=_REMOTE, min=1, max=600_000,
+        doc="Connecting to the server (and the TLS handshake) at most.")
+    timeout_first_byte_ms: int = option(
+        "integer", 10000, group=_REMOTE, min=1, max=600_000,
+        doc="Waiting for the first piece of an answer (the server reads the prompt) at most, "
+            "and for each next piece. A newer keystroke cancels the wait at once.")
+    timeout_total_ms: int = option(
+        "integer", 30000, group=_REMOTE, min=1, max=600_000,
+        doc="A whole request at most; the text received by then is kept. Decoding also stops "
+            "`time_budget_ms` after the first piece of the answer, as locally.")
+
     # -- construction ---------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "EngineConfig":
@@ -234,6 +276,9 @@ class EngineConfig:
                 raise ValueError(f"engine option {f.name} = {value!r}: {TYPE_MUST[meta['type']]}")
             if not _allowed(meta, value, self):
                 raise ValueError(f"engine option {f.name} = {value!r}: {meta['must']}")
+        # cross-field (after every per-field check; lua/rwkv/config.lua does the same)
+        if self.backend != "local" and self.url is None:
+            raise ValueError(f"engine option url = None: must be set when backend is {self.backend!r}")
 
     # -- derived --------------------------------------------------------------
     def resolved_cache_dir(self) -> Path:

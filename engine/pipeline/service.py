@@ -149,12 +149,20 @@ class CompletionService:
         return msg
 
     def _load(self) -> None:
-        name = self.config.model or "default"
+        remote = self.config.backend != "local"         # a server answers: no model here
+        name = f"{self.config.backend} server" if remote else (self.config.model or "default")
         self._emit("loading", {"model": name})
         t0 = time.perf_counter()
         try:
-            from .completer import Completer
-            self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
+            if remote:
+                from .remote_backend import RemoteCompleter
+                self._completer = RemoteCompleter(self.config, on_warning=self._warning)
+                name = self._completer.label            # "llama.cpp server http://host:port"
+                with self._cv:
+                    self._status["model"] = name
+            else:
+                from .completer import Completer
+                self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             with self._cv:
                 self._status["error"] = one_line(e)
@@ -276,7 +284,10 @@ class CompletionService:
             log.info("rwkv.nvim: malformed request %s: %s", rid, one_line(e))
             return {"id": rid, "candidates": [], "stats": {}, "error": one_line(e)}
         except Exception as e:                          # engine failure: CheckpointError, tokenizer, OOM, ...
-            return {"id": rid, "candidates": [], "stats": {}, "error": self._failed(e, f"request {rid}")}
+            # a server's failure (remote backend) says all in its one line: no traceback per keystroke
+            remote = type(e).__name__ == "RemoteError"
+            return {"id": rid, "candidates": [], "stats": {},
+                    "error": self._failed(e, f"request {rid}", traceback=not remote)}
 
     def _prime(self, c) -> None:
         def interrupted() -> bool:

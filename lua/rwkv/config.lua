@@ -235,6 +235,10 @@ local function validate_engine(e)
       engine_fail(opt, eff[opt.name], opt.must)
     end
   end
+  -- cross-field, after the per-option checks (EngineConfig.validate): a server needs its address
+  if eff.backend ~= "local" and eff.url == nil then
+    fail(("engine option url = nil: must be set when backend is '%s'"):format(eff.backend))
+  end
 end
 
 --- Validate a user table (already merged with defaults). Raises "rwkv.setup: ..." on error.

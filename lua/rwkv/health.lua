@@ -223,6 +223,8 @@ function M.check()
     h.warn("huggingface_hub is missing: :RwkvDownload will not work", advice("huggingface_hub"))
   end
 
+  require("rwkv.health_remote").check(h, { python = python, engine = c.engine })
+
   h.start("rwkv: model")
   local model = c.engine.model or "(the shipped default model)"
   if info.model_found then

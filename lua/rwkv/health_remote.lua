@@ -1,0 +1,122 @@
+-- :checkhealth rwkv, the backend part: which backend runs and, for a remote one
+-- (engine.backend = "llama.cpp" | "openai"), whether its server answers and with what
+-- model. The server is reached by the engine's own code
+-- (rwkv_engine.pipeline.remote_backend.probe) in a one-shot python3 process with short
+-- timeouts, so the check says exactly what the plugin would meet.
+local M = {}
+
+-- argv[1]: the engine options as JSON; argv[2]: the plugin's root (its engine/ is used
+-- when rwkv_engine is not installed in this Python)
+M.PROBE = [[
+import importlib.util, json, os, sys
+root = sys.argv[2] if len(sys.argv) > 2 else ""
+try:
+    found = importlib.util.find_spec("rwkv_engine") is not None
+except Exception:
+    found = False
+init = os.path.join(root, "engine", "__init__.py")
+if not found and root and os.path.isfile(init):
+    spec = importlib.util.spec_from_file_location("rwkv_engine", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rwkv_engine"] = module
+    spec.loader.exec_module(module)
+try:
+    from rwkv_engine.pipeline.remote_backend import probe_main
+except Exception as exc:
+    print(json.dumps({"ok": False, "error": "cannot import the engine: %s" % (str(exc).splitlines() or [type(exc).__name__])[0]}))
+    sys.exit(0)
+probe_main(sys.argv[1:2])
+]]
+
+--- The plugin's root directory (<root>/lua/rwkv/health_remote.lua).
+function M.plugin_root()
+  return vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")
+end
+
+local function present(v)
+  return v ~= nil and v ~= vim.NIL
+end
+
+--- Run the probe; returns its table or nil, error.
+function M.probe(python, engine, timeout_ms)
+  local ok, payload = pcall(vim.json.encode, engine or {})
+  if not ok then
+    return nil, "engine options cannot be encoded: " .. tostring(payload)
+  end
+  local res = vim.system({ python, "-c", M.PROBE, payload, M.plugin_root() }, { text = true })
+    :wait(timeout_ms or 20000)
+  if res.code ~= 0 then
+    local err = vim.trim(res.stderr or "")
+    return nil, (err:match("([^\n]*)$") or err) ~= "" and (err:match("([^\n]*)$") or err)
+      or ("python exited with " .. tostring(res.code))
+  end
+  local last = vim.trim(res.stdout or ""):match("([^\n]*)$") or ""
+  local decoded_ok, info = pcall(vim.json.decode, last)
+  if not decoded_ok or type(info) ~= "table" then
+    return nil, "unexpected probe output: " .. last
+  end
+  return info
+end
+
+--- Report the backend. `h`: vim.health (or a table with start/ok/info/warn/error);
+--- opts: { python = the host's python3 (required for a remote backend),
+---         engine = the engine options (default: require("rwkv.config").current.engine),
+---         timeout_ms = how long the probe may take in all (default 20000) }.
+function M.check(h, opts)
+  opts = opts or {}
+  local engine = opts.engine
+  if engine == nil then
+    engine = require("rwkv.config").current.engine or {}
+  end
+  local backend = engine.backend
+  if not present(backend) then
+    backend = "local"
+  end
+  h.start("rwkv: backend")
+  if backend == "local" then
+    h.ok('local: the model runs in the Python host (engine.backend = "local")')
+    return
+  end
+  local url = present(engine.url) and tostring(engine.url) or "(no url)"
+  h.info(('engine.backend = "%s", engine.url = "%s": suggestions come from that server'):format(backend, url))
+  if not opts.python then
+    h.error("no python3 host to reach the server from", { "set g:python3_host_prog to a Python with pynvim" })
+    return
+  end
+  local info, err = M.probe(opts.python, engine, opts.timeout_ms)
+  if not info then
+    h.error("could not run the server check in " .. opts.python .. ": " .. tostring(err))
+    return
+  end
+  if present(info.api_key) then
+    if tostring(info.api_key):find("not set", 1, true) then
+      h.error("API key: " .. info.api_key, { "export the variable before starting Neovim" })
+    else
+      h.ok("API key " .. info.api_key)
+    end
+  end
+  if not info.ok then
+    local advice = { "check engine.url and that the server runs" }
+    if backend == "llama.cpp" then
+      table.insert(advice, "an RWKV-7 model: rwkv-nvim export-gguf model.pth model.gguf; "
+        .. "llama-server -m model.gguf -np 4 --port 8080 (see :help rwkv-remote)")
+    end
+    h.error(tostring(info.error or "the server did not answer"), advice)
+    return
+  end
+  local label = ("%s server %s"):format(backend, present(info.url) and info.url or url)
+  h.ok(("%s answers (%s ms)"):format(label, tostring(info.ms or "?")))
+  local prompt = ({
+    rwkv = "the RWKV fill-in-the-middle prompt" .. (info.ids and " as token ids" or " as text"),
+    infill = "the server's fill-in-the-middle (" .. (backend == "llama.cpp" and "/infill" or "suffix") .. ")",
+    plain = "the text before the cursor only",
+  })[info.fim] or tostring(info.fim)
+  h.info(("model: %s; prompt: %s%s"):format(tostring(info.model or "?"), prompt,
+    present(info.slots) and ("; %s slots (candidates at once)"):format(tostring(info.slots)) or ""))
+  if backend == "llama.cpp" and present(info.slots) and tonumber(info.slots) and tonumber(info.slots) < 2 then
+    h.warn("the server has 1 slot: one candidate per request", { "start llama-server with -np 4" })
+  end
+end
+
+return M
