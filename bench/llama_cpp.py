@@ -1,369 +1,42 @@
-"""Build llama.cpp's CPU tools once into a cache, and drive them (importable + CLI).
+"""Build llama.cpp's CPU tools once into a cache, and drive them (command line).
 
-The source is the llama.cpp copy vendored in the ``llama-cpp-python`` sdist (PyPI, fetched
-with ``pip download``), so no git access is needed. Binaries land in
+The code lives in the installed package, ``rwkv_engine.cli.llama_cpp_peer`` (so that
+``rwkv-nvim bench --peer llama.cpp`` can use it); this file is a thin command line over it
+and re-exports its names for old importers. Binaries land in
 
     ~/.cache/rwkv.nvim/llama.cpp/<llama-cpp-python version>-<cpu tag>/bin
-
-(``$RWKV_LLAMA_CPP_CACHE`` or ``$XDG_CACHE_HOME`` move it) and are reused when present.
-The build is Release, ``-DGGML_NATIVE=ON``, static, CPU only, and only the tools we use
-(llama-server, llama-bench, llama-batched-bench, llama-cli: whichever the version has).
-On a CPU with AMX the AMX ISA is switched off (``-mno-amx-tile -mno-amx-int8
--mno-amx-bf16``): llama.cpp's AMX int8 path dies with SIGILL in Q8_0/Q4 on such hosts.
-What was done is recorded in ``build-info.json`` next to ``bin/``.
 
     python bench/llama_cpp.py build            # build (or reuse) and print the bin dir
     python bench/llama_cpp.py info             # cache dir, cpu tag, what a build would use
     python bench/llama_cpp.py greedy M.gguf --ids 11,33,261 -n 32 [--n-probs 5]
+    python bench/llama_cpp.py q4_0 M-f32.gguf M-q8_0.gguf OUT.gguf   # Q4_0 without llama-quantize
 
-Offline use: ``RWKV_LLAMA_CPP_SDIST=/path/llama_cpp_python-X.tar.gz`` (a downloaded sdist)
-or ``RWKV_LLAMA_CPP_SRC=/path/to/llama.cpp`` (a source tree; its cache key uses the
-directory name instead of the sdist version).
+See the module's docstring for the build (sdist source, GGML_NATIVE, AMX workaround) and
+the offline variables (RWKV_LLAMA_CPP_SDIST, RWKV_LLAMA_CPP_SRC, RWKV_LLAMA_CPP_CACHE).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
+import importlib.util
 import json
-import os
-import platform
-import re
 import shutil
-import socket
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional
 
-# the llama-cpp-python release whose vendored llama.cpp we build (tested with rwkv7 GGUFs
-# written by rwkv_engine.core.gguf_export); RWKV_LLAMA_CPP_PYTHON_VERSION overrides
-DEFAULT_VERSION = "0.3.36"
-WANTED_TARGETS = ("llama-server", "llama-bench", "llama-batched-bench", "llama-cli")
-AMX_OFF_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
-STAMP = "build-info.json"
+try:
+    from rwkv_engine.cli import llama_cpp_peer as _peer
+except ImportError:          # a checkout without the package installed: the file itself
+    _spec = importlib.util.spec_from_file_location(
+        "rwkv_llama_cpp_peer", Path(__file__).resolve().parent.parent / "engine" / "cli" / "llama_cpp_peer.py")
+    _peer = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_peer)
 
-
-class BuildError(RuntimeError):
-    """llama.cpp could not be fetched or built; the message says why and what to install."""
-
-
-# -- where ------------------------------------------------------------------------------
-def cache_root() -> Path:
-    env = os.environ.get("RWKV_LLAMA_CPP_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "rwkv.nvim" / "llama.cpp"
+# the module's public names, as before the move (bench/llama_cpp.py used to hold the code)
+globals().update({k: v for k, v in vars(_peer).items() if not k.startswith("__")})
 
 
-def version() -> str:
-    return os.environ.get("RWKV_LLAMA_CPP_PYTHON_VERSION", DEFAULT_VERSION)
-
-
-def cpu_info() -> Dict[str, object]:
-    """Machine, model name and ISA flags (Linux /proc/cpuinfo; empty flags elsewhere)."""
-    model, flags = platform.processor() or "", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        if m:
-            model = m.group(1).strip()
-        f = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.MULTILINE)
-        if f:
-            flags = set(f.group(1).split())
-    except OSError:
-        pass
-    return {"machine": platform.machine() or "unknown", "model": model or "unknown",
-            "flags": flags, "amx": bool(flags & {"amx_tile", "amx_int8", "amx_bf16"})}
-
-
-def cpu_tag(info: Optional[dict] = None) -> str:
-    """``<machine>-<vendor word>-<hash of model+flags>[-noamx]``: GGML_NATIVE binaries are
-    only valid on a CPU with the same ISA, so the cache key names the ISA."""
-    info = info or cpu_info()
-    name = re.sub(r"\((?:R|TM)\)", "", str(info["model"]), flags=re.IGNORECASE)
-    word = re.sub(r"[^a-z0-9]+", "", (name.split() or ["cpu"])[0].lower()) or "cpu"
-    digest = hashlib.sha1((str(info["model"]) + "|" + " ".join(sorted(info["flags"]))).encode())
-    return f"{info['machine']}-{word}-{digest.hexdigest()[:8]}" + ("-noamx" if info["amx"] else "")
-
-
-def build_dir_for(ver: Optional[str] = None) -> Path:
-    src = os.environ.get("RWKV_LLAMA_CPP_SRC")
-    key = (f"src-{Path(src).resolve().name}" if src else (ver or version()))
-    return cache_root() / f"{key}-{cpu_tag()}"
-
-
-def bin_dir() -> Optional[Path]:
-    """The cached bin dir if a finished build is there, else None (never builds)."""
-    d = build_dir_for()
-    return d / "bin" if (d / STAMP).is_file() and (d / "bin" / "llama-server").is_file() else None
-
-
-# -- source -----------------------------------------------------------------------------
-def _extract_vendor(sdist: Path, dest: Path) -> Path:
-    """Unpack only ``*/vendor/llama.cpp/`` of the sdist into ``dest``; returns the tree."""
-    tmp = Path(tempfile.mkdtemp(prefix="llama-src-", dir=str(dest.parent)))
-    try:
-        with tarfile.open(sdist) as tf:
-            members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name + "/"
-                       and (m.isfile() or m.isdir())]
-            if not members:
-                raise BuildError(f"{sdist}: no vendor/llama.cpp inside this sdist")
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tf.extractall(str(tmp), members=members, **kw)
-        found = next(tmp.glob("*/vendor/llama.cpp"))
-        if dest.exists():
-            shutil.rmtree(dest)
-        found.rename(dest)
-        return dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def source_dir(ver: Optional[str] = None, log=print) -> Path:
-    """A llama.cpp source tree: $RWKV_LLAMA_CPP_SRC, the cached one, or fetched now."""
-    env = os.environ.get("RWKV_LLAMA_CPP_SRC")
-    if env:
-        p = Path(env).expanduser()
-        if not (p / "CMakeLists.txt").is_file():
-            raise BuildError(f"RWKV_LLAMA_CPP_SRC={p} is not a llama.cpp source tree")
-        return p
-    ver = ver or version()
-    dest = cache_root() / "src" / f"llama.cpp-{ver}"
-    if (dest / "CMakeLists.txt").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sdist_env = os.environ.get("RWKV_LLAMA_CPP_SDIST")
-    if sdist_env:
-        return _extract_vendor(Path(sdist_env).expanduser(), dest)
-    with tempfile.TemporaryDirectory(prefix="llama-sdist-") as tmp:
-        log(f"llama_cpp: downloading the llama-cpp-python=={ver} sdist (vendored llama.cpp) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={ver}", "-d", tmp]
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tars = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if not tars:   # metadata preparation can fail without build deps; the file is there
-            raise BuildError(f"could not download the llama-cpp-python=={ver} sdist "
-                             f"(pip said: {r.stdout.strip().splitlines()[-1:]}); set "
-                             "RWKV_LLAMA_CPP_SDIST to a downloaded sdist to build offline")
-        return _extract_vendor(tars[0], dest)
-
-
-def available_targets(src: Path, wanted: Sequence[str] = WANTED_TARGETS) -> List[str]:
-    """The wanted executables this llama.cpp version defines (names change over releases)."""
-    defined = set()
-    for cm in list((src / "tools").glob("*/CMakeLists.txt")) + list((src / "examples").glob("*/CMakeLists.txt")):
-        text = cm.read_text(errors="replace")
-        defined.update(re.findall(r"set\s*\(\s*TARGET\s+([A-Za-z0-9_.-]+)\s*\)", text))
-        defined.update(re.findall(r"add_executable\s*\(\s*([A-Za-z0-9_.-]+)", text))
-    return [t for t in wanted if t in defined]
-
-
-# -- build ------------------------------------------------------------------------------
-def _need_tools() -> None:
-    missing = [t for t in ("cmake", "g++") if shutil.which(t) is None]
-    if missing:
-        raise BuildError(f"building llama.cpp needs {' and '.join(missing)}: "
-                         "apt-get install -y cmake g++ (or your system's equivalent)")
-
-
-def cmake_args(src: Path, build: Path, info: dict) -> Tuple[List[str], List[str]]:
-    """(cmake configure command, extra compiler flags)."""
-    extra = list(AMX_OFF_FLAGS) if info["amx"] else []
-    flags = " ".join(extra)
-    cmd = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-           "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CCACHE=OFF",
-           "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
-           "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-           "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
-           # GCC lets an explicit -mno-X win over -march=native whatever the order
-           f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
-    if shutil.which("ninja"):
-        cmd += ["-G", "Ninja"]
-    return cmd, extra
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)      # one build per key at a time (pytest-xdist, CI)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def build(jobs: int = 2, force: bool = False, keep_build: bool = False, log=print) -> Path:
-    """Build (or reuse) llama.cpp's CPU tools; returns the bin dir. Raises BuildError."""
-    out = build_dir_for()
-    with _lock(out.parent / (out.name + ".lock")):
-        stamp = out / STAMP
-        if stamp.is_file() and not force:
-            info = json.loads(stamp.read_text())
-            if all((out / "bin" / t).is_file() for t in info.get("targets", [])):
-                return out / "bin"
-        _need_tools()
-        src = source_dir(log=log)
-        cpu = cpu_info()
-        targets = available_targets(src)
-        if "llama-server" not in targets:
-            raise BuildError(f"{src}: this llama.cpp has no llama-server target")
-        bdir = out / "build"
-        if force and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        configure, extra = cmake_args(src, bdir, cpu)
-        t0 = time.perf_counter()
-        log(f"llama_cpp: building {', '.join(targets)} in {bdir} (-j{jobs}"
-            + (f", AMX off: {' '.join(extra)}" if extra else "") + ") ...")
-        logf = out / "build.log"
-        with open(logf, "w") as lf:
-            for cmd in (configure, ["cmake", "--build", str(bdir), "--config", "Release",
-                                    "-j", str(jobs), "--target", *targets]):
-                lf.write("$ " + " ".join(cmd) + "\n")
-                lf.flush()
-                r = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT)
-                if r.returncode != 0:
-                    tail = logf.read_text(errors="replace").strip().splitlines()[-15:]
-                    raise BuildError(f"llama.cpp build failed ({cmd[1]} exit {r.returncode}); "
-                                     f"log {logf}:\n" + "\n".join(tail))
-        seconds = time.perf_counter() - t0
-        bins = out / "bin"
-        bins.mkdir(exist_ok=True)
-        for t in targets:
-            exe = bdir / "bin" / t
-            if not exe.is_file():
-                raise BuildError(f"llama.cpp build finished but {exe} is missing (log {logf})")
-            shutil.copy2(exe, bins / t)
-        if not keep_build:        # static binaries: the object files are not needed again
-            shutil.rmtree(bdir, ignore_errors=True)
-        info = {"llama_cpp_python_version": version(), "source": str(src), "targets": targets,
-                "cpu": {"machine": cpu["machine"], "model": cpu["model"], "amx": cpu["amx"]},
-                "cpu_tag": cpu_tag(cpu), "amx_disabled_flags": extra, "ggml_native": True,
-                "configure": configure, "jobs": jobs, "build_seconds": round(seconds, 1),
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        stamp.write_text(json.dumps(info, indent=2) + "\n")
-        log(f"llama_cpp: built in {seconds:.0f} s -> {bins}")
-        return bins
-
-
-def build_info() -> Optional[dict]:
-    p = build_dir_for() / STAMP
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-# -- llama-server -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``llama-server`` on a loopback port for one GGUF (a context manager).
-
-    One slot, no prompt cache between requests unless asked, CPU threads as given."""
-
-    def __init__(self, gguf, bins: Optional[Path] = None, ctx: int = 4096, threads: int = 2,
-                 extra: Sequence[str] = (), startup_timeout: float = 120.0):
-        self.gguf = Path(gguf)
-        self.bins = Path(bins) if bins else build()
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(self.bins / "llama-server"), "-m", str(self.gguf), "--host", "127.0.0.1",
-               "--port", str(self.port), "-c", str(ctx), "-np", "1", "-t", str(threads),
-               "-tb", str(threads), "--no-warmup", *extra]
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BuildError(f"llama-server exited with {self.proc.returncode} loading "
-                                 f"{self.gguf}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise BuildError(f"llama-server did not become ready in {startup_timeout:.0f} s:\n"
-                                 f"{self.log_tail()}")
-            time.sleep(0.2)
-
-    def log_tail(self, n: int = 20) -> str:
-        self._log.seek(0)
-        return "\n".join(self._log.read().strip().splitlines()[-n:])
-
-    def post(self, path: str, payload: dict, timeout: float = 300.0) -> dict:
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise BuildError(f"llama-server {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
-
-    def get(self, path: str, timeout: float = 30.0) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def greedy(self, prompt_ids: Sequence[int], n: int, n_probs: int = 0) -> dict:
-        """/completion from token ids, argmax decoding, exactly ``n`` tokens (EOS ignored).
-
-        Returns ``{"tokens": [...], "top_logprobs": [{id: logprob, ...} per step]}``; the
-        logprobs (n_probs > 0) are a plain log-softmax of the raw logits."""
-        res = self.post("/completion", {
-            "prompt": [int(t) for t in prompt_ids], "n_predict": int(n), "temperature": 0.0,
-            "top_k": 1, "ignore_eos": True, "return_tokens": True, "cache_prompt": False,
-            "n_probs": int(n_probs), "post_sampling_probs": False, "seed": 0, "stream": False,
-        })
-        tops = []
-        for step in res.get("completion_probabilities") or []:
-            tops.append({int(p["id"]): float(p["logprob"]) for p in step.get("top_logprobs", [])})
-        return {"tokens": [int(t) for t in res.get("tokens") or []], "top_logprobs": tops,
-                "timings": res.get("timings", {})}
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def greedy_tokens(gguf, prompt_ids: Sequence[int], n: int, bins: Optional[Path] = None) -> List[int]:
-    """llama.cpp's greedy continuation (``n`` token ids) of ``prompt_ids`` for ``gguf``."""
-    with Server(gguf, bins=bins) as srv:
-        return srv.greedy(prompt_ids, n)["tokens"]
-
-
-def greedy_with_logprobs(gguf, prompt_ids: Sequence[int], n: int, n_probs: int = 5,
-                         bins: Optional[Path] = None) -> dict:
-    """Like greedy_tokens, plus each step's top ``n_probs`` log-probabilities."""
-    with Server(gguf, bins=bins) as srv:
-        return srv.greedy(prompt_ids, n, n_probs)
-
-
-# -- CLI --------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/llama_cpp.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -371,31 +44,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--jobs", "-j", type=int, default=2)
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument("--keep-build", action="store_true", help="keep the cmake build tree")
-    sub.add_parser("info", help="show the cache location, cpu tag and a cached build's record")
+    sub.add_parser("info", help="show the cache location, cpu tag, cpu flags and a cached build's record")
     g = sub.add_parser("greedy", help="greedy continuation of token ids with llama-server")
     g.add_argument("gguf")
     g.add_argument("--ids", required=True, help="comma-separated prompt token ids")
     g.add_argument("-n", type=int, default=32)
     g.add_argument("--n-probs", type=int, default=0)
+    q = sub.add_parser("q4_0", help="Q4_0 GGUF from an f32 + a q8_0 export of one checkpoint (gguf-py)")
+    q.add_argument("f32")
+    q.add_argument("q8_0")
+    q.add_argument("out")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
             t0 = time.perf_counter()
-            bins = build(jobs=a.jobs, force=a.force, keep_build=a.keep_build,
-                         log=lambda m: print(m, file=sys.stderr))
+            bins = _peer.build(jobs=a.jobs, force=a.force, keep_build=a.keep_build,
+                               log=lambda m: print(m, file=sys.stderr))
             print(f"{bins}\t({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             print(bins)
         elif a.cmd == "info":
-            info = cpu_info()
-            print(json.dumps({"cache": str(build_dir_for()), "version": version(),
-                              "cpu_tag": cpu_tag(info), "amx": info["amx"],
+            info = _peer.cpu_info()
+            print(json.dumps({"cache": str(_peer.build_dir_for()), "version": _peer.version(),
+                              "cpu_tag": _peer.cpu_tag(info), "cpu": _peer.cpu_summary(info),
                               "tools": {t: shutil.which(t) for t in ("cmake", "g++", "ninja")},
-                              "build": build_info()}, indent=2))
+                              "build": _peer.build_info()}, indent=2))
+        elif a.cmd == "q4_0":
+            print(json.dumps(_peer.requantize_gguf(a.f32, a.q8_0, a.out, "q4_0")))
         else:
             ids = [int(x) for x in a.ids.split(",") if x.strip()]
-            res = greedy_with_logprobs(a.gguf, ids, a.n, a.n_probs)
-            print(json.dumps(res))
-    except BuildError as e:
+            print(json.dumps(_peer.greedy_with_logprobs(a.gguf, ids, a.n, a.n_probs)))
+    except _peer.BuildError as e:
         print(f"llama_cpp: {e}", file=sys.stderr)
         return 1
     return 0

@@ -2,13 +2,12 @@
 ``llamacpp``) llama.cpp's greedy continuation against ours on the same random checkpoint.
 
 The llama.cpp tests build llama.cpp's CPU tools once into ~/.cache/rwkv.nvim/llama.cpp
-(bench/llama_cpp.py; minutes cold, then cached). They skip without cmake/g++, when the
-sdist cannot be downloaded, or with RWKV_LLAMA_CPP_BUILD=0 and no cached build.
-Deselect them with ``-m "not llamacpp"``.
+(rwkv_engine.cli.llama_cpp_peer, command line bench/llama_cpp.py; minutes cold, then
+cached). They skip without cmake/g++, when the sdist cannot be downloaded, or with
+RWKV_LLAMA_CPP_BUILD=0 and no cached build. Deselect them with ``-m "not llamacpp"``.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -227,15 +226,13 @@ def test_cli_export_and_missing_package_message(models, tmp_path, monkeypatch, c
 
 # -- llama.cpp ----------------------------------------------------------------------------
 def _llama_cpp_module():
-    spec = importlib.util.spec_from_file_location("rwkv_bench_llama_cpp", ROOT / "bench" / "llama_cpp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from rwkv_engine.cli import llama_cpp_peer     # the builder/driver (bench/llama_cpp.py is its CLI)
+    return llama_cpp_peer
 
 
 @pytest.fixture(scope="module")
 def llama():
-    """(bench/llama_cpp module, bin dir): the cached build, or built now."""
+    """(rwkv_engine.cli.llama_cpp_peer, bin dir): the cached build, or built now."""
     lc = _llama_cpp_module()
     bins = lc.bin_dir()
     if bins is None:

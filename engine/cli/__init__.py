@@ -9,7 +9,7 @@ from typing import List, Optional
 # name -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS = {
     "complete": ("rwkv_engine.cli.complete", "complete a file at a cursor position and print the candidates"),
-    "bench": ("rwkv_engine.cli.bench", "benchmark prefill, decode and a keystroke replay against the rwkv package"),
+    "bench": ("rwkv_engine.cli.bench", "benchmark prefill, decode and a keystroke replay against a peer (the rwkv package or llama.cpp)"),
     "download": ("rwkv_engine.cli.download", "download an official RWKV-7 model (e.g. g1-0.1b) from Hugging Face"),
     "eval": ("rwkv_engine.cli.evaluate", "evaluate a model on held-out fill-in-the-middle line tasks"),
     "info": ("rwkv_engine.cli.info", "show a model's shape, vocabulary and state size"),

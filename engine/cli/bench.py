@@ -1,4 +1,8 @@
-"""`rwkv-nvim bench`: raw engine speed against the `rwkv` package, plus the keystroke replay.
+"""`rwkv-nvim bench`: raw engine speed against a peer, plus the keystroke replay.
+
+Peers (``--peer``): ``rwkv`` (default), the `rwkv` pip package in this process; or
+``llama.cpp``, its CPU tools on GGUFs exported from the same checkpoint, with our fp32 and
+int8 modes beside llama.cpp's f32 / Q8_0 / Q4_0 (rwkv_engine.cli.bench_llamacpp).
 
 Raw figures (same process, same checkpoint, best of --repeat runs):
   prefill tok/s (B=1, T=--prefill-tokens), batch-1 decode tok/s, batch-8 decode
@@ -22,16 +26,22 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda; fp32 (auto) or int8 on cpu")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: as the plugin, engine option `threads` = 0)")
+                   help="CPU threads (default: as the plugin, engine option `threads` = 0; "
+                        "2 with --peer llama.cpp, for both sides)")
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--batch", type=int, default=8, help="rows of the batched decode (default 8)")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure, best kept")
+    p.add_argument("--peer", choices=["rwkv", "llama.cpp"], default="rwkv",
+                   help="what to compare with: the rwkv pip package (default) or llama.cpp "
+                        "(built into ~/.cache/rwkv.nvim/llama.cpp if needed; no replay)")
     p.add_argument("--no-peer", action="store_true", help="skip the rwkv package comparison")
     p.add_argument("--no-replay", action="store_true", help="skip the keystroke replay")
     p.add_argument("--replay-file", help="source file typed by the replay (default: a stdlib module)")
     p.add_argument("--replay-lines", type=int, default=6, help="lines typed char by char in the replay")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from . import bench_llamacpp
+    bench_llamacpp.add_arguments(p)
 
 
 def _best(fn, repeat: int) -> float:
@@ -137,6 +147,9 @@ def _machine(device) -> dict:
 
 
 def run(args) -> int:
+    if getattr(args, "peer", "rwkv") == "llama.cpp":
+        from . import bench_llamacpp
+        return bench_llamacpp.run(args)
     import torch
 
     from .. import load_model
