@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +16,8 @@ import pytest
 import torch
 
 from random_checkpoint import write_checkpoint
-from rwkv_engine.cli import bench_llamacpp, llama_cpp_peer as lc
+from llama_build import lc, llama_bins_or_skip
+from rwkv_engine.cli import bench_llamacpp
 
 FIGURES = ("prefill_tok_s", "decode_b1_tok_s", "decode_rows1_tok_s", "decode_rows4_tok_s",
            "decode_rows8_tok_s")
@@ -31,22 +30,6 @@ def peaked_tiny(tmp_path_factory):
                             seed=11, trained_like=True)
 
 
-def _bins_or_skip():
-    bins = lc.bin_dir()
-    if bins is not None and all((bins / t).is_file() for t in ("llama-bench", "llama-batched-bench")):
-        return bins
-    if os.environ.get("RWKV_LLAMA_CPP_BUILD", "1") == "0":
-        pytest.skip("no cached llama.cpp build and RWKV_LLAMA_CPP_BUILD=0")
-    if not (shutil.which("cmake") and shutil.which("g++")):
-        pytest.skip("building llama.cpp needs cmake and g++ (apt-get install -y cmake g++)")
-    try:
-        return lc.build(jobs=2)
-    except lc.BuildError as e:
-        if "could not download" in str(e):
-            pytest.skip(str(e).splitlines()[0])
-        raise
-
-
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -55,7 +38,7 @@ def _number(x) -> bool:
 @pytest.mark.slow
 def test_peer_llama_cpp_json_has_every_row(peaked_tiny, tmp_path):
     pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[gguf]')")
-    _bins_or_skip()
+    llama_bins_or_skip()
     cmd = [sys.executable, "-m", "rwkv_engine.cli", "bench", "--peer", "llama.cpp", "--model", str(peaked_tiny),
            "--json", "--repeat", "1", "--prefill-tokens", "16", "--decode-steps", "2", "--check-tokens", "8",
            "--kl-context", "16", "--kl-positions", "6", "--kl-top", "64", "--work", str(tmp_path / "gguf")]

@@ -9,8 +9,6 @@ RWKV_LLAMA_CPP_BUILD=0 and no cached build. Deselect them with ``-m "not llamacp
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -225,28 +223,13 @@ def test_cli_export_and_missing_package_message(models, tmp_path, monkeypatch, c
 
 
 # -- llama.cpp ----------------------------------------------------------------------------
-def _llama_cpp_module():
-    from rwkv_engine.cli import llama_cpp_peer     # the builder/driver (bench/llama_cpp.py is its CLI)
-    return llama_cpp_peer
+from llama_build import lc, llama_bins_or_skip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llama():
     """(rwkv_engine.cli.llama_cpp_peer, bin dir): the cached build, or built now."""
-    lc = _llama_cpp_module()
-    bins = lc.bin_dir()
-    if bins is None:
-        if os.environ.get("RWKV_LLAMA_CPP_BUILD", "1") == "0":
-            pytest.skip("no cached llama.cpp build and RWKV_LLAMA_CPP_BUILD=0")
-        if not (shutil.which("cmake") and shutil.which("g++")):
-            pytest.skip("building llama.cpp needs cmake and g++ (apt-get install -y cmake g++)")
-        try:
-            bins = lc.build(jobs=2)
-        except lc.BuildError as e:
-            if "could not download" in str(e):
-                pytest.skip(str(e).splitlines()[0])
-            raise
-    return lc, bins
+    return lc, llama_bins_or_skip()
 
 
 def _ours(path, prompt_ids, n):
@@ -333,7 +316,6 @@ def test_llama_cpp_loads_a_trimmed_vocabulary(llama, tmp_path):
 
 
 def test_llama_cpp_build_flags_switch_amx_off_on_amx_hosts(tmp_path):
-    lc = _llama_cpp_module()
     amx = {"machine": "x86_64", "model": "Intel(R) Xeon(R) Platinum 8480+", "amx": True,
            "flags": {"avx512f", "amx_tile", "amx_int8", "amx_bf16"}}
     cmd, extra = lc.cmake_args(tmp_path / "src", tmp_path / "b", amx)

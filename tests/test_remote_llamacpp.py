@@ -13,9 +13,6 @@ without cmake/g++, or when the llama.cpp source cannot be downloaded.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ from pipeline_fixtures import SOURCE_LINES, make_request, type_text  # noqa: E40
 from random_checkpoint import make_state_dict  # noqa: E402
 from rwkv_engine.pipeline.config import EngineConfig  # noqa: E402
 from rwkv_engine.pipeline.remote_backend import RemoteCompleter, probe  # noqa: E402
+from llama_build import lc, llama_bins_or_skip  # noqa: E402
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
@@ -34,29 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LINES = SOURCE_LINES[:24]
 
 
-def _llama_cpp_module():
-    spec = importlib.util.spec_from_file_location("rwkv_bench_llama_cpp_remote", ROOT / "bench" / "llama_cpp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def llama():
-    lc = _llama_cpp_module()
-    bins = lc.bin_dir()
-    if bins is None:
-        if os.environ.get("RWKV_LLAMA_CPP_BUILD", "1") == "0":
-            pytest.skip("no cached llama.cpp build and RWKV_LLAMA_CPP_BUILD=0")
-        if not (shutil.which("cmake") and shutil.which("g++")):
-            pytest.skip("building llama.cpp needs cmake and g++ (apt-get install -y cmake g++)")
-        try:
-            bins = lc.build(jobs=2)
-        except lc.BuildError as e:
-            if "could not download" in str(e):
-                pytest.skip(str(e).splitlines()[0])
-            raise
-    return lc, bins
+    return lc, llama_bins_or_skip()
 
 
 @pytest.fixture(scope="module")
