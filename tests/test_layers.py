@@ -104,3 +104,16 @@ def test_contract_names_stay_importable():
     assert out.stdout.split() == ["False", "ok"]
     from rwkv_engine.cli import main
     assert callable(main)
+
+
+def test_a_missing_attribute_is_a_plain_attribute_error(tmp_path):
+    """The package's __getattr__ used importlib.util without importing it: in an interpreter
+    where nothing else had imported it (python -S), any unknown attribute raised
+    "module 'importlib' has no attribute 'util'" instead of naming the attribute."""
+    import subprocess
+    import sys
+    (tmp_path / "rwkv_engine").symlink_to(ENGINE, target_is_directory=True)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rwkv_engine\n"
+            "try:\n    rwkv_engine.no_such_thing\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "module 'rwkv_engine' has no attribute 'no_such_thing'", out.stdout + out.stderr
