@@ -118,19 +118,18 @@ class Completer:
                                  f"decoding {n} candidate{'s' if n > 1 else ''} from now on")
         return result
 
-    def _ring_key(self, prompt: Prompt) -> str:
-        return self.prefiller.final_key(prompt.segments[:1 + prompt.n_chunks])
-
     def _complete(self, request: dict, on_partial, should_stop) -> Optional[dict]:
         t0 = time.perf_counter()
         cfg = self.config
         prompt = self.build_prompt(request)
-        ring_key = self._ring_key(prompt)
+        keys = self.prefiller.segment_keys(prompt.segments)         # hashed once per request
+        ring_key = keys[prompt.n_chunks]                            # after the start token + ring chunks
         with out_of_memory_as("prefill"):
             pre = self.speculator.prefill(request, prompt, ring_key)
             speculative = pre is not None
             if pre is None:
-                pre = self.prefiller.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints)
+                pre = self.prefiller.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints,
+                                             keys=keys)
         if pre is None:
             return None
         self.cache.count_hit(pre.tier)

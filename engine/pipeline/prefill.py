@@ -90,12 +90,13 @@ class Prefiller:
 
     # -- prefill -------------------------------------------------------------------------
     def prefill(self, segments: Sequence[Segment], should_stop: ShouldStop = None,
-                tail: int = 0) -> Optional[PrefillResult]:
+                tail: int = 0, keys: Optional[Sequence[str]] = None) -> Optional[PrefillResult]:
         """Run the uncached part of ``segments``; checkpoints go to the cache as they are
         reached. ``tail`` extra checkpoints are stored at the last token positions.
-        None when ``should_stop`` said so (the work done so far stays cached)."""
+        None when ``should_stop`` said so (the work done so far stays cached). ``keys``:
+        ``segment_keys(segments)`` when the caller has them already (hashed once per request)."""
         model, cache = self.model, self.cache
-        keys = self.segment_keys(segments)
+        keys = self.segment_keys(segments) if keys is None else keys
         res = self.find_resume(segments, keys)
         snap, si, pos = res.snapshot, res.segment, res.pos
         reused = snap.n_tokens if snap is not None else 0
