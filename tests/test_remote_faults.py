@@ -406,8 +406,9 @@ def test_service_a_newer_request_is_not_delayed_by_a_slow_stream(srv):
         svc.close()
 
 
-def test_service_reports_each_failure_with_the_same_message(srv):
+def test_service_reports_each_failure_with_the_same_message(srv, caplog):
     from rwkv_engine.pipeline.service import CompletionService
+    caplog.set_level(logging.ERROR, logger="rwkv_engine")
     srv.routes["/completion"] = lambda h, b: h.send_json(503, {"error": {"message": "Loading model"}})
     rec = Recorder()
     svc = CompletionService(config(srv.url), on_event=rec.on_event)
@@ -422,6 +423,9 @@ def test_service_reports_each_failure_with_the_same_message(srv):
         assert errors == {f"llama.cpp server {srv.url}: HTTP 503 from /completion: Loading model"}
         assert {i["message"] for i in rec.kinds("error")} == errors
         assert svc.status()["last_error"]["message"] in errors
+        # one log line per failure, no traceback: the message explains it (ExplainedError)
+        failed = [r for r in caplog.records if "failed" in r.getMessage()]
+        assert len(failed) == 3 and not [r for r in failed if r.exc_info]
     finally:
         svc.close()
 

@@ -11,6 +11,13 @@ _ERROR_LINE = re.compile(r"\berror\b", re.IGNORECASE)
 _LOG_NOISE = ("Error building", "FAILED:", "Traceback")
 
 
+class ExplainedError(Exception):
+    """A failure whose one-line message says all a user (and the log) needs, such as a
+    server that refused a request: the service logs it without a traceback (one per
+    keystroke otherwise). Subclassed next to a builtin kind:
+    ``class RemoteError(RuntimeError, ExplainedError)``."""
+
+
 def one_line(error: Union[BaseException, str], limit: int = MAX_CHARS) -> str:
     """The most telling line of ``error`` (an exception or a message): for a multi-line
     text such as a build log the first line that names an error, else the first

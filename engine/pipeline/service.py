@@ -30,7 +30,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from ..core.checkpoint import CheckpointError
-from ..core.errors import one_line
+from ..core.errors import ExplainedError, one_line
 from .config import EngineConfig
 from .prompt_layout import MalformedRequest
 
@@ -138,10 +138,13 @@ class CompletionService:
             except Exception:                         # a broken listener must not kill the worker
                 log.exception("rwkv.nvim: on_event(%s) failed", kind)
 
-    def _failed(self, error: BaseException, what: str, traceback: bool = True) -> str:
-        """An engine failure: logged (with its traceback), kept as status()["last_error"],
-        emitted as one "error" event. Returns the one-line message."""
+    def _failed(self, error: BaseException, what: str, traceback: Optional[bool] = None) -> str:
+        """An engine failure: logged (with its traceback unless ``traceback`` is False or, by
+        default, its message explains it all: ``ExplainedError``), kept as
+        status()["last_error"], emitted as one "error" event. Returns the one-line message."""
         msg = one_line(error)
+        if traceback is None:
+            traceback = not isinstance(error, ExplainedError)
         log.error("rwkv.nvim: %s failed: %s", what, msg, exc_info=error if traceback else None)
         with self._cv:
             self._status["last_error"] = {"message": msg, "time": time.time()}
@@ -166,6 +169,7 @@ class CompletionService:
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             with self._cv:
                 self._status["error"] = one_line(e)
+            # an unusable model file is the user's to fix: its message says it all
             # an unusable model file is the user's to fix: its message says it all
             self._failed(e, f"loading {name}", traceback=not isinstance(e, CheckpointError))
             return
@@ -284,10 +288,7 @@ class CompletionService:
             log.info("rwkv.nvim: malformed request %s: %s", rid, one_line(e))
             return {"id": rid, "candidates": [], "stats": {}, "error": one_line(e)}
         except Exception as e:                          # engine failure: CheckpointError, tokenizer, OOM, ...
-            # a server's failure (remote backend) says all in its one line: no traceback per keystroke
-            remote = type(e).__name__ == "RemoteError"
-            return {"id": rid, "candidates": [], "stats": {},
-                    "error": self._failed(e, f"request {rid}", traceback=not remote)}
+            return {"id": rid, "candidates": [], "stats": {}, "error": self._failed(e, f"request {rid}")}
 
     def _prime(self, c) -> None:
         def interrupted() -> bool:

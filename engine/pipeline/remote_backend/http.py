@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, Optional
 
-from ...core.errors import one_line
+from ...core.errors import ExplainedError, one_line
 from ..config import EngineConfig
 
 log = logging.getLogger("rwkv_engine")
@@ -26,7 +26,7 @@ TOKENIZE_PROBE = "✿prefix✿✿suffix✿\n    return x\n✿middle✿"
 ShouldStop = Optional[Callable[[], bool]]
 
 
-class RemoteError(RuntimeError):
+class RemoteError(RuntimeError, ExplainedError):
     """A remote request failed; the message is one line naming the server."""
 
 
