@@ -23,9 +23,13 @@
 #include <cmath>
 #include <cstdint>
 
+#include "wkv7_cpu_head.h"
+
 namespace {
 
-constexpr int64_t kHeadSize = 64;
+using rwkv_cpu::kHeadSize;
+using rwkv_cpu::wkv7_head_cols;
+using rwkv_cpu::wkv7_head_rows;
 
 void check_inputs(const at::Tensor& state, const at::Tensor& r, const at::Tensor& w,
                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
@@ -53,84 +57,6 @@ void check_inputs(const at::Tensor& state, const at::Tensor& r, const at::Tensor
   TORCH_CHECK(state.device().is_cpu(), "wkv7 (cpu): state is on ", state.device());
 }
 
-// One head over T steps, working on S in its own row layout. Best for a few
-// steps (decode): no transposition. S: [64, 64] of this head; the per-token
-// vectors advance by row_stride = H * 64 floats per time step.
-void wkv7_head_rows(int64_t T, int64_t row_stride, float* __restrict__ S,
-                    const float* __restrict__ r, const float* __restrict__ w,
-                    const float* __restrict__ k, const float* __restrict__ v,
-                    const float* __restrict__ a, const float* __restrict__ b,
-                    float* __restrict__ y) {
-  alignas(64) float decay[kHeadSize];
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t off = t * row_stride;
-    const float* rt = r + off;
-    const float* kt = k + off;
-    const float* at_ = a + off;
-    const float* bt = b + off;
-    const float* wt = w + off;
-    for (int64_t j = 0; j < kHeadSize; ++j) decay[j] = std::exp(-std::exp(wt[j]));
-    for (int64_t i = 0; i < kHeadSize; ++i) {
-      float* __restrict__ row = S + i * kHeadSize;  // S[i, :]
-      float sa = 0.f;
-#pragma omp simd reduction(+ : sa)
-      for (int64_t j = 0; j < kHeadSize; ++j) sa += row[j] * at_[j];
-      const float vi = v[off + i];
-      float out = 0.f;
-#pragma omp simd reduction(+ : out)
-      for (int64_t j = 0; j < kHeadSize; ++j) {
-        const float s = row[j] * decay[j] + sa * bt[j] + vi * kt[j];
-        row[j] = s;
-        out += s * rt[j];
-      }
-      y[off + i] = out;
-    }
-  }
-}
-
-// Same result, for prefill: keeps a transposed copy ST[key j][value i] so that
-// both mat-vecs (S a and S r) become vertical sums over 64-wide value vectors
-// (no horizontal reductions); ~2x faster per step, but the two 16 KiB
-// transpositions only pay off beyond a few steps.
-void wkv7_head_cols(int64_t T, int64_t row_stride, float* __restrict__ S,
-                    const float* __restrict__ r, const float* __restrict__ w,
-                    const float* __restrict__ k, const float* __restrict__ v,
-                    const float* __restrict__ a, const float* __restrict__ b,
-                    float* __restrict__ y) {
-  alignas(64) float ST[kHeadSize * kHeadSize];  // ST[j * 64 + i] = S[i, j]
-  for (int64_t i = 0; i < kHeadSize; ++i)
-    for (int64_t j = 0; j < kHeadSize; ++j) ST[j * kHeadSize + i] = S[i * kHeadSize + j];
-  alignas(64) float sa[kHeadSize], out[kHeadSize], vv[kHeadSize];
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t off = t * row_stride;
-    for (int64_t i = 0; i < kHeadSize; ++i) {
-      sa[i] = 0.f;
-      out[i] = 0.f;
-      vv[i] = v[off + i];
-    }
-    for (int64_t j = 0; j < kHeadSize; ++j) {  // sa = S a  (old S)
-      const float aj = a[off + j];
-      const float* __restrict__ col = ST + j * kHeadSize;
-#pragma omp simd
-      for (int64_t i = 0; i < kHeadSize; ++i) sa[i] += col[i] * aj;
-    }
-    for (int64_t j = 0; j < kHeadSize; ++j) {  // S = S diag(decay) + sa b^T + v k^T ; out = S r
-      const float dj = std::exp(-std::exp(w[off + j]));
-      const float bj = b[off + j], kj = k[off + j], rj = r[off + j];
-      float* __restrict__ col = ST + j * kHeadSize;
-#pragma omp simd
-      for (int64_t i = 0; i < kHeadSize; ++i) {
-        const float s = col[i] * dj + sa[i] * bj + vv[i] * kj;
-        col[i] = s;
-        out[i] += s * rj;
-      }
-    }
-    for (int64_t i = 0; i < kHeadSize; ++i) y[off + i] = out[i];
-  }
-  for (int64_t i = 0; i < kHeadSize; ++i)
-    for (int64_t j = 0; j < kHeadSize; ++j) S[i * kHeadSize + j] = ST[j * kHeadSize + i];
-}
-
 constexpr int64_t kMinStepsForColumns = 4;  // measured break-even of the transposition
 
 // In place: state <- state after the T steps; y <- outputs. Returns nothing.
@@ -154,9 +80,13 @@ void wkv7_cpu_(at::Tensor state, const at::Tensor& r, const at::Tensor& w, const
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t batch = bh / H, head = bh % H;
       const int64_t base = batch * T * row_stride + head * kHeadSize;  // (batch, t=0, head, 0)
-      const auto head_fn = T >= kMinStepsForColumns ? wkv7_head_cols : wkv7_head_rows;
-      head_fn(T, row_stride, S + bh * kHeadSize * kHeadSize, rp + base, wp + base, kp + base,
-              vp + base, ap + base, bp + base, yp + base);
+      float* Sh = S + bh * kHeadSize * kHeadSize;
+      if (T >= kMinStepsForColumns)
+        wkv7_head_cols(T, row_stride, Sh, rp + base, wp + base, kp + base, vp + base, ap + base,
+                       bp + base, yp + base);
+      else
+        wkv7_head_rows(T, row_stride, Sh, Sh, rp + base, wp + base, kp + base, vp + base,
+                       ap + base, bp + base, yp + base);
     }
   });
 }

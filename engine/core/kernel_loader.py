@@ -12,6 +12,9 @@ Sources (repository ``kernels/``):
     cuda: wkv7_cuda.cu + wkv7_binding.cpp   -> torch.ops.rwkv_nvim_wkv7_gpu.wkv7_
     hip:  wkv7_hip.hip + wkv7_binding.cpp   -> torch.ops.rwkv_nvim_wkv7_gpu.wkv7_
     cpu:  wkv7_cpu.cpp                      -> torch.ops.rwkv_nvim_wkv7_cpu.wkv7_
+          rwkv7_cpu_linear.cpp              -> torch.ops.rwkv_nvim_cpu.q8_linear, f32_linear, ...
+          rwkv7_cpu_step.cpp                -> torch.ops.rwkv_nvim_cpu.decode_step
+          (headers wkv7_cpu_head.h, rwkv7_cpu_linear.h)
 
 Cache directory: ``$RWKV_NVIM_KERNEL_DIR/<torch version>-<backend>`` or, by default,
 ``$XDG_CACHE_HOME/rwkv.nvim/kernels/<torch version>-<backend>`` (``~/.cache`` when
@@ -67,6 +70,7 @@ class KernelSpec:
     extra_cflags: tuple[str, ...]
     extra_cuda_cflags: tuple[str, ...]
     with_cuda: bool
+    headers: tuple[str, ...] = ()  # included by the sources: copied and hashed with them
 
 
 def _cpu_cflags() -> tuple[str, ...]:
@@ -85,7 +89,9 @@ def kernel_spec(backend: str) -> KernelSpec:
         return KernelSpec("hip", ("wkv7_hip.hip", "wkv7_binding.cpp"), "rwkv_nvim_wkv7_gpu",
                           ("-O3",), ("-O3",), True)
     if backend == "cpu":
-        return KernelSpec("cpu", ("wkv7_cpu.cpp",), "rwkv_nvim_wkv7_cpu", _cpu_cflags(), (), False)
+        return KernelSpec("cpu", ("wkv7_cpu.cpp", "rwkv7_cpu_linear.cpp", "rwkv7_cpu_step.cpp"),
+                          "rwkv_nvim_wkv7_cpu", _cpu_cflags(), (), False,
+                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h"))
     raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
 
 
@@ -270,10 +276,11 @@ def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     build_dir = cache_dir(backend)
     make_private_dir(build_dir)
     sources = _sync_sources(kernels_source_dir(), build_dir, spec.sources)
+    headers = _sync_sources(kernels_source_dir(), build_dir, spec.headers)
     _clear_stale_lock(build_dir)
     _check_compiler(backend)
     name = f"rwkv_nvim_wkv7_{backend}"
-    stamp = build_dir / f".built-{_build_digest(spec, sources)}"
+    stamp = build_dir / f".built-{_build_digest(spec, sources + headers)}"
     fresh = not stamp.exists()  # these sources and flags were never built here: announce it
     if fresh and progress is not None:
         progress(f"building the WKV-7 {backend} kernel (first use, takes a minute)…")
@@ -348,6 +355,16 @@ def get_wkv7(device, progress: Optional[ProgressFn] = None) -> Optional[WKV7Kern
             log.debug("WKV-7 %s kernel build failed", backend, exc_info=True)
         _memo[backend] = kernel
         return kernel
+
+
+def get_cpu_ops(progress: Optional[ProgressFn] = None):
+    """``torch.ops.rwkv_nvim_cpu`` (q8_linear, q8_linear_reference, f32_linear, q8_isa,
+    decode_step), built with the CPU WKV-7 kernel; None when that kernel is unavailable."""
+    if get_wkv7("cpu", progress) is None:
+        return None
+    import torch
+
+    return torch.ops.rwkv_nvim_cpu
 
 
 def kernel_status() -> dict[str, str]:

@@ -1,7 +1,9 @@
 """RWKV-7 ("x070") inference: batched prefill and one-step decode with explicit state.
 
 Shapes: B rows, T tokens, C = n_embd, H = C / 64 heads, N = 64, V vocabulary.
-CPU computes in fp32; CUDA keeps weights and activations in fp16 (default) or bf16
+CPU computes in fp32 with fp32 weights, or (dtype "int8") with weights quantized per
+block of 32 (engine/core/linear.py); one-token steps on the CPU run fused in one kernel
+call (engine/core/fused_step.py). CUDA keeps weights and activations in fp16 (default) or bf16
 and the WKV state in fp32. ``forward`` never mutates the state it is given.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, ModelShape, load_checkpoint, model_identity
+from .linear import make_linear
 from .state import State
 from .tokenizer import WorldTokenizer
 from .wkv import wkv7, wkv7_reference
@@ -39,84 +42,64 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-class _Linear:
-    """y = x @ W^T with W [out, in] in the model dtype (the reference path)."""
-
-    def __init__(self, W: torch.Tensor):
-        self.weight = W.contiguous()
-
-    def __call__(self, x):
-        return F.linear(x, self.weight)
-
-
-REDUCE_RANGE = False  # 8-bit activations (fine on AVX512-VNNI / AVX2 fbgemm for these sizes)
-
-
-class _Int8Linear:
-    """CPU int8 mode: W [out, in] quantized per output channel (symmetric int8), activations
-    quantized dynamically per call (fbgemm/onednn ``quantized::linear_dynamic``, fp32 out).
-    About 4x less weight traffic than fp32; tested for top-1 agreement with the fp32 path."""
-
-    def __init__(self, W: torch.Tensor):
-        import warnings
-
-        W = W.float().contiguous()
-        scale = (W.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()          # [out]
-        zero = torch.zeros(W.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():   # the quantized-tensor API warns that it is deprecated
-            warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(W, scale, zero, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, None)
-
-    def __call__(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self.packed, REDUCE_RANGE)
+def cpu_modes() -> tuple:
+    """The weight representations the CPU engine can run (``dtype=`` names): fp32, and
+    int8 (block-quantized q8 weights, engine/core/linear.py)."""
+    return ("fp32", "int8")
 
 
 class _Layer:
     """Weights of one block, prepared for inference (vectors flattened to [C])."""
 
-    def __init__(self, sd: dict, i: int, dtype, device, n_head: int, linear=_Linear):
+    def __init__(self, sd: dict, i: int, dtype, device, n_head: int, quant: Optional[str]):
         def g(name, shape=None):
             t = sd[f"blocks.{i}.{name}"].to(device=device, dtype=dtype)
             return (t.reshape(shape) if shape is not None else t).contiguous()
 
         C = sd["emb.weight"].shape[1]
+
+        def lin(name):                                   # checkpoint W [out, in]
+            return make_linear(g(name), quant)
+
+        def lora(name):                                  # checkpoint stores x @ M: M [in, out]
+            return make_linear(g(name).t().contiguous(), quant)
+
         self.ln1_w, self.ln1_b = g("ln1.weight"), g("ln1.bias")
         self.ln2_w, self.ln2_b = g("ln2.weight"), g("ln2.bias")
         # time-mix token-shift coefficients, each [C]
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (
             g(f"att.x_{c}", (C,)) for c in "rwkvag")
-        self.w0, self.w1, self.w2 = g("att.w0", (C,)), g("att.w1"), g("att.w2")   # w1 [C, dw], w2 [dw, C]
-        self.a0, self.a1, self.a2 = g("att.a0", (C,)), g("att.a1"), g("att.a2")
+        # LoRAs as products: w1 [dw, C] (down), w2 [C, dw] (up); likewise a, v, g
+        self.w0, self.w1, self.w2 = g("att.w0", (C,)), lora("att.w1"), lora("att.w2")
+        self.a0, self.a1, self.a2 = g("att.a0", (C,)), lora("att.a1"), lora("att.a2")
         self.has_v_mix = i > 0
         if self.has_v_mix:
-            self.v0, self.v1, self.v2 = g("att.v0", (C,)), g("att.v1"), g("att.v2")
-        self.g1, self.g2 = g("att.g1"), g("att.g2")
+            self.v0, self.v1, self.v2 = g("att.v0", (C,)), lora("att.v1"), lora("att.v2")
+        self.g1, self.g2 = lora("att.g1"), lora("att.g2")
         self.k_k, self.k_a = g("att.k_k", (C,)), g("att.k_a", (C,))
         self.r_k = g("att.r_k", (n_head, C // n_head))                            # [H, N]
-        self.W_r, self.W_k = linear(g("att.receptance.weight")), linear(g("att.key.weight"))  # [C, C]
-        self.W_v, self.W_o = linear(g("att.value.weight")), linear(g("att.output.weight"))
+        self.W_r, self.W_k = lin("att.receptance.weight"), lin("att.key.weight")  # [C, C]
+        self.W_v, self.W_o = lin("att.value.weight"), lin("att.output.weight")
         self.lnx_w, self.lnx_b = g("att.ln_x.weight"), g("att.ln_x.bias")
         self.ffn_x_k = g("ffn.x_k", (C,))
-        # ffn.value reads relu(.)^2 activations, heavy-tailed: per-tensor int8 activation
-        # quantization costs top-1 agreement there, so it stays in the model dtype
-        self.ffn_K, self.ffn_V = linear(g("ffn.key.weight")), _Linear(g("ffn.value.weight"))  # [F, C], [C, F]
+        self.ffn_K, self.ffn_V = lin("ffn.key.weight"), lin("ffn.value.weight")  # [F, C], [C, F]
 
 
 class RWKV7:
     """An RWKV-7 language model with an explicit, copyable recurrent state."""
 
     def __init__(self, sd: dict, shape: ModelShape, device="cpu", dtype=None,
-                 world_ids=None, path: Optional[Path] = None, use_kernel: bool = True):
+                 world_ids=None, path: Optional[Path] = None, use_kernel: bool = True,
+                 fused: bool = True):
         self.device = torch.device(device)
         self.dtype = _parse_dtype(dtype, self.device)
         self.quant = "int8" if (dtype == "int8" and self.device.type == "cpu") else None
         if dtype == "int8" and self.device.type != "cpu":
             raise ValueError("dtype int8 is a CPU mode; use fp16 or bf16 on a GPU")
-        linear = _Int8Linear if self.quant == "int8" else _Linear
         self.shape = shape
         self.path = path
         self.use_kernel = use_kernel
+        self._fused = None if fused else False   # fused=False: one-token steps take the torch path
         self.world_ids = world_ids
         self.tokenizer = (WorldTokenizer.from_world_ids(world_ids) if world_ids is not None
                           else WorldTokenizer.default())
@@ -126,11 +109,12 @@ class RWKV7:
             emb = F.layer_norm(sd["emb.weight"].float(), (C,), sd["blocks.0.ln0.weight"].float(),
                                sd["blocks.0.ln0.bias"].float())
             self.emb = emb.to(device=dev, dtype=dt).contiguous()                 # [V, C]
-            self.layers = [_Layer(sd, i, dt, dev, shape.n_head, linear) for i in range(shape.n_layer)]
+            self.layers = [_Layer(sd, i, dt, dev, shape.n_head, self.quant) for i in range(shape.n_layer)]
             self.ln_out_w = sd["ln_out.weight"].to(device=dev, dtype=dt)
             self.ln_out_b = sd["ln_out.bias"].to(device=dev, dtype=dt)
-            self.head = linear(sd["head.weight"].to(device=dev, dtype=dt))        # [V, C]
-        ident = f"{dev.type}|{dt}|{self.quant}"
+            self.head = make_linear(sd["head.weight"].to(device=dev, dtype=dt), self.quant)  # [V, C]
+        # the weight format is part of the identity: states of another format never match
+        ident = f"{dev.type}|{dt}|{self.quant}" + ("-q8b32" if self.quant else "")
         self.model_id = model_identity(path, ident) if path is not None else f"anon-{id(self)}"
 
     # -- state ---------------------------------------------------------------
@@ -159,6 +143,10 @@ class RWKV7:
             state = self.new_state(B)
         if state.batch != B:
             raise ValueError(f"state has {state.batch} rows but tokens have {B}")
+        if T == 1 and not all_logits:
+            fused = self._fused_decode()
+            if fused is not None:
+                return fused(self.emb[tokens[:, 0]], state)                        # [B, V], new state
         x = self.emb[tokens]                                                       # [B, T, C]
         new = State([], [], [])
         v_first = None
@@ -171,6 +159,19 @@ class RWKV7:
         return self.head(x).float(), new
 
     __call__ = forward
+
+    def _fused_decode(self):
+        """The fused one-token CPU step (engine/core/fused_step.py), or None: on a GPU, with
+        use_kernel=False (the reference path) or when the CPU kernels cannot be built."""
+        if self._fused is None:
+            self._fused = False
+            if self.device.type == "cpu" and self.use_kernel and self.dtype == torch.float32:
+                from .fused_step import FusedDecode
+                from .linear import cpu_ops
+                ops = cpu_ops()
+                if ops is not None:
+                    self._fused = FusedDecode(self, ops)
+        return self._fused or None
 
     def _checked_tokens(self, tokens) -> torch.Tensor:
         """``tokens`` as a long tensor on the model's device. Ids from the host (lists, CPU
@@ -194,13 +195,13 @@ class RWKV7:
         xr, xw, xk = torch.addcmul(h, d, p.x_r), torch.addcmul(h, d, p.x_w), torch.addcmul(h, d, p.x_k)
         xv, xa, xg = torch.addcmul(h, d, p.x_v), torch.addcmul(h, d, p.x_a), torch.addcmul(h, d, p.x_g)
         r, k, v = p.W_r(xr), p.W_k(xk), p.W_v(xv)
-        w = -F.softplus(-(p.w0 + torch.tanh(xw @ p.w1) @ p.w2)) - 0.5             # log-log decay [B, T, C]
-        a = torch.sigmoid(p.a0 + (xa @ p.a1) @ p.a2)                               # in-context learning rate
-        g = torch.sigmoid(xg @ p.g1) @ p.g2                                        # output gate
+        w = -F.softplus(-(p.w0 + p.w2(torch.tanh(p.w1(xw))))) - 0.5               # log-log decay [B, T, C]
+        a = torch.sigmoid(p.a0 + p.a2(p.a1(xa)))                                   # in-context learning rate
+        g = p.g2(torch.sigmoid(p.g1(xg)))                                          # output gate
         kk = F.normalize((k * p.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * p.k_a)
         if p.has_v_mix:
-            v = v + (v_first - v) * torch.sigmoid(p.v0 + (xv @ p.v1) @ p.v2)
+            v = v + (v_first - v) * torch.sigmoid(p.v0 + p.v2(p.v1(xv)))
         else:
             v_first = v
         shp = (B, T, H, N)

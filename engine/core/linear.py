@@ -1,0 +1,147 @@
+"""The model's matrix products: y = x W^T for W [out, in], in the representation run.
+
+``F32Linear``  W [O, I] in the model dtype (CPU fp32, GPU fp16/bf16/fp32): torch's
+               product for many rows, our few-row kernel (``f32_linear``) for <= 8 rows
+               on the CPU (torch's M <= 8 CPU products run far below the memory rate).
+``Q8Linear``   CPU "int8" mode: W quantized per block of 32 inputs (one fp32 scale per
+               32 weights, symmetric int8), activations quantized per row and block to
+               int16 inside the kernel (see kernels/rwkv7_cpu_linear.h for the packed
+               layout). Weights are held only in this form: 1.125 bytes per weight.
+
+Each keeps its slow reference next to it (``reference``: plain torch on dequantized
+values, the same math), which tests compare with the compiled kernel, and which runs
+when no kernel can be built. ``step_tensors()`` hands the weights to the fused decode
+step (kernels/rwkv7_cpu_step.cpp) as the (A, B) pair it expects.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+TILE = 16           # outputs per packed tile
+BLOCK = 32          # inputs per scale block
+ACT_MAX = 32767.0   # activations: int16 per row and block
+FEW_ROWS = 8        # at most this many rows go through our CPU kernel in fp32 mode
+
+_EMPTY = torch.empty(0)
+
+
+def cpu_ops():
+    """``torch.ops.rwkv_nvim_cpu`` when the CPU kernels are built (or can be), else None."""
+    from .kernel_loader import get_cpu_ops, kernels_disabled
+    return None if kernels_disabled() else get_cpu_ops()
+
+
+def q8_fits(W: torch.Tensor) -> bool:
+    """Whether a [O, I] matrix has the q8 kernel's shape (O % 16 == 0, I % 32 == 0)."""
+    return W.dim() == 2 and W.shape[0] % TILE == 0 and W.shape[1] % BLOCK == 0 and W.numel() > 0
+
+
+def quantize_q8(W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """W [O, I] -> (wq [O/16, I/32, 512] int8 packed, ws [O/16, I/32, 16] fp32).
+
+    scale[o, b] = max|W[o, 32b:32b+32]| / 127 ; q = round(W / scale) in [-127, 127];
+    packed as [tile, block, input pair g, output lane, 2] (kernels/rwkv7_cpu_linear.h).
+    Works row-chunk by row-chunk so a big matrix never needs a second fp32 copy.
+    """
+    O, I = W.shape
+    if not q8_fits(W):
+        raise ValueError(f"q8 weights need O % {TILE} == 0 and I % {BLOCK} == 0, got {tuple(W.shape)}")
+    nb = I // BLOCK
+    wq = torch.empty(O // TILE, nb, TILE * BLOCK, dtype=torch.int8)
+    ws = torch.empty(O // TILE, nb, TILE, dtype=torch.float32)
+    rows = 4096                                                   # a multiple of TILE
+    for o0 in range(0, O, rows):
+        blk = W[o0:o0 + rows].float().reshape(-1, nb, BLOCK)      # [o, b, 32]
+        scale = blk.abs().amax(dim=-1) / 127.0                    # [o, b]
+        q = torch.round(blk / scale.clamp(min=1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
+        t0, n = o0 // TILE, blk.shape[0] // TILE
+        # [tile, lane, b, g, 2] -> [tile, b, g, lane, 2]
+        wq[t0:t0 + n] = q.view(n, TILE, nb, BLOCK // 2, 2).permute(0, 2, 3, 1, 4).reshape(n, nb, -1)
+        ws[t0:t0 + n] = scale.view(n, TILE, nb).permute(0, 2, 1)
+    return wq, ws
+
+
+def dequantize_q8(wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """The fp32 matrix [O, I] a packed q8 pair stands for (exact: int8 * scale)."""
+    tiles, nb, _ = wq.shape
+    q = wq.view(tiles, nb, BLOCK // 2, TILE, 2).permute(0, 3, 1, 2, 4).reshape(tiles * TILE, nb, BLOCK)
+    s = ws.permute(0, 2, 1).reshape(tiles * TILE, nb, 1)
+    return (q.float() * s).reshape(tiles * TILE, nb * BLOCK)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, I] rounded the way the q8 kernel sees it: int16 per row and block of 32
+    (scale = max|x| / 32767), returned dequantized in fp32."""
+    M, I = x.shape
+    xb = x.float().reshape(M, I // BLOCK, BLOCK)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, ACT_MAX / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / ACT_MAX)).reshape(M, I)
+
+
+class F32Linear:
+    """W [O, I] in the model dtype."""
+
+    kind = "fp32"
+
+    def __init__(self, W: torch.Tensor):
+        self.weight = W.contiguous()
+        self.out_features, self.in_features = W.shape
+        self._ops = cpu_ops() if (W.device.type == "cpu" and W.dtype == torch.float32) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self._ops is not None and rows <= FEW_ROWS and x.dtype == torch.float32:
+            y = self._ops.f32_linear(x.reshape(rows, self.in_features).contiguous(), self.weight)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def step_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, _EMPTY
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class Q8Linear:
+    """W quantized per block of 32 (CPU only); see the module docstring."""
+
+    kind = "q8"
+
+    def __init__(self, W: torch.Tensor):
+        self.out_features, self.in_features = W.shape
+        self.wq, self.ws = quantize_q8(W)
+        self._ops = cpu_ops()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ops is None:
+            return self.reference(x)
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        return self._ops.q8_linear(x2, self.wq, self.ws).view(*x.shape[:-1], self.out_features)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Same math in plain torch: quantized activations times the dequantized matrix."""
+        x2 = quantize_activations(x.reshape(-1, self.in_features))
+        y = x2 @ dequantize_q8(self.wq, self.ws).T
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def step_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.wq, self.ws
+
+    @property
+    def nbytes(self) -> int:
+        return self.wq.numel() + self.ws.numel() * 4
+
+
+def make_linear(W: torch.Tensor, quant: Optional[str]):
+    """The product for W [O, I]: q8 in the CPU int8 mode when the shape allows, else W as is."""
+    if quant == "int8" and q8_fits(W):
+        return Q8Linear(W)
+    return F32Linear(W)
