@@ -9,6 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RWKV_NVIM_LOG_LEVEL", "WARNING")
+# dtype = "auto" on the CPU would measure the precision modes once per CPU (~10 s, and a
+# file in ~/.cache): the suite runs fp32; tests/test_cpu_precision.py measures on purpose
+os.environ.setdefault("RWKV_NVIM_CPU_PRECISION", "fp32")
 
 from random_checkpoint import write_checkpoint  # noqa: E402
 

@@ -148,3 +148,18 @@ def test_int8_weights_are_held_once():
         lin = getattr(layer, name)
         assert isinstance(lin, Q8Linear) and not hasattr(lin, "weight"), name
     assert isinstance(m.head, Q8Linear)
+
+
+def test_embedding_table_is_built_in_chunks_and_kept_once():
+    from rwkv_engine.core import embedding
+    sd = make_state_dict(n_layer=1, n_embd=64, vocab=65536, seed=5)
+    ref = F.layer_norm(sd["emb.weight"].float(), (64,), sd["blocks.0.ln0.weight"], sd["blocks.0.ln0.bias"])
+    fp32 = embedding.EmbeddingTable.build(sd["emb.weight"], sd["blocks.0.ln0.weight"],
+                                          sd["blocks.0.ln0.bias"], None, torch.float32, "cpu")
+    int8 = embedding.EmbeddingTable.build(sd["emb.weight"], sd["blocks.0.ln0.weight"],
+                                          sd["blocks.0.ln0.bias"], "int8", torch.float32, "cpu")
+    toks = torch.tensor([[0, 4095, 4096, 65535]])              # both sides of a chunk edge
+    assert torch.allclose(fp32[toks], ref[toks], atol=1e-6)
+    assert int8.rows.dtype == torch.bfloat16 and int8[toks].dtype == torch.float32
+    assert torch.equal(int8[toks], ref[toks].bfloat16().float())
+    assert int8.nbytes == fp32.nbytes // 2

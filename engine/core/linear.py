@@ -140,8 +140,10 @@ class Q8Linear:
         return self.wq.numel() + self.ws.numel() * 4
 
 
-def make_linear(W: torch.Tensor, quant: Optional[str]):
-    """The product for W [O, I]: q8 in the CPU int8 mode when the shape allows, else W as is."""
+def make_linear(W: torch.Tensor, quant: Optional[str], dtype=torch.float32, device="cpu"):
+    """The product for W [O, I] as stored in the checkpoint (any dtype, maybe a view):
+    q8 in the CPU int8 mode when the shape allows (quantized chunk by chunk, so no full
+    fp32 copy of a big matrix is ever made), else W in ``dtype`` on ``device``."""
     if quant == "int8" and q8_fits(W):
         return Q8Linear(W)
-    return F32Linear(W)
+    return F32Linear(W.to(device=device, dtype=dtype))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, ModelShape, load_checkpoint, model_identity
+from .embedding import EmbeddingTable
 from .linear import make_linear
 from .state import State
 from .tokenizer import WorldTokenizer
@@ -59,10 +60,10 @@ class _Layer:
         C = sd["emb.weight"].shape[1]
 
         def lin(name):                                   # checkpoint W [out, in]
-            return make_linear(g(name), quant)
+            return make_linear(sd[f"blocks.{i}.{name}"], quant, dtype, device)
 
         def lora(name):                                  # checkpoint stores x @ M: M [in, out]
-            return make_linear(g(name).t().contiguous(), quant)
+            return make_linear(sd[f"blocks.{i}.{name}"].t(), quant, dtype, device)
 
         self.ln1_w, self.ln1_b = g("ln1.weight"), g("ln1.bias")
         self.ln2_w, self.ln2_b = g("ln2.weight"), g("ln2.bias")
@@ -106,13 +107,12 @@ class RWKV7:
         C, dt, dev = shape.n_embd, self.dtype, self.device
         with torch.no_grad():
             # fold blocks.0.ln0 into the embedding table (it only ever sees embeddings)
-            emb = F.layer_norm(sd["emb.weight"].float(), (C,), sd["blocks.0.ln0.weight"].float(),
-                               sd["blocks.0.ln0.bias"].float())
-            self.emb = emb.to(device=dev, dtype=dt).contiguous()                 # [V, C]
+            self.emb = EmbeddingTable.build(sd["emb.weight"], sd["blocks.0.ln0.weight"],
+                                            sd["blocks.0.ln0.bias"], self.quant, dt, dev)  # [V, C]
             self.layers = [_Layer(sd, i, dt, dev, shape.n_head, self.quant) for i in range(shape.n_layer)]
             self.ln_out_w = sd["ln_out.weight"].to(device=dev, dtype=dt)
             self.ln_out_b = sd["ln_out.bias"].to(device=dev, dtype=dt)
-            self.head = make_linear(sd["head.weight"].to(device=dev, dtype=dt), self.quant)  # [V, C]
+            self.head = make_linear(sd["head.weight"], self.quant, dt, dev)       # [V, C]
         # the weight format is part of the identity: states of another format never match
         ident = f"{dev.type}|{dt}|{self.quant}" + ("-q8b32" if self.quant else "")
         self.model_id = model_identity(path, ident) if path is not None else f"anon-{id(self)}"

@@ -62,6 +62,9 @@ def load_configured_model(config: EngineConfig, warn: Warn = None):
         device = "cpu"
     dtype = None if config.dtype == "auto" else config.dtype
     path = resolve_model_path(config)
+    precision = None
+    if device == "cpu":
+        dtype, precision = cpu_precision_for(config, path, warn)
     try:
         model = load_model(path, device=device, dtype=dtype)
     except RuntimeError as e:                       # not the file's fault (CheckpointError is not one)
@@ -70,9 +73,11 @@ def load_configured_model(config: EngineConfig, warn: Warn = None):
         # the GPU cannot run it ("no kernel image is available", a driver error, out of
         # memory): the CPU can, slower; say why once
         say(warn, f"cannot run the model on the GPU ({one_line(e, 160)}): running on the CPU (slower)")
-        model = load_model(path, device="cpu", dtype="int8" if dtype == "int8" else None)
+        dtype, precision = cpu_precision_for(config, path, warn)
+        model = load_model(path, device="cpu", dtype=dtype)
     if model.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
+    model.precision = precision or precision_of(model)
     return model
 
 
@@ -83,12 +88,73 @@ def load_on_cpu(config: EngineConfig, error: BaseException, warn: Warn = None):
 
     from ..core.model import load_model
     try:
-        model = load_model(resolve_model_path(config), device="cpu")
+        path = resolve_model_path(config)
+        dtype, precision = cpu_precision_for(config, path, warn)
+        model = load_model(path, device="cpu", dtype=dtype)
     except Exception:
         raise error from None                    # cannot reload: report the original failure
     torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
+    model.precision = precision
     say(warn, f"out of GPU memory ({one_line(error, 80)}): running on the CPU from now on (slower)")
     return model
+
+
+# -- CPU precision -------------------------------------------------------------------------
+def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
+                      progress: Optional[Callable[[str], None]] = None) -> tuple:
+    """(dtype for ``load_model`` on the CPU, precision record) for ``config``: an explicit
+    CPU mode as configured; ``"auto"`` (and a GPU-only dtype, once the model falls back to
+    the CPU) the mode ``core.cpu_precision`` chose for this CPU by measurement (cached per
+    CPU, measured on first use; ``progress`` hears about it). A failed measurement is not
+    fatal: fp32, with one ``warn``. The record (``precision_of``'s keys) is what status
+    shows: {"mode", "source": "config" | "auto" | "env", "summary", "why"}."""
+    from ..core import cpu_precision as cp
+    modes = cp.candidates()
+    if config.dtype != "auto" and config.dtype in modes:
+        return config.dtype, {"mode": config.dtype, "source": "config",
+                              "summary": f"{config.dtype} (engine.dtype)", "why": "engine.dtype"}
+    try:
+        verdict = resolve_cpu_precision(config, path, progress=progress)
+    except Exception as e:                        # CheckpointError: load_model names the file
+        if not isinstance(e, CheckpointError):
+            log.warning("rwkv.nvim: CPU precision measurement failed", exc_info=True)
+            say(warn, f"could not measure the CPU precision ({one_line(e, 120)}): running fp32")
+        return cp.REFERENCE, {"mode": cp.REFERENCE, "source": "auto", "summary": f"{cp.REFERENCE} (auto: "
+                              f"not measured: {one_line(e, 80)})", "why": one_line(e, 160)}
+    mode = verdict["decode"]     # the model runs one dtype today: decode and prefill agree (see choose)
+    source = "env" if verdict.get("source") == "env" else "auto"
+    return mode, {"mode": mode, "source": source, "summary": cp.describe(verdict),
+                  "why": verdict.get("why", ""), "measured": verdict.get("measured", {})}
+
+
+def resolve_cpu_precision(config: EngineConfig, path: Optional[Path] = None,
+                          progress: Optional[Callable[[str], None]] = None, remeasure: bool = False,
+                          measure_now: bool = True) -> Optional[dict]:
+    """The CPU precision verdict for ``config``'s model (``path``; default: resolved from
+    ``config``): its shape (read from the memory-mapped checkpoint) and thread count pick
+    the cached verdict; measured now if there is none (or ``remeasure``; with
+    ``measure_now=False`` None instead)."""
+    from ..core import cpu_precision as cp
+    from ..core.checkpoint import load_checkpoint
+    if cp.override() is not None and not remeasure and cp.override() in cp.candidates():
+        return cp.resolve((0, 0, 0), 1)             # no checkpoint read for the override
+    _, sd, shape, _ = load_checkpoint(path if path is not None else resolve_model_path(config))
+    del sd
+    reference = DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None
+    return cp.resolve((shape.n_layer, shape.n_embd, shape.vocab_size), cpu_threads(config.threads, shape.n_embd),
+                      cache_dir=config.resolved_cache_dir(), reference_path=reference, progress=progress,
+                      remeasure=remeasure, measure_now=measure_now)
+
+
+def precision_of(model) -> dict:
+    """The precision record of a loaded ``model`` (``model.precision`` when loading set it)."""
+    rec = getattr(model, "precision", None)
+    if isinstance(rec, dict) and rec.get("mode"):
+        return rec
+    mode = getattr(model, "quant", None) or str(getattr(model, "dtype", "")).replace("torch.", "")
+    where = getattr(getattr(model, "device", None), "type", "")
+    return {"mode": mode, "source": "model", "summary": mode if where == "cpu" or not where
+            else f"{mode} ({where})", "why": ""}
 
 
 def cpu_threads(configured: int, n_embd: int) -> int:

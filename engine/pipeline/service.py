@@ -58,7 +58,8 @@ class CompletionService:
         self._completer = None
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
-                        "dtype": "", "error": None, "cache": {}, "last": {},
+                        "dtype": "", "precision": "", "precision_why": "",
+                        "error": None, "cache": {}, "last": {},
                         "last_error": None}     # {"message", "time"} of the last engine failure
         # request accounting (status()["load"]): at most one request computes at a time
         self._counts = {"submitted": 0, "finished": 0, "superseded": 0, "running": 0, "max_running": 0}
@@ -165,6 +166,8 @@ class CompletionService:
                     self._status["model"] = name
             else:
                 from .completer import Completer
+                if self._model is None:
+                    self._measure_cpu_precision()
                 self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             with self._cv:
@@ -175,14 +178,30 @@ class CompletionService:
             return
         m = self._completer.model
         self._warm_kernel(m)
+        from .loading import precision_of
+        prec = precision_of(m)
         info = {"model": name, "path": str(getattr(m, "path", "") or ""), "device": str(m.device),
-                "dtype": str(m.dtype).replace("torch.", ""),
+                "dtype": str(m.dtype).replace("torch.", ""), "precision": prec["summary"],
                 "load_ms": round((time.perf_counter() - t0) * 1000, 1)}
         with self._cv:
             self._status.update(loaded=True, device=info["device"], dtype=info["dtype"], error=None,
-                                path=info["path"],
+                                path=info["path"], precision=prec["summary"], precision_why=prec["why"],
                                 cache=self._completer.cache_stats())
         self._emit("ready", info)
+
+    def _measure_cpu_precision(self) -> None:
+        """``dtype = "auto"`` on the CPU: find (or measure, once per CPU, ~10 s, with
+        "progress" events) the precision before the completer loads the model, which then
+        finds the verdict cached. Never fatal: loading reports any failure itself."""
+        if self.config.dtype != "auto":
+            return
+        try:
+            from .loading import pick_device, resolve_cpu_precision
+            if pick_device(self.config) != "cpu":
+                return
+            resolve_cpu_precision(self.config, progress=lambda msg: self._emit("progress", {"message": msg}))
+        except Exception as e:
+            log.info("rwkv.nvim: CPU precision not resolved before loading: %s", one_line(e))
 
     def _warning(self, message: str) -> None:
         self._emit("warning", {"message": message})
@@ -278,6 +297,9 @@ class CompletionService:
             self._status["cache"] = c.cache_stats()
             self._status["device"] = str(c.model.device)        # may have fallen back to the CPU
             self._status["dtype"] = str(c.model.dtype).replace("torch.", "")
+            prec = getattr(c.model, "precision", None)          # a CPU fallback chose its own
+            if isinstance(prec, dict) and prec.get("summary"):
+                self._status.update(precision=prec["summary"], precision_why=prec.get("why", ""))
         if on_done is not None:
             on_done(result)
 

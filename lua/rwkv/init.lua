@@ -20,6 +20,7 @@ local engine = {
   model = nil, ---@type string|nil
   device = nil, ---@type string|nil
   dtype = nil, ---@type string|nil
+  precision = nil, ---@type string|nil  weights as run and why ("int8 (auto: decode ... ms vs ...)")
   load_ms = nil, ---@type number|nil
   error = nil, ---@type string|nil  why the engine is unusable (its start or load failed)
   last_error = nil, ---@type {message: string, time: integer}|nil  the newest failure of any kind
@@ -121,6 +122,7 @@ function M.on_event(kind, info)
   if kind == "loading" then
     -- a new engine (first start, new options or a retry): the old one is gone
     engine.loading, engine.loaded, engine.error, engine.model = true, false, nil, info.model or engine.model
+    engine.precision = nil
     notified_errors = {}
     if not quiet then
       notify(("rwkv: loading model %s …"):format(info.model or "(default)"))
@@ -128,6 +130,7 @@ function M.on_event(kind, info)
   elseif kind == "ready" then
     engine.loading, engine.loaded = false, true
     engine.model, engine.device, engine.dtype, engine.load_ms = info.model, info.device, info.dtype, info.load_ms
+    engine.precision = info.precision
     if not quiet then
       notify(("rwkv: %s ready on %s (%d ms)"):format(info.model or "model", info.device or "?",
         math.floor(tonumber(info.load_ms) or 0)))
@@ -333,6 +336,10 @@ function M.status_lines()
   end
   add("model: %s  device: %s  dtype: %s  %s", model, where, py.dtype or engine.dtype or "?",
     loaded and "loaded" or (st.loading and "loading" or "not loaded"))
+  local precision = py.precision or engine.precision
+  if type(precision) == "string" and precision ~= "" then
+    add("precision: %s", precision)
+  end
   local err = py.error or st.error
   local last_err = newer_error(engine.last_error, py.last_error)
   if err and err ~= vim.NIL and err ~= remote.state.failed then

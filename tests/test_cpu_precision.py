@@ -1,0 +1,389 @@
+"""dtype = "auto" on the CPU: the weight representation chosen by measurement, once per
+CPU, cached on disk (rwkv_engine.core.cpu_precision), and shown by status and `info`."""
+from __future__ import annotations
+
+import json
+import math
+import stat
+
+import pytest
+import torch
+
+from rwkv_engine.core import cpu_precision as cp
+from rwkv_engine.core import model as model_module
+from rwkv_engine.pipeline.config import EngineConfig
+
+SHAPE = (2, 128, 65536)        # the tiny fixture checkpoint's shape
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Measure for real (no override), a private cache root (the compiled kernels stay
+    where they are), no verdicts from other tests, engine sources that do not change."""
+    from nvim_harness import shared_kernel_dir
+    monkeypatch.setenv("RWKV_NVIM_KERNEL_DIR", shared_kernel_dir())
+    monkeypatch.delenv(cp.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cp, "_code_fingerprint", lambda: "fixed")
+    cp.forget()
+    yield
+    cp.forget()
+
+
+FIGURES = {"fp32": {"decode_1": 10.0, "decode_8": 20.0, "prefill_64": 100.0, "kl": 0.0,
+                    "max_logit_err": 0.0, "top1": 1.0},
+           "int8": {"decode_1": 4.0, "decode_8": 8.0, "prefill_64": 60.0, "kl": 0.01,
+                    "max_logit_err": 0.05, "top1": 0.995}}
+
+
+class FakeMeasure:
+    """Replaces cp.measure: fixed figures, counts its calls."""
+
+    def __init__(self, figures=None, rejected=None):
+        self.figures, self.rejected, self.calls = figures or FIGURES, rejected or {}, 0
+
+    def __call__(self, modes, shape, reference_path=None, progress=None, seed=0, threads=None):
+        self.calls += 1
+        if progress is not None:
+            progress("measuring (fake)")
+        return ({m: dict(self.figures[m]) for m in modes}, dict(self.rejected))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    f = FakeMeasure()
+    monkeypatch.setattr(cp, "measure", f)
+    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8"), raising=False)
+    return f
+
+
+# -- cache ---------------------------------------------------------------------------------
+def test_a_verdict_is_measured_once_then_cached_on_disk_private(fake, tmp_path):
+    v = cp.resolve(SHAPE, 1)
+    assert fake.calls == 1 and v["decode"] == v["prefill"] == "int8" and v["source"] == "measured"
+    path = tmp_path / "xdg" / "rwkv.nvim" / "cpu-precision.json"
+    assert path.is_file()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert cp.resolve(SHAPE, 1)["source"] == "cache" and fake.calls == 1     # this process
+    cp.forget()
+    again = cp.resolve(SHAPE, 1)                                             # the file
+    assert fake.calls == 1 and again["decode"] == "int8" and again["measured"] == v["measured"]
+
+
+@pytest.mark.parametrize("change", ["cpu", "flags", "torch", "engine", "code", "candidates", "threads",
+                                    "shape"])
+def test_a_changed_key_measures_again(fake, monkeypatch, change):
+    cp.resolve(SHAPE, 1)
+    assert fake.calls == 1
+    cp.forget()
+    threads, shape = 1, SHAPE
+    ident = cp.cpu_identity()
+    if change == "code":
+        monkeypatch.setattr(cp, "_code_fingerprint", lambda: "a new kernel")
+    elif change == "cpu":
+        monkeypatch.setattr(cp, "cpu_identity", lambda: dict(ident, cpu="Another CPU"))
+    elif change == "flags":
+        monkeypatch.setattr(cp, "cpu_identity", lambda: dict(ident, flags="0123456789abcdef"))
+    elif change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    elif change == "engine":
+        import rwkv_engine
+        monkeypatch.setattr(rwkv_engine, "__version__", rwkv_engine.__version__ + ".dev1")
+    elif change == "candidates":
+        monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32",), raising=False)
+    elif change == "threads":
+        threads = 2
+    elif change == "shape":
+        shape = (4, 256, 65536)
+    v = cp.resolve(shape, threads)
+    assert fake.calls == 2 and v["source"] == "measured"
+    assert len(json.loads(cp.cache_file().read_text())["verdicts"]) == 2
+    # both verdicts are kept: the first key is still answered from the file
+    cp.forget()
+    monkeypatch.setattr(cp, "cpu_identity", lambda: ident)
+    monkeypatch.setattr(cp, "_code_fingerprint", lambda: "fixed")
+    monkeypatch.setattr(torch, "__version__", torch.__version__.removesuffix(".other"))
+    import rwkv_engine
+    monkeypatch.setattr(rwkv_engine, "__version__", rwkv_engine.__version__.removesuffix(".dev1"))
+    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8"), raising=False)
+    assert cp.resolve(SHAPE, 1)["source"] == "cache" and fake.calls == 2
+
+
+def test_the_timing_shape_is_the_model_up_to_0_1b_then_capped():
+    assert cp.timing_shape(4, 192, 4096) == (4, 192, 4096)
+    assert cp.timing_shape(12, 768, 65536) == cp.CAP_SHAPE
+    assert cp.timing_shape(24, 1024, 65536) == cp.CAP_SHAPE
+    assert cp.timing_shape(32, 4096, 65536) == cp.CAP_SHAPE
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[]",
+                                     b'{"format": "something else", "verdicts": []}',
+                                     b'{"format": "rwkv.nvim cpu-precision 1", "verdicts": "x"}'])
+def test_a_corrupt_or_foreign_file_is_ignored_and_rewritten(fake, content):
+    path = cp.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    v = cp.resolve(SHAPE, 1)
+    assert fake.calls == 1 and v["decode"] == "int8"
+    data = json.loads(path.read_text())
+    assert data["format"] == cp.FORMAT and [x["decode"] for x in data["verdicts"]] == ["int8"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_cached_verdict_naming_a_mode_outside_its_candidates_is_ignored(fake):
+    v = cp.resolve(SHAPE, 1)
+    path = cp.cache_file()
+    data = json.loads(path.read_text())
+    data["verdicts"][0]["decode"] = "int3"            # tampered: not a candidate of its key
+    path.write_text(json.dumps(data))
+    cp.forget()
+    again = cp.resolve(SHAPE, 1)
+    assert fake.calls == 2 and again["decode"] == v["decode"] == "int8"
+
+
+def test_an_unwritable_cache_place_costs_only_a_log_line(fake, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    v = cp.resolve(SHAPE, 1, cache_dir=blocker / "sub")
+    assert v["decode"] == "int8" and fake.calls == 1
+    assert cp.resolve(SHAPE, 1, cache_dir=blocker / "sub")["source"] == "cache" and fake.calls == 1
+
+
+def test_the_environment_override_skips_measurement(fake, monkeypatch):
+    monkeypatch.setenv(cp.ENV, "fp32")
+    v = cp.resolve(SHAPE, 1)
+    assert v["decode"] == v["prefill"] == "fp32" and v["source"] == "env" and fake.calls == 0
+    assert not cp.cache_file().exists()
+    assert cp.describe(v) == f"fp32 ({cp.ENV})"
+    monkeypatch.setenv(cp.ENV, "int5")                 # not a mode: ignored, measured
+    assert cp.resolve(SHAPE, 1)["decode"] == "int8" and fake.calls == 1
+
+
+# -- the rule ------------------------------------------------------------------------------
+def _m(**modes):
+    return {name: {"decode_1": d1, "decode_8": d8, "prefill_64": p} for name, (d1, d8, p) in modes.items()}
+
+
+def test_the_fastest_passing_decode_mode_is_chosen():
+    dec, pre, why = cp.choose(_m(fp32=(10, 20, 100), int8=(4, 8, 60), bf16=(6, 10, 40)), {})
+    assert (dec, pre) == ("int8", "int8") and why.startswith("decode 1/8 rows: int8 4.0/8.0 ms")
+    dec, pre, _ = cp.choose(_m(fp32=(10, 20, 100), int8=(4, 8, 60), bf16=(3, 5, 40)), {})
+    assert dec == "bf16"
+
+
+def test_a_mode_failing_the_gate_is_never_chosen_however_fast():
+    measured = _m(fp32=(10, 20, 100), int8=(1, 2, 10))
+    dec, pre, why = cp.choose(measured, {"int8": "top-1 97.0 % < 99 % on real code"})
+    assert (dec, pre) == ("fp32", "fp32") and "rejected int8 (top-1 97.0 %" in why
+    assert cp.choose(measured, {"int8": "x", "fp32": "y"})[:2] == ("fp32", "fp32")   # nothing passes
+
+
+def test_a_decode_pick_with_a_prefill_over_twice_the_fastest_loses():
+    measured = _m(fp32=(10, 20, 100), int8=(4, 8, 201))
+    assert cp.choose(measured, {})[0] == "fp32"
+    measured["int8"]["prefill_64"] = 199
+    assert cp.choose(measured, {})[0] == "int8"
+    # the next-fastest decode mode whose prefill is within 2x
+    assert cp.choose(_m(fp32=(10, 20, 100), int8=(4, 8, 300), bf16=(6, 10, 50)), {})[0] == "bf16"
+
+
+def test_a_tie_within_the_margin_keeps_fp32():
+    assert cp.choose(_m(fp32=(10, 20, 100), int8=(9.8, 19.5, 90)), {})[0] == "fp32"
+    assert cp.choose(_m(fp32=(10, 20, 100), int8=(9, 18, 90)), {})[0] == "int8"
+
+
+def test_split_phases_pick_each_fastest():
+    measured = _m(fp32=(10, 20, 100), int8=(4, 8, 80), bf16=(6, 10, 30))
+    dec, pre, why = cp.choose(measured, {}, split=True)
+    assert (dec, pre) == ("int8", "bf16") and "prefill: bf16" in why
+
+
+def test_describe_names_the_mode_the_figures_and_the_rejections():
+    v = {"decode": "int8", "prefill": "int8", "measured": FIGURES, "rejected": {}, "source": "cache"}
+    assert cp.describe(v) == "int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)"
+    v = {"decode": "fp32", "prefill": "fp32", "measured": FIGURES,
+         "rejected": {"int8": "top-1 98.0 % < 99 % on real code"}}
+    assert cp.describe(v) == ("fp32 (auto: decode 10.0 ms vs int8 4.0 ms; "
+                              "int8 rejected: top-1 98.0 % < 99 % on real code)")
+
+
+# -- the measurement itself, on a tiny random model ----------------------------------------
+class Broken:
+    """A mode that is fast and wrong: fp32's model with its logits scrambled."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def forward(self, tokens, state=None, all_logits=False):
+        logits, new = self.inner.forward(tokens, state, all_logits=all_logits)
+        return logits.roll(1, dims=-1) * 3.0, new
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def tiny_measurement(monkeypatch):
+    """The accuracy checkpoint at the tiny shape, so measuring takes ~a second."""
+    monkeypatch.setattr(cp, "CAP_SHAPE", (2, 128, 4096))
+    monkeypatch.setattr(cp, "TOP1_TOKENS", 128)
+    monkeypatch.setattr(cp, "GATE_TOKENS", 16)
+    monkeypatch.setattr(cp, "ROUNDS", {"decode_1": 2, "decode_8": 1, "prefill_64": 1})
+    monkeypatch.setattr(cp, "MIN_ROUNDS", 1)
+
+
+def test_measuring_a_tiny_model_gives_every_figure_and_rejects_a_broken_mode(tiny_measurement, monkeypatch):
+    from rwkv_engine.pipeline.loading import DEFAULT_MODEL
+    real_build, real_time = cp._build, cp._time_modes
+
+    def build(sd, shape, mode, world_ids=None):
+        if mode == "nobuild":
+            raise RuntimeError("this CPU lacks the instructions")
+        return Broken(real_build(sd, shape, "fp32", world_ids)) if mode == "broken" \
+            else real_build(sd, shape, mode, world_ids)
+
+    def time_modes(models, vocab, progress):           # the broken mode "is" the fastest
+        figures = real_time(models, vocab, progress)
+        if "broken" in figures:
+            figures["broken"] = {k: 0.001 for k in figures["broken"]}
+        return figures
+
+    monkeypatch.setattr(cp, "_build", build)
+    monkeypatch.setattr(cp, "_time_modes", time_modes)
+    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "broken", "nobuild"), raising=False)
+    said = []
+    v = cp.resolve((2, 128, 4096), 1, reference_path=DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None,
+                   progress=said.append)
+    assert said and said[-1].startswith("CPU precision measured in")
+    assert v["decode"] == v["prefill"] == "fp32"
+    f = v["measured"]["fp32"]
+    assert all(f[k] > 0 and math.isfinite(f[k]) for k in ("decode_1", "decode_8", "prefill_64"))
+    assert f["kl"] == 0.0 and f["max_logit_err"] == 0.0
+    assert "cannot build: this CPU lacks the instructions" in v["rejected"]["nobuild"]
+    reason = v["rejected"]["broken"]
+    assert f"> {cp.KL_MAX}" in reason and v["measured"]["broken"]["kl"] > cp.KL_MAX
+    if DEFAULT_MODEL.is_file():
+        assert f["top1"] == 1.0 and v["measured"]["broken"]["top1"] < 0.5 and "top-1" in reason
+    assert "broken rejected" in cp.describe(v)
+    assert json.loads(cp.cache_file().read_text())["verdicts"][0]["rejected"] == v["rejected"]
+
+
+def test_a_real_quantized_mode_is_measured_against_fp32(tiny_measurement, monkeypatch):
+    """Whatever the model offers besides fp32 gets figures and a verdict (here: no top-1
+    part, which needs the default model)."""
+    modes = cp.candidates()
+    if len(modes) < 2:
+        pytest.skip("the model offers only fp32 on the CPU")
+    measured, rejected = cp.measure(modes, (2, 128, 4096), None, None, threads=1)
+    for mode in modes:
+        if mode in rejected and rejected[mode].startswith(("cannot build", "fails to run")):
+            continue
+        f = measured[mode]
+        assert f["decode_1"] > 0 and f["prefill_64"] > 0 and math.isfinite(f["kl"])
+        assert "top1" not in f
+    dec, pre, _ = cp.choose(measured, rejected)
+    assert dec == pre and dec in modes and dec not in rejected
+
+
+def test_the_random_checkpoint_is_a_valid_x070_model_with_peaked_logits():
+    sd = cp.random_state_dict(2, 128, 4096, seed=3)
+    shape = cp._shape_of(sd)
+    assert (shape.n_layer, shape.n_embd, shape.vocab_size) == (2, 128, 4096)
+    m = cp._build(sd, shape, "fp32")
+    logits, _ = m.forward(torch.randint(0, 4096, (1, 8)), all_logits=True)
+    top = torch.softmax(logits, -1).max(-1).values
+    assert top.mean() > 0.2                      # not flat: top-1 and KL measure precision
+
+
+# -- loading, service status, `rwkv-nvim info` ---------------------------------------------
+def test_auto_on_the_cpu_loads_the_chosen_mode_and_records_why(fake, tiny_model_path, tmp_path):
+    from rwkv_engine.pipeline.loading import load_configured_model
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu",
+                                           cache_dir=str(tmp_path / "c")))
+    assert m.quant == "int8" and fake.calls == 1
+    assert m.precision["mode"] == "int8" and m.precision["source"] == "auto"
+    assert m.precision["summary"] == "int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)"
+    assert (tmp_path / "c" / "cpu-precision.json").is_file()      # cache_dir holds it too
+    # an explicit mode is not measured
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu", dtype="fp32"))
+    assert m.quant is None and m.precision["source"] == "config" and fake.calls == 1
+
+
+def test_a_failed_measurement_runs_fp32_with_a_warning(monkeypatch, tiny_model_path, tmp_path):
+    from rwkv_engine.pipeline.loading import load_configured_model
+
+    def boom(*a, **k):
+        raise RuntimeError("timer exploded")
+    monkeypatch.setattr(cp, "measure", boom)
+    warnings = []
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu",
+                                           cache_dir=str(tmp_path / "c")), warnings.append)
+    assert m.quant is None and m.precision["mode"] == "fp32"
+    assert warnings == ["could not measure the CPU precision (timer exploded): running fp32"]
+
+
+def test_the_verdict_reaches_service_status_with_progress(fake, tiny_model_path, tmp_path):
+    from pipeline_fixtures import Recorder, fast_config
+
+    from rwkv_engine.pipeline.service import CompletionService
+    rec = Recorder()
+    svc = CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"), on_event=rec.on_event)
+    svc.start()
+    try:
+        assert rec.ready.wait(120)
+        st = svc.status()
+        assert st["loaded"], st
+        assert st["precision"] == "int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)"
+        assert st["precision_why"].startswith("decode 1/8 rows: int8")
+        assert rec.kinds("ready")[0]["precision"] == st["precision"]
+        assert {"message": "measuring (fake)"} in rec.kinds("progress")
+        assert fake.calls == 1                      # measured before loading, found by the load
+    finally:
+        svc.close()
+
+
+def test_rwkv_nvim_info_shows_and_remeasures_the_precision(fake, tiny_model_path, tmp_path, capsys):
+    from rwkv_engine.cli import main
+    cache = str(tmp_path / "c")
+    assert main(["info", str(tiny_model_path), "--cache-dir", cache]) == 0
+    out = capsys.readouterr().out
+    assert "precision          not measured yet on this CPU" in out and fake.calls == 0
+    assert main(["info", str(tiny_model_path), "--cache-dir", cache, "--measure-precision"]) == 0
+    out = capsys.readouterr().out
+    assert "precision          int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)" in out
+    assert "chosen" in out and fake.calls == 1
+    cp.forget()
+    assert main(["info", str(tiny_model_path), "--cache-dir", cache, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision"].startswith("int8 (auto:") and info["precision_verdict"]["decode"] == "int8"
+    assert fake.calls == 1                          # read from the cache
+    assert main(["info", str(tiny_model_path), "--cache-dir", cache, "--measure-precision", "--json"]) == 0
+    capsys.readouterr()
+    assert fake.calls == 2                          # measured again, file rewritten
+    assert len(json.loads((tmp_path / "c" / "cpu-precision.json").read_text())["verdicts"]) == 1
+
+
+@pytest.mark.nvim
+def test_rwkv_status_shows_the_precision_line(tmp_path):
+    from nvim_harness import start_nvim
+    s = start_nvim(tmp_path / "nv", {"notify": False}, manifest=False)
+    try:
+        s.lua(r"""
+local remote = require('rwkv.remote')
+remote.status = function()
+  return { loaded = true, model = 'fake', device = 'cpu', dtype = 'float32', error = vim.NIL,
+           precision = 'int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)',
+           last_error = vim.NIL, cache = {}, last = {} }
+end
+require('rwkv').on_event('ready', { model = 'fake', device = 'cpu', dtype = 'float32', load_ms = 1,
+                                    precision = 'fp32 (RWKV_NVIM_CPU_PRECISION)' })
+""")
+        lines = s.lua("return require('rwkv').status_lines()")
+        assert "precision: int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)" in lines, lines
+        s.lua("require('rwkv.remote').status = function() return {} end")
+        lines = s.lua("return require('rwkv').status_lines()")
+        assert "precision: fp32 (RWKV_NVIM_CPU_PRECISION)" in lines, lines     # from the ready event
+    finally:
+        s.close()
+
