@@ -16,16 +16,18 @@ namespace rwkv_cpu {
 constexpr int64_t kHeadSize = 64;
 
 // One head over T steps, working on S in its own row layout. Best for a few
-// steps (decode): no transposition. S_in is copied to S_out first when they differ
-// (S_in == S_out updates in place); then S_out is advanced. S_in, S_out: [64, 64] of
-// this head; the per-token vectors advance by row_stride = H * 64 floats per step.
-__attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stride, const float* S_in, float* S_out,
-                           const float* __restrict__ r, const float* __restrict__ w,
-                           const float* __restrict__ k, const float* __restrict__ v,
-                           const float* __restrict__ a, const float* __restrict__ b,
-                           float* __restrict__ y) {
-  if (S_in != S_out) std::memcpy(S_out, S_in, sizeof(float) * kHeadSize * kHeadSize);
-  float* __restrict__ S = S_out;
+// steps (decode): no transposition. The first step reads S_in, every step writes
+// S_out (S_in == S_out updates in place). S_in, S_out: [64, 64] of this head; the
+// per-token vectors advance by row_stride = H * 64 floats per time step.
+template <bool kInPlace>
+inline void wkv7_head_rows_impl(int64_t T, int64_t row_stride, const float* S_in, float* S_out,
+                                const float* __restrict__ r, const float* __restrict__ w,
+                                const float* __restrict__ k, const float* __restrict__ v,
+                                const float* __restrict__ a, const float* __restrict__ b,
+                                float* __restrict__ y) {
+  // The two dot products use kLanes partial sums: plain loops the compiler turns into
+  // vector code (GCC leaves `omp simd reduction` loops of this shape scalar).
+  constexpr int64_t kLanes = 16;
   alignas(64) float decay[kHeadSize];
   for (int64_t t = 0; t < T; ++t) {
     const int64_t off = t * row_stride;
@@ -34,12 +36,12 @@ __attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stri
     const float* at_ = a + off;
     const float* bt = b + off;
     const float* wt = w + off;
+    // out of place, only the first step reads S_in (later ones continue in S_out)
+    const float* __restrict__ src = (kInPlace || t > 0) ? S_out : S_in;
     for (int64_t j = 0; j < kHeadSize; ++j) decay[j] = std::exp(-std::exp(wt[j]));
-    // The two dot products use kLanes partial sums (plain loops the compiler turns into
-    // vector code; GCC leaves `omp simd reduction` loops of this shape scalar).
-    constexpr int64_t kLanes = 16;
     for (int64_t i = 0; i < kHeadSize; ++i) {
-      float* __restrict__ row = S + i * kHeadSize;  // S[i, :]
+      const float* __restrict__ row = src + i * kHeadSize;  // S[i, :] before the step
+      float* __restrict__ dst = S_out + i * kHeadSize;      // S[i, :] after it
       float part[kLanes] = {};
       for (int64_t j = 0; j < kHeadSize; j += kLanes)
         for (int64_t l = 0; l < kLanes; ++l) part[l] += row[j + l] * at_[j + l];
@@ -50,7 +52,7 @@ __attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stri
       for (int64_t j = 0; j < kHeadSize; j += kLanes)
         for (int64_t l = 0; l < kLanes; ++l) {
           const float s = row[j + l] * decay[j + l] + sa * bt[j + l] + vi * kt[j + l];
-          row[j + l] = s;
+          dst[j + l] = s;
           outp[l] += s * rt[j + l];
         }
       float out = 0.f;
@@ -58,6 +60,17 @@ __attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stri
       y[off + i] = out;
     }
   }
+}
+
+__attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stride,
+                                                     const float* S_in, float* S_out,
+                                                     const float* r, const float* w,
+                                                     const float* k, const float* v,
+                                                     const float* a, const float* b, float* y) {
+  if (S_in == S_out)
+    wkv7_head_rows_impl<true>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
+  else
+    wkv7_head_rows_impl<false>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
 }
 
 // Same result, for prefill: keeps a transposed copy ST[key j][value i] so that

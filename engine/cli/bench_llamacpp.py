@@ -264,6 +264,10 @@ def run(args) -> int:
 
     path = resolve_model_path(EngineConfig(model=args.model))
     torch.set_num_threads(threads)
+    # what a user gets without configuring anything: dtype "auto" (measured per CPU, cached)
+    from ..pipeline.loading import cpu_precision_for
+    auto_mode, auto_record = cpu_precision_for(EngineConfig(model=str(path), threads=threads), path)
+    _say(f"dtype auto picks {auto_record.get('summary', auto_mode)}")
     models = {m: load_model(path, device="cpu", dtype=m) for m in modes if m != "fp32"}
     models["fp32"] = load_model(path, device="cpu", dtype="fp32")     # the reference, always
     shape = models["fp32"].shape
@@ -391,6 +395,7 @@ def run(args) -> int:
                       "amx_disabled_flags": binfo.get("amx_disabled_flags", []),
                       "ggml_native": binfo.get("ggml_native"), "gguf": conv},
         "conversion_check": check,
+        "auto": {"mode": auto_mode, "summary": auto_record.get("summary"), "why": auto_record.get("why")},
         "ours": ours, "theirs": theirs, "ratios": ratios,
         "accuracy": accuracy,
         "samples": {"ours": {m: samples[m] for m in modes}, "theirs": {t: samples[t] for t in types},
@@ -427,6 +432,8 @@ def print_table(r: dict) -> None:
     print(f"settings {s['threads']} threads, prompt {s['prefill_tokens']} tokens, {s['decode_steps']} "
           f"decode steps, rows {','.join(map(str, s['rows']))}, best of {s['repeat']} interleaved rounds; "
           f"load avg {r['machine']['load_avg_start']} -> {r['machine']['load_avg_end']}")
+    if r.get("auto"):
+        print(f"auto     dtype \"auto\" (no configuration) runs {r['auto']['mode']}: {r['auto']['summary']}")
     lcp = r["llama_cpp"]
     print(f"llama.cpp {lcp['version']} (llama-cpp-python sdist, GGML_NATIVE), {lcp['bin_dir']}")
     ck = r["conversion_check"]
