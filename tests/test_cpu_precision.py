@@ -387,3 +387,17 @@ require('rwkv').on_event('ready', { model = 'fake', device = 'cpu', dtype = 'flo
     finally:
         s.close()
 
+
+
+def test_loading_freezes_what_is_alive_so_full_collections_stay_short(tiny_model_path):
+    import gc
+
+    from rwkv_engine.pipeline.config import EngineConfig
+    from rwkv_engine.pipeline.loading import load_configured_model
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu"))
+        assert gc.get_freeze_count() > 10_000          # torch and the model: never walked again
+    finally:
+        gc.unfreeze()
