@@ -106,6 +106,15 @@ void layer_norm(const float* x, int64_t B, int64_t C, const float* w, const floa
   }
 }
 
+// fn(i) for i in [0, n): transcendental-heavy loops over B rows x C split across the
+// threads once several rows make it worth a fork (one row stays on this thread).
+template <class Fn>
+void for_each_element(int64_t n, const Fn& fn) {
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
+}
+
 inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 inline float softplus(float z) { return z > 20.f ? z : std::log1p(std::exp(z)); }  // torch's threshold
 
@@ -154,13 +163,13 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
   for (int64_t i = 0; i < B * w1.O; ++i) bf.t1[i] = std::tanh(bf.t1[i]);
   linear(q[LIN_W2], q[LIN_W2 + 1], w1.O, "w2").apply(bf.t1.data(), B, bf.w.data(), false);
   const float* w0 = vec(q[W0], C, "w0");
-  for (int64_t i = 0; i < n; ++i) bf.w[i] = -softplus(-(w0[i % C] + bf.w[i])) - 0.5f;
+  for_each_element(n, [&](int64_t i) { bf.w[i] = -softplus(-(w0[i % C] + bf.w[i])) - 0.5f; });
   // in-context learning rate: a = sigmoid(a0 + (xa A1^T) A2^T)
   const Linear a1 = linear(q[LIN_A1], q[LIN_A1 + 1], C, "a1", C);  // LoRA down: width <= C
   a1.apply(bf.xa.data(), B, bf.t1.data(), false);
   linear(q[LIN_A2], q[LIN_A2 + 1], a1.O, "a2").apply(bf.t1.data(), B, bf.a.data(), false);
   const float* a0 = vec(q[A0], C, "a0");
-  for (int64_t i = 0; i < n; ++i) bf.a[i] = sigmoid(a0[i % C] + bf.a[i]);
+  for_each_element(n, [&](int64_t i) { bf.a[i] = sigmoid(a0[i % C] + bf.a[i]); });
   // output gate: g = sigmoid(xg G1^T) G2^T
   const Linear g1 = linear(q[LIN_G1], q[LIN_G1 + 1], C, "g1", C);  // LoRA down: width <= C
   g1.apply(bf.xg.data(), B, bf.t1.data(), false);
@@ -193,8 +202,9 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
     v1.apply(bf.xv.data(), B, bf.t1.data(), false);
     linear(q[LIN_V2], q[LIN_V2 + 1], v1.O, "v2").apply(bf.t1.data(), B, bf.t2.data(), false);
     const float* v0 = vec(q[V0], C, "v0");
-    for (int64_t i = 0; i < n; ++i)
+    for_each_element(n, [&](int64_t i) {
       bf.v[i] += (bf.v_first[i] - bf.v[i]) * sigmoid(v0[i % C] + bf.t2[i]);
+    });
   } else {
     std::copy(bf.v.begin(), bf.v.begin() + n, bf.v_first.begin());
   }
