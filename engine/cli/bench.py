@@ -137,6 +137,21 @@ def peer_speed(path, device: str, prefill_tokens: int, steps: int, batch: int, r
     return _speeds(prefill, decode, prefill_tokens, steps, batch, repeat)
 
 
+def read_bandwidth_gbs(mb: int = 256, repeat: int = 5) -> float:
+    """The memory read rate torch reaches on this machine now (GB/s): the best of
+    ``repeat`` sums over a ``mb`` MB fp32 tensor, with the current thread count. The
+    yardstick for a one-row decode step, which streams every weight once."""
+    import torch
+
+    t = torch.ones(mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
+    return t.numel() * 4 / best / 1e9
+
+
 def _machine(device) -> dict:
     import torch
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -351,9 +351,12 @@ def run(args) -> int:
         # -- speed, interleaved rounds
         samplers = {m: OursSampler(models[m], T, steps, rows) for m in modes}
         samples: Dict[str, List[dict]] = {k: [] for k in list(modes) + list(types)}
+        from .bench import read_bandwidth_gbs
         rounds = []
+        stream = []
         for rep in range(max(1, args.repeat)):
             r0, l0 = time.perf_counter(), _load()
+            stream.append(read_bandwidth_gbs())
             for m in modes:
                 samples[m].append(samplers[m].sample())
             for t in types:
@@ -368,6 +371,12 @@ def run(args) -> int:
                  f"{rounds[-1]['load_avg_after']})")
         ours = {m: _best(samples[m]) for m in modes}
         theirs = {t: _best(samples[t]) for t in types}
+        # batch-1 step against the memory read rate measured in the same rounds
+        for m in modes:
+            wb = models[m].weight_bytes()
+            ours[m]["weights_mb"] = wb / 2**20
+            ours[m]["decode_b1_gbs"] = wb * ours[m]["decode_b1_tok_s"] / 1e9
+            ours[m]["decode_b1_of_read_rate"] = ours[m]["decode_b1_gbs"] / max(stream)
         ratios = {}
         for a, b in PAIRS:
             if a in ours and b in theirs:
@@ -395,6 +404,8 @@ def run(args) -> int:
                       "amx_disabled_flags": binfo.get("amx_disabled_flags", []),
                       "ggml_native": binfo.get("ggml_native"), "gguf": conv},
         "conversion_check": check,
+        "read_rate_gbs": {"best": round(max(stream), 2), "samples": [round(x, 2) for x in stream],
+                          "how": "torch sum over a 256 MB fp32 tensor, best of 5, each round"},
         "auto": {"mode": auto_mode, "summary": auto_record.get("summary"), "why": auto_record.get("why")},
         "ours": ours, "theirs": theirs, "ratios": ratios,
         "accuracy": accuracy,
@@ -450,6 +461,11 @@ def print_table(r: dict) -> None:
         line = f"{label:32}" + "".join(f"{v:15.1f}" if v is not None else f"{'-':>15}" for v in vals)
         line += "".join(f"{r['ratios'][x].get(key, float('nan')):11.2f}x" for x in rat)
         print(line)
+    if r.get("read_rate_gbs"):
+        rr = r["read_rate_gbs"]["best"]
+        parts = [f"{LABEL.get(k, k)}: {v['weights_mb']:.0f} MB weights, {v['decode_b1_gbs']:.1f} GB/s = "
+                 f"{100 * v['decode_b1_of_read_rate']:.0f} %" for k, v in r["ours"].items() if "weights_mb" in v]
+        print(f"batch-1 step vs the read rate measured in the same rounds ({rr:.1f} GB/s): " + "; ".join(parts))
     acc = r["accuracy"]
     if acc["pairs"]:
         print(f"accuracy ({acc['positions']} positions, KL on top-{acc['top_k']} bins + rest):")

@@ -117,6 +117,19 @@ class RWKV7:
         ident = f"{dev.type}|{dt}|{self.quant}" + ("-q8b32" if self.quant else "")
         self.model_id = model_identity(path, ident) if path is not None else f"anon-{id(self)}"
 
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads from the weights as they are held: every product's
+        matrices (int8 + scales, or the dtype) and the per-layer vectors (the few
+        embedding rows it looks up are left out)."""
+        total = self.head.nbytes + 2 * self.ln_out_w.numel() * self.ln_out_w.element_size()
+        for layer in self.layers:
+            for value in vars(layer).values():
+                if hasattr(value, "nbytes") and not isinstance(value, torch.Tensor):
+                    total += value.nbytes                                   # a product
+                elif isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
     # -- state ---------------------------------------------------------------
     def new_state(self, batch: int = 1) -> State:
         s = self.shape
