@@ -666,22 +666,9 @@ def _timed(fn, device) -> float:
 
 
 def _weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every tensor of the layers, the output
-    norm and the head (the embedding is gathered, one row per token: left out)."""
-    import torch
-    seen = {}
-
-    def add(t):
-        if isinstance(t, torch.Tensor):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-        elif isinstance(getattr(t, "weight", None), torch.Tensor):
-            add(t.weight)
-    for layer in model.layers:
-        for v in vars(layer).values():
-            add(v)
-    for v in (model.ln_out_w, model.ln_out_b, model.head):
-        add(v)
-    return int(sum(seen.values()))
+    """Bytes of weights one decode step reads (``RWKV7.weight_bytes``: the layers, the
+    output norm and the head; the embedding is gathered, one row per token: left out)."""
+    return int(model.weight_bytes())
 
 
 def _junit_counts(path: Path) -> dict:
