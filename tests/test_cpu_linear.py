@@ -163,3 +163,46 @@ def test_embedding_table_is_built_in_chunks_and_kept_once():
     assert int8.rows.dtype == torch.bfloat16 and int8[toks].dtype == torch.float32
     assert torch.equal(int8[toks], ref[toks].bfloat16().float())
     assert int8.nbytes == fp32.nbytes // 2
+
+
+_ISA_CHECK = r"""
+import sys, torch
+from torch.utils import cpp_extension
+build, flags = sys.argv[1], sys.argv[2].split()
+cpp_extension.load(name="rwkv_q8_isa_check", sources=[sys.argv[3]], extra_cflags=["-O3", "-fopenmp-simd", *flags],
+                   build_directory=build, is_python_module=False)
+from rwkv_engine.core.linear import quantize_q8, dequantize_q8, quantize_activations
+ops = torch.ops.rwkv_nvim_cpu
+print(ops.q8_isa())
+g = torch.Generator().manual_seed(0)
+for O, I in ((48, 96), (320, 1024)):
+    W = torch.randn(O, I, generator=g) * 0.05
+    wq, ws = quantize_q8(W)
+    for M in (1, 2, 3, 4, 5, 8, 9):
+        x = torch.randn(M, I, generator=g)
+        ref = quantize_activations(x) @ dequantize_q8(wq, ws).T
+        for y in (ops.q8_linear(x, wq, ws), ops.q8_linear_reference(x, wq, ws)):
+            assert (y - ref).abs().max() <= 1e-4 * ref.abs().max(), (O, I, M)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(ops is None or ops.q8_isa() == "scalar", reason="needs an x86 CPU kernel build")
+@pytest.mark.parametrize("flags,isa", [("-march=native -mno-avx512vnni", "avx512bw"),
+                                       ("-march=native -mno-avx512f", "avx2"),
+                                       ("-march=native -mno-avx512f -mno-avx2", "scalar")])
+def test_narrower_instruction_sets_compute_the_same(tmp_path, flags, isa):
+    """The AVX2 and scalar paths of the q8 product, compiled here with the wider units
+    switched off (in a child process: the op namespace can be registered once)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cpu_flags = Path("/proc/cpuinfo").read_text()
+    if isa != "scalar" and isa.replace("-vnni", "") not in cpu_flags.replace("avx512bw", "avx512bw avx512"):
+        pytest.skip(f"no {isa} on this CPU")
+    src = Path(__file__).resolve().parents[1] / "kernels" / "rwkv7_cpu_linear.cpp"
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK, str(tmp_path), flags, str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [isa, "ok"]
