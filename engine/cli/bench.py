@@ -24,7 +24,8 @@ import time
 def add_arguments(p) -> None:
     p.add_argument("--model", help="checkpoint path or short name (default: the bundled default model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda; fp32 (auto) or int8 on cpu")
+    p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda; fp32 or int8 on cpu; auto (default): what the "
+                        "plugin runs (on the CPU: the mode measured fastest for this CPU)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default: as the plugin, engine option `threads` = 0; "
                         "2 with --peer llama.cpp, for both sides)")
@@ -168,11 +169,16 @@ def run(args) -> int:
     import torch
 
     from .. import load_model
-    from ..pipeline.loading import cpu_threads, resolve_model_path
+    from ..pipeline.loading import (cpu_precision_for, cpu_threads, resolve_model_path,
+                                    settle_garbage_collector)
     from ..pipeline.config import EngineConfig
 
     path = resolve_model_path(EngineConfig(model=args.model))
-    model = load_model(path, device=args.device, dtype=args.dtype)
+    dtype = args.dtype
+    if args.device == "cpu":            # "auto" as the plugin resolves it: measured per CPU, cached
+        dtype, _ = cpu_precision_for(EngineConfig(model=str(path), dtype=args.dtype, threads=args.threads), path)
+    model = load_model(path, device=args.device, dtype=dtype)
+    settle_garbage_collector()          # as the plugin does after loading
     if model.device.type == "cpu":
         torch.set_num_threads(cpu_threads(args.threads, model.shape.n_embd))
     dev = model.device

@@ -234,7 +234,7 @@ def run(args) -> int:
     from .. import load_model
     from ..core.gguf_export import export_gguf, require_gguf
     from ..pipeline.config import EngineConfig
-    from ..pipeline.loading import resolve_model_path
+    from ..pipeline.loading import resolve_model_path, settle_garbage_collector
 
     if args.device != "cpu":
         raise ValueError("--peer llama.cpp compares CPU figures: use --device cpu")
@@ -270,6 +270,7 @@ def run(args) -> int:
     _say(f"dtype auto picks {auto_record.get('summary', auto_mode)}")
     models = {m: load_model(path, device="cpu", dtype=m) for m in modes if m != "fp32"}
     models["fp32"] = load_model(path, device="cpu", dtype="fp32")     # the reference, always
+    settle_garbage_collector()          # as the plugin does after loading (pipeline/loading.py)
     shape = models["fp32"].shape
 
     tmp = None

@@ -125,3 +125,115 @@ def replay(model, path: Optional[str] = None, n_lines: int = 6, config=None) -> 
         }
     out["cache"] = completer.cache_stats()
     return out
+
+
+def _summary(events, kind: str) -> dict:
+    ev = [e for e in events if e[0] == kind]
+    if not ev:
+        return {}
+    fed = [e[1]["prefilled_tokens"] for e in ev]
+    first = [e[2] for e in ev]
+    ms = [e[1]["ms_total"] for e in ev]
+    return {"n": len(ev), "refed_tokens_p50": _pct(fed, 0.5), "refed_tokens_max": max(fed),
+            "refed_tokens_mean": round(statistics.mean(fed), 2),
+            "ms_prefill_p50": round(_pct([e[1]["ms_prefill"] for e in ev], 0.5), 1),
+            "ms_first_p50": round(_pct(first, 0.5), 1), "ms_first_p95": round(_pct(first, 0.95), 1),
+            "ms_total_p50": round(_pct(ms, 0.5), 1)}
+
+
+def replay_moves(model, path: Optional[str] = None, n_moves: int = 8, idle: bool = False,
+                 config=None) -> dict:
+    """Line moves only: a cold request in the middle of ``path`` (cursor at column 0),
+    then ``n_moves`` one-line moves down, a jump to the line above the start and
+    ``n_moves`` one-line moves up from there (every move lands on a line not visited
+    before), one request each.
+    ``idle``: between requests the editor is idle long enough for the completer's idle
+    priming (``prime_step`` until it has nothing left to do; its time is reported
+    apart, under "idle"), as after a CursorHoldI."""
+    from ..pipeline.completer import Completer
+    from ..pipeline.config import EngineConfig
+
+    path = path or default_replay_file()
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().splitlines()
+    cfg = config or EngineConfig(cache_disk_mb=0)
+    completer = Completer(cfg, model=model)
+    s = _Session(completer, path, lines)
+    start = max(n_moves + 2, _pick_start(lines, 2 * n_moves + 1))
+    idle_ms, idle_fed = [], []
+
+    def go(kind: str, row: int) -> None:
+        s.request(kind, row, 0)
+        if idle:
+            t0, fed = time.perf_counter(), 0
+            while completer.prime_step():
+                fed += completer.last_prime.get("prefilled_tokens") or 0
+            idle_ms.append((time.perf_counter() - t0) * 1000)
+            idle_fed.append(fed)
+
+    row = start
+    go("cold", row)
+    for _ in range(n_moves):
+        row += 1
+        go("move_down", row)
+    row = start - 1                      # a jump above the start, then up over rows not seen yet
+    go("jump", row)
+    for _ in range(n_moves):
+        row -= 1
+        go("move_up", row)
+    out = {"file": path, "start_row": start, "idle": idle, "requests": len(s.events),
+           "near_prefix": cfg.near_prefix, "near_suffix": cfg.near_suffix}
+    for kind in ("cold", "move_down", "move_up"):
+        out[kind] = _summary(s.events, kind)
+    out["jump"] = _summary(s.events, "jump")
+    s.events = [("move_line", e[1], e[2]) for e in s.events if e[0] in ("move_down", "move_up")]
+    out["move_line"] = _summary(s.events, "move_line")
+    if idle:
+        out["idle"] = {"ms_p50": round(_pct(idle_ms, 0.5), 1), "ms_max": round(max(idle_ms), 1),
+                       "prefilled_tokens_p50": _pct(idle_fed, 0.5)}
+    out["cache"] = completer.cache_stats()
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m rwkv_engine.cli.bench_replay --model M [--moves N] [--idle] [--json]``"""
+    import argparse
+    import json
+
+    import torch
+
+    from ..core.model import load_model
+    from ..pipeline.config import EngineConfig
+
+    p = argparse.ArgumentParser(prog="python -m rwkv_engine.cli.bench_replay",
+                                description="line-move replay through the completion pipeline")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--file", help="source file (default: a stdlib module)")
+    p.add_argument("--moves", type=int, default=8, help="one-line moves down, then as many up")
+    p.add_argument("--idle", action="store_true", help="idle priming between requests")
+    p.add_argument("--near-prefix", type=int)
+    p.add_argument("--near-suffix", type=int)
+    p.add_argument("--time-budget-ms", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    kw = {"cache_disk_mb": 0, "time_budget_ms": a.time_budget_ms}
+    if a.near_prefix is not None:
+        kw["near_prefix"] = a.near_prefix
+    if a.near_suffix is not None:
+        kw["near_suffix"] = a.near_suffix
+    model = load_model(a.model, device="cpu", dtype=a.dtype)
+    out = replay_moves(model, a.file, a.moves, a.idle, EngineConfig(**kw))
+    out.update({"model": a.model, "dtype": a.dtype, "threads": a.threads})
+    if a.json:
+        print(json.dumps(out, indent=1))
+    else:
+        for k, v in out.items():
+            print(f"{k:12} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
