@@ -94,9 +94,9 @@ void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const in
   for (int64_t b = 0; b < NB; ++b) {
     const int8_t* wb = wt + b * kTileBlockBytes;
     const int16_t* xb = xq + b * kBlock;
-    // S independent sums per row (even / odd pairs for few rows), so the chain of
-    // dependent multiply-adds never waits on the instruction latency
-    constexpr int S = R <= 2 ? 2 : 1;
+    // S independent sums per row for few rows (pairs g, g + S, ...), so one row's chain
+    // of dependent multiply-adds does not wait on the instruction latency
+    constexpr int S = R == 1 ? 4 : (R == 2 ? 2 : 1);
     __m512i acci[R][S];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < S; ++u) acci[r][u] = _mm512_setzero_si512();
@@ -116,8 +116,8 @@ void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const in
 #endif
       }
     }
-    if constexpr (S == 2)
-      for (int r = 0; r < R; ++r) acci[r][0] = _mm512_add_epi32(acci[r][0], acci[r][1]);
+    for (int r = 0; r < R; ++r)
+      for (int u = 1; u < S; ++u) acci[r][0] = _mm512_add_epi32(acci[r][0], acci[r][u]);
     const __m512 s = _mm512_loadu_ps(st + b * kTile);
     for (int r = 0; r < R; ++r)
       accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[r][0]),
