@@ -7,6 +7,17 @@ builder, and puts the jobs of its helpers in order. Per request:
     or resume + prefill the rest (prefill) -> fork into N rows and decode with stops
     (candidates) -> rank -> stats
 
+Idle work (``prime_step``, one unit per call): queued ring chunks, then the last
+request's prompt, then the prompts of its neighbouring lines (``PRIME_NEIGHBOURS``
+above and below, the direction of the last move first, the cursor at the column a
+one-line move would most likely leave it at). The FIM window is suffix-first, so a
+one-line move changes the window from its suffix on and, cold, re-feeds all of it
+(marker, near suffix, near prefix lines: ~350 tokens with the default windows); a
+primed neighbour re-feeds nothing. Tail checkpoints (``tail_checkpoints``) are
+stored only inside the cursor-line segment: typing resumes from them, while at
+column 0 (no cursor segment) they would cost one single-token forward each for
+positions inside a full line that no request resumes from.
+
 Out-of-memory policy and model loading live in ``loading``. It is single-threaded;
 ``service.CompletionService`` runs it on a worker thread, and ``rwkv-nvim complete`` /
 ``bench`` drive it directly. ``should_stop`` is polled between prefill pieces and
@@ -24,9 +35,11 @@ from .config import EngineConfig
 from .context_ring import ContextRing
 from .loading import OutOfMemory, free_gpu_memory, load_configured_model, load_on_cpu, out_of_memory_as, say
 from .prefill import Prefiller, ShouldStop
-from .prompt_layout import Prompt, PromptBuilder, Segment
+from .prompt_layout import Prompt, PromptBuilder, Segment, to_bytes
 from .speculation import LastRequest, Speculator
 from .state_cache import StateCache
+
+PRIME_NEIGHBOURS = 1       # lines above and below the last request's cursor primed on idle
 
 
 class Completer:
@@ -54,6 +67,7 @@ class Completer:
         self.speculator = Speculator(self.prefiller)
         self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
         self._last: Optional[LastRequest] = None
+        self._direction = 1                       # last line move: +1 down, -1 up
         self.rows = self.config.candidates        # candidates decoded together (lowered on OOM)
 
     # -- public API --------------------------------------------------------------------
@@ -128,7 +142,7 @@ class Completer:
             pre = self.speculator.prefill(request, prompt, ring_key)
             speculative = pre is not None
             if pre is None:
-                pre = self.prefiller.prefill(prompt.segments, should_stop, tail=cfg.tail_checkpoints,
+                pre = self.prefiller.prefill(prompt.segments, should_stop, tail=self._tail(prompt.segments),
                                              keys=keys)
         if pre is None:
             return None
@@ -160,10 +174,17 @@ class Completer:
             "stop_reasons": [r.reason for r in rows],
         }
         self.last_stats = stats
+        prev = self._last.request if self._last is not None else None
+        if prev is not None and prev.get("buf") == request.get("buf") and prev["row"] != request["row"]:
+            self._direction = 1 if request["row"] > prev["row"] else -1
         self._last = LastRequest(request.get("id"), _request_copy(request), prompt, pre.key, ring_key, rows)
         return {"id": request.get("id"),
                 "candidates": [{"text": c["text"], "logprob": round(c["logprob"], 4)} for c in ranked],
                 "stats": stats}
+
+    def _tail(self, segments) -> int:
+        """Tail checkpoints for a prompt: only inside a cursor-line segment (see module doc)."""
+        return self.config.tail_checkpoints if segments and segments[-1].kind == "cursor" else 0
 
     def _prime_step(self, should_stop: ShouldStop) -> bool:
         promoted = self.ring.promote()
@@ -175,15 +196,40 @@ class Completer:
                 return promoted
             segments, what = self.build_prompt(self._last.request).segments, "request"
             if self.prefiller.is_cached(segments):
-                return promoted
+                for req in self._neighbour_requests():
+                    chunks = self.ring.kept_after_evict(self.builder.around_cursor(req))
+                    segments, what = self.builder.build(req, chunks).segments, f"line {req['row']}"
+                    if not self.prefiller.is_cached(segments):
+                        break
+                else:
+                    return promoted
         with out_of_memory_as("prefill"):
             pre = self.prefiller.prefill(segments, should_stop,
-                                         tail=self.config.tail_checkpoints if what == "request" else 0)
+                                         tail=self._tail(segments) if what != "chunks" else 0)
         self.last_prime = {"what": what, "done": pre is not None,
                            "reused_tokens": pre.reused if pre else None,
                            "prefilled_tokens": pre.fed if pre else None,
                            "ms": round((time.perf_counter() - t0) * 1000, 2)}
         return True
+
+    def _neighbour_requests(self):
+        """Requests for the lines next to the last request's cursor, nearest first, the
+        direction of the last move first; each within the last request's window of lines
+        (the lines as they were then; a request that finds the buffer changed simply
+        misses). Column: 0 stays 0, the end of a line goes to the end of the other line,
+        anything else keeps its byte column, clamped to the other line's length."""
+        last = self._last.request
+        lines, first, row, col = last["lines"], last["first"], last["row"], last["col"]
+        cur = len(to_bytes(lines[row - first]))
+        for d in range(1, PRIME_NEIGHBOURS + 1):
+            for r in (row + d * self._direction, row - d * self._direction):
+                if not first <= r < first + len(lines):
+                    continue
+                other = len(to_bytes(lines[r - first]))
+                c = 0 if col == 0 else other if col >= cur else min(col, other)
+                req = dict(last)
+                req["row"], req["col"] = r, c
+                yield req
 
     def _chunk_segment(self, chunk) -> Segment:
         k = (chunk.filename, chunk.lines)

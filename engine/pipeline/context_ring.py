@@ -104,8 +104,17 @@ class ContextRing:
 
     def evict_similar(self, around_cursor: Sequence[str], threshold: float = CURSOR_SIMILARITY) -> int:
         """Drop ring chunks too similar to ``around_cursor`` lines; returns how many."""
+        kept = self.kept_after_evict(around_cursor, threshold)
+        dropped = len(self.chunks) - len(kept)
+        if dropped:
+            self.chunks = kept
+        return dropped
+
+    def kept_after_evict(self, around_cursor: Sequence[str],
+                         threshold: float = CURSOR_SIMILARITY) -> List[Chunk]:
+        """The ring chunks ``evict_similar(around_cursor)`` would keep (changes nothing)."""
         if not self.chunks or not around_cursor:
-            return 0
+            return list(self.chunks)
         ctx = Counter(around_cursor)
         n_ctx = len(around_cursor)
         kept = []
@@ -117,10 +126,7 @@ class ContextRing:
             if denom and 2.0 * common / denom > threshold:
                 continue
             kept.append(c)
-        dropped = len(self.chunks) - len(kept)
-        if dropped:
-            self.chunks = kept
-        return dropped
+        return kept
 
     def clear(self) -> None:
         self.chunks.clear()
