@@ -236,3 +236,24 @@ def test_model_resolution_errors_name_the_missing_file(monkeypatch, tmp_path):
     found = tmp_path / "m.pth"
     found.write_bytes(b"x")
     assert completion.resolve_model_path(EngineConfig(model=str(tmp_path / "m"))) == tmp_path / "m"
+
+
+@pytest.mark.parametrize("after_ms", [0, 50])
+def test_the_neighbouring_lines_are_primed_once_idle_after_a_suggestion(tiny_model, tmp_path, after_ms):
+    rec = Recorder()
+    svc = CompletionService(fast_config(tmp_path, max_tokens=2, prime_after_ms=after_ms),
+                            on_event=rec.on_event, model=tiny_model)
+    svc.start()
+    try:
+        assert rec.ready.wait(WAIT)
+        svc.submit(make_request(SOURCE_LINES[:12], 9, rid=1), rec.on_partial, rec.on_done)
+        assert rec.finished.wait(WAIT)
+        c = svc._completer
+        if after_ms:
+            # without any prime() call (the editor's CursorHold), the lines next to the cursor
+            assert wait_until(lambda: (c.last_prime or {}).get("what", "").startswith("line"))
+        else:
+            threading.Event().wait(0.5)
+            assert not c.last_prime
+    finally:
+        svc.close()

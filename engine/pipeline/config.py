@@ -199,6 +199,11 @@ class EngineConfig:
     tail_checkpoints: int = option(
         "integer", 4, group=_PREFILL, min=0, max=16,
         doc="States kept at the last token positions of a prompt.")
+    prime_after_ms: int = option(
+        "integer", 400, group=_PREFILL, min=0, max=60000, hint="(0 = only on CursorHold)",
+        doc="Idle time after a suggestion before the engine prepares the states of the lines "
+            "above and below the cursor (a one-line move then re-feeds nothing), besides the "
+            "editor's own idle event. A keystroke interrupts it between prefill chunks.")
 
     backend: str = option(
         "string", "local", group=_REMOTE, choices=BACKENDS,

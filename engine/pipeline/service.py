@@ -52,6 +52,7 @@ class CompletionService:
         self._chunks: List[Tuple[str, str]] = []
         self._accepts: List[Tuple[int, str]] = []
         self._prime_wanted = False
+        self._prime_at: Optional[float] = None     # monotonic time idle priming starts by itself
         self._prime_failed: Optional[str] = None   # priming raised once: it stays off
         self._closing = False
         self._thread: Optional[threading.Thread] = None
@@ -84,6 +85,7 @@ class CompletionService:
             if self._pending is not None:
                 self._counts["superseded"] += 1
             self._pending = (self._generation, rid, request, on_partial, on_done)
+            self._prime_at = None           # re-armed when this request has finished
             self._cv.notify_all()
         return rid
 
@@ -235,7 +237,12 @@ class CompletionService:
             with self._cv:
                 while not (self._closing or self._pending or self._chunks or self._accepts
                            or (self._prime_wanted and self._completer is not None)):
-                    self._cv.wait()
+                    if self._prime_at is not None and time.monotonic() >= self._prime_at:
+                        self._prime_at = None          # idle since the last suggestion: prime
+                        self._prime_wanted = self._prime_failed is None
+                        continue
+                    self._cv.wait(None if self._prime_at is None
+                                  else max(0.0, self._prime_at - time.monotonic()))
                 if self._closing:
                     return
                 chunks, self._chunks = self._chunks, []
@@ -300,6 +307,9 @@ class CompletionService:
             prec = getattr(c.model, "precision", None)          # a CPU fallback chose its own
             if isinstance(prec, dict) and prec.get("summary"):
                 self._status.update(precision=prec["summary"], precision_why=prec.get("why", ""))
+        if self.config.prime_after_ms > 0 and self._prime_failed is None and self.config.backend == "local":
+            with self._cv:              # prime the neighbouring lines once the editor is idle
+                self._prime_at = time.monotonic() + self.config.prime_after_ms / 1000
         if on_done is not None:
             on_done(result)
 

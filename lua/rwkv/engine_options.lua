@@ -283,6 +283,15 @@ M.options = {
     doc = "States kept at the last token positions of a prompt.",
   },
   {
+    name = "prime_after_ms",
+    type = "integer",
+    default = 400,
+    min = 0,
+    max = 60000,
+    must = "must be in 0..60000 (0 = only on CursorHold)",
+    doc = "Idle time after a suggestion before the engine prepares the states of the lines above and below the cursor (a one-line move then re-feeds nothing), besides the editor's own idle event. A keystroke interrupts it between prefill chunks.",
+  },
+  {
     name = "backend",
     type = "string",
     default = "local",
