@@ -377,6 +377,19 @@ at::Tensor f32_linear_op(const at::Tensor& x, const at::Tensor& w) {
 
 std::string q8_isa_op() { return rwkv_cpu::q8_isa(); }
 
+// How many threads an at::parallel_for of these kernels really runs on (1 when the
+// library was built without OpenMP: the pragma inside the ATen header is then ignored).
+int64_t parallel_threads_op() {
+  std::vector<int> used(std::max(at::get_num_threads(), 1) * 4, 0);
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(used.size())) used[t] = 1;
+    volatile float sink = 0.f;  // a little work, so one thread cannot take every chunk
+    for (int i = 0; i < 20000; ++i) sink = sink + 1.f;
+  });
+  return std::count(used.begin(), used.end(), 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rwkv_nvim_cpu, m) {
@@ -384,6 +397,7 @@ TORCH_LIBRARY(rwkv_nvim_cpu, m) {
   m.def("q8_linear_reference(Tensor x, Tensor wq, Tensor ws) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   m.def("q8_isa() -> str", &q8_isa_op);
+  m.def("parallel_threads() -> int", &parallel_threads_op);
 }
 
 TORCH_LIBRARY_IMPL(rwkv_nvim_cpu, CPU, m) {

@@ -311,3 +311,19 @@ def test_a_row_that_repeats_the_text_after_the_cursor_is_never_streamed():
     ], after_lines=["", "x=1"])
     assert partials == ["x(", "x()"]                       # "x" and "x=" only echo "x=1"
     assert [c["text"] for c in rank_candidates(rows, ["", "x=1"])] == ["x()"]
+
+
+def test_each_row_notes_when_its_first_line_was_whole():
+    class Timed(ScriptedModel):
+        def forward(self, tokens, state):
+            self.times = getattr(self, "times", []) + [time.perf_counter()]
+            return super().forward(tokens, state)
+
+    model = Timed(TOK.encode("abc = 1\nsecond_line_here = 2\nthird = 3\n"))
+    rows = decode_candidates(model, model.new_state(1), model.logits_for([0]), 2, GREEDY, [0, 1],
+                             StopRules(max_lines=3))
+    for r in rows:
+        # set at the newline's step: the steps of the second and third lines came after it
+        assert r.first_line_at is not None and r.first_line_at < model.times[-5]
+    rows2, _ = run_script(TOK.encode("ab") + [0])            # a row that ends without a newline
+    assert all(r.first_line_at is not None for r in rows2)

@@ -205,3 +205,20 @@ def test_narrower_instruction_sets_compute_the_same(tmp_path, flags, isa):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [isa, "ok"]
+
+
+@needs_kernel
+def test_the_kernels_really_run_on_several_threads():
+    """at::parallel_for is an OpenMP pragma in a header: a build without -fopenmp ran every
+    kernel loop on one thread (the WKV kernel included) without a word."""
+    import os
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ops.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert ops.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -121,6 +121,7 @@ def replay(model, path: Optional[str] = None, n_lines: int = 6, config=None) -> 
             "refed_tokens_mean": round(statistics.mean(fed), 2),
             "ms_first_p50": round(_pct(first, 0.5), 1), "ms_first_p95": round(_pct(first, 0.95), 1),
             "ms_total_p50": round(_pct(ms, 0.5), 1), "ms_total_p95": round(_pct(ms, 0.95), 1),
+            "ms_first_lines_p50": round(_pct([e[1].get("ms_first_lines", e[1]["ms_total"]) for e in ev], 0.5), 1),
             "decoded_tokens_mean": round(statistics.mean(e[1]["decoded_tokens"] for e in ev), 1),
         }
     out["cache"] = completer.cache_stats()

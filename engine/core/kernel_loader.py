@@ -71,13 +71,23 @@ class KernelSpec:
     extra_cuda_cflags: tuple[str, ...]
     with_cuda: bool
     headers: tuple[str, ...] = ()  # included by the sources: copied and hashed with them
+    extra_ldflags: tuple[str, ...] = ()
 
 
 def _cpu_cflags() -> tuple[str, ...]:
     flags = ["-O3", "-fopenmp-simd"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
+    flags.extend(_cpu_openmp())
     return tuple(flags)
+
+
+def _cpu_openmp() -> tuple[str, ...]:
+    """``at::parallel_for`` is a header template built on ``#pragma omp parallel``: without
+    -fopenmp the kernels' loops silently run on one thread. On Linux the library links
+    ``libgomp.so.1``, which resolves to the copy torch has already loaded (torch/lib), so
+    the kernels share torch's thread pool and ``torch.set_num_threads``."""
+    return ("-fopenmp",) if platform.system() == "Linux" else ()
 
 
 def kernel_spec(backend: str) -> KernelSpec:
@@ -91,7 +101,7 @@ def kernel_spec(backend: str) -> KernelSpec:
     if backend == "cpu":
         return KernelSpec("cpu", ("wkv7_cpu.cpp", "rwkv7_cpu_linear.cpp", "rwkv7_cpu_step.cpp"),
                           "rwkv_nvim_wkv7_cpu", _cpu_cflags(), (), False,
-                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h"))
+                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h"), _cpu_openmp())
     raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
 
 
@@ -292,6 +302,7 @@ def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
             name=name,
             sources=sources,
             extra_cflags=list(spec.extra_cflags),
+            extra_ldflags=list(spec.extra_ldflags) or None,
             extra_cuda_cflags=list(spec.extra_cuda_cflags) or None,
             build_directory=str(build_dir),
             with_cuda=spec.with_cuda,

@@ -53,6 +53,7 @@ class Row:
     done: bool = False
     reason: str = ""                                     # eos|stop|block|max_lines|max_tokens|time
     streamed: bool = False                               # the row on_partial showed last
+    first_line_at: Optional[float] = None                # perf_counter() when its first line was whole
 
     @property
     def mean_logprob(self) -> float:
@@ -113,6 +114,7 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
             t = int(t_list[j])
             if t == EOS:
                 row.done, row.reason = True, "eos"
+                row.first_line_at = row.first_line_at or time.perf_counter()
                 continue
             row.tokens.append(t)
             row.raw += streams[rid].feed(t)
@@ -123,6 +125,8 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
                 row.done, row.reason = True, reason
             else:
                 keep.append(j)
+            if row.first_line_at is None and (reason or "\n" in row.text):
+                row.first_line_at = time.perf_counter()
         if on_partial is not None:
             streamed = _stream_row(rows, streamed, shown, after_lines)
             if streamed is not None and rows[streamed].text != shown:
@@ -133,6 +137,7 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
         if rules.deadline is not None and time.monotonic() >= rules.deadline:
             for j in keep:
                 rows[active[j]].done, rows[active[j]].reason = True, "time"
+                rows[active[j]].first_line_at = rows[active[j]].first_line_at or time.perf_counter()
             break
         if len(keep) < len(active):
             state = state.select(keep)
