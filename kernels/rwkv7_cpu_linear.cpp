@@ -1,6 +1,6 @@
 // Few-row matrix products of the CPU engine (see rwkv7_cpu_linear.h for the q8 layout)
 // and their torch ops:
-//   torch.ops.rwkv_nvim_cpu.q8_linear(x [M, I] f32, wq int8, ws f32) -> y [M, O] f32
+//   torch.ops.rwkv_nvim_cpu.q8_linear(x [M, I] f32, wq int8, ws f16) -> y [M, O] f32
 //   torch.ops.rwkv_nvim_cpu.q8_linear_reference(...)   (scalar loops, the test oracle)
 //   torch.ops.rwkv_nvim_cpu.f32_linear(x [M, I] f32, W [O, I] f32) -> y [M, O] f32
 //   torch.ops.rwkv_nvim_cpu.q8_isa() -> str
@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -88,7 +89,7 @@ const char* const kIsa =
 // One tile (16 outputs) for R rows: y[r, 0:16] over all NB blocks.
 template <int R>
 void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const int8_t* wt,
-             const float* st, float* y, int64_t O, bool accumulate) {
+             const uint16_t* st, float* y, int64_t O, bool accumulate) {
   __m512 accf[R];
   for (int r = 0; r < R; ++r) accf[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < NB; ++b) {
@@ -118,7 +119,7 @@ void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const in
     }
     for (int r = 0; r < R; ++r)
       for (int u = 1; u < S; ++u) acci[r][0] = _mm512_add_epi32(acci[r][0], acci[r][u]);
-    const __m512 s = _mm512_loadu_ps(st + b * kTile);
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * kTile)));
     for (int r = 0; r < R; ++r)
       accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[r][0]),
                                 _mm512_mul_ps(s, _mm512_set1_ps(xs[r * NB + b])), accf[r]);
@@ -135,7 +136,7 @@ const char* const kIsa = "avx2";
 
 template <int R>
 void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const int8_t* wt,
-             const float* st, float* y, int64_t O, bool accumulate) {
+             const uint16_t* st, float* y, int64_t O, bool accumulate) {
   __m256 lo[R], hi[R];  // outputs 0-7 and 8-15 of the tile
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < NB; ++b) {
@@ -154,7 +155,8 @@ void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const in
         ihi[r] = _mm256_add_epi32(ihi[r], _mm256_madd_epi16(wh, xv));
       }
     }
-    const __m256 sl = _mm256_loadu_ps(st + b * kTile), sh = _mm256_loadu_ps(st + b * kTile + 8);
+    const __m256 sl = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + b * kTile)));
+    const __m256 sh = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + b * kTile + 8)));
     for (int r = 0; r < R; ++r) {
       const __m256 xsb = _mm256_set1_ps(xs[r * NB + b]);
       lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ilo[r]), _mm256_mul_ps(sl, xsb), lo[r]);
@@ -176,9 +178,11 @@ constexpr int64_t kMaxRows = 1;
 const char* const kIsa = "scalar";
 #endif
 
+inline float half_to_float(uint16_t bits) { return c10::detail::fp16_ieee_to_fp32_value(bits); }
+
 // One output o of the packed layout for one row (the scalar path and the reference).
 float q8_dot_scalar(const int16_t* xq, const float* xs, int64_t NB, const int8_t* wq,
-                    const float* ws, int64_t o) {
+                    const uint16_t* ws, int64_t o) {
   const int64_t tile = o / kTile, lane = o % kTile;
   float sum = 0.f;
   for (int64_t b = 0; b < NB; ++b) {
@@ -187,7 +191,7 @@ float q8_dot_scalar(const int16_t* xq, const float* xs, int64_t NB, const int8_t
     for (int64_t g = 0; g < kPairs; ++g)
       for (int64_t p = 0; p < 2; ++p)
         dot += static_cast<int32_t>(wb[g * 32 + lane * 2 + p]) * xq[b * kBlock + 2 * g + p];
-    sum += static_cast<float>(dot) * (ws[(tile * NB + b) * kTile + lane] * xs[b]);
+    sum += static_cast<float>(dot) * (half_to_float(ws[(tile * NB + b) * kTile + lane]) * xs[b]);
   }
   return sum;
 }
@@ -201,7 +205,7 @@ void check_q8_shapes(int64_t I, int64_t O) {
 
 const char* q8_isa() { return kIsa; }
 
-void q8_linear(const float* x, int64_t M, int64_t I, const int8_t* wq, const float* ws,
+void q8_linear(const float* x, int64_t M, int64_t I, const int8_t* wq, const uint16_t* ws,
                int64_t O, float* y, bool accumulate) {
   check_q8_shapes(I, O);
   const int64_t NB = I / kBlock, tiles = O / kTile;
@@ -214,7 +218,7 @@ void q8_linear(const float* x, int64_t M, int64_t I, const int8_t* wq, const flo
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int8_t* wt = wq + t * NB * kTileBlockBytes;
-      const float* st = ws + t * NB * kTile;
+      const uint16_t* st = ws + t * NB * kTile;
 #if defined(__AVX512BW__) || defined(__AVX2__)
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, M - m0);
@@ -246,7 +250,7 @@ void q8_linear(const float* x, int64_t M, int64_t I, const int8_t* wq, const flo
 }
 
 void q8_linear_reference(const float* x, int64_t M, int64_t I, const int8_t* wq,
-                         const float* ws, int64_t O, float* y, bool accumulate) {
+                         const uint16_t* ws, int64_t O, float* y, bool accumulate) {
   check_q8_shapes(I, O);
   const int64_t NB = I / kBlock;
   std::vector<int16_t> xq(M * I);
@@ -335,14 +339,14 @@ void check_x(const at::Tensor& x, int64_t I, const char* op) {
   TORCH_CHECK(x.size(1) == I, op, ": x has ", x.size(1), " inputs, the weight ", I);
 }
 
-// wq [O/16, I/32, 512] int8, ws [O/16, I/32, 16] fp32 -> (I, O)
+// wq [O/16, I/32, 512] int8, ws [O/16, I/32, 16] fp16 -> (I, O)
 std::pair<int64_t, int64_t> q8_dims(const at::Tensor& wq, const at::Tensor& ws) {
   TORCH_CHECK(wq.dim() == 3 && wq.size(2) == rwkv_cpu::kTileBlockBytes && wq.scalar_type() == at::kChar &&
                   wq.is_contiguous(),
               "q8 linear: wq must be contiguous int8 [O/16, I/32, 512], got ", wq.sizes());
   TORCH_CHECK(ws.dim() == 3 && ws.size(0) == wq.size(0) && ws.size(1) == wq.size(1) &&
-                  ws.size(2) == rwkv_cpu::kTile && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
-              "q8 linear: ws must be contiguous float32 [O/16, I/32, 16], got ", ws.sizes());
+                  ws.size(2) == rwkv_cpu::kTile && ws.scalar_type() == at::kHalf && ws.is_contiguous(),
+              "q8 linear: ws must be contiguous float16 [O/16, I/32, 16], got ", ws.sizes());
   return {wq.size(1) * rwkv_cpu::kBlock, wq.size(0) * rwkv_cpu::kTile};
 }
 
@@ -351,7 +355,7 @@ at::Tensor q8_linear_op(const at::Tensor& x, const at::Tensor& wq, const at::Ten
   check_x(x, I, "q8_linear");
   at::Tensor y = at::empty({x.size(0), O}, x.options());
   if (x.size(0) > 0)
-    rwkv_cpu::q8_linear(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<int8_t>(), ws.data_ptr<float>(),
+    rwkv_cpu::q8_linear(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()),
                         O, y.data_ptr<float>(), false);
   return y;
 }
@@ -361,7 +365,7 @@ at::Tensor q8_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, con
   check_x(x, I, "q8_linear_reference");
   at::Tensor y = at::empty({x.size(0), O}, x.options());
   rwkv_cpu::q8_linear_reference(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<int8_t>(),
-                                ws.data_ptr<float>(), O, y.data_ptr<float>(), false);
+                                reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
   return y;
 }
 

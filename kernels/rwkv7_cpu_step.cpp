@@ -48,7 +48,7 @@ enum Param : int64_t {
 
 struct Linear {
   const int8_t* wq = nullptr;  // q8: packed weights
-  const float* ws = nullptr;   // q8: scales
+  const uint16_t* ws = nullptr;  // q8: scales (fp16 bits)
   const float* w = nullptr;    // f32: W [O, I]
   int64_t O = 0, I = 0;
 
@@ -65,10 +65,10 @@ Linear linear(const at::Tensor& a, const at::Tensor& b, int64_t in, const char* 
   Linear l;
   TORCH_CHECK(a.is_contiguous() && a.device().is_cpu(), "decode_step: ", what, " must be contiguous on the CPU");
   if (a.scalar_type() == at::kChar) {
-    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && b.scalar_type() == at::kFloat && b.is_contiguous(),
-                "decode_step: ", what, " q8 weights must be [O/16, I/32, 512] int8 + [O/16, I/32, 16] f32");
+    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && b.scalar_type() == at::kHalf && b.is_contiguous(),
+                "decode_step: ", what, " q8 weights must be [O/16, I/32, 512] int8 + [O/16, I/32, 16] f16");
     l.wq = a.data_ptr<int8_t>();
-    l.ws = b.data_ptr<float>();
+    l.ws = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
     l.O = a.size(0) * rwkv_cpu::kTile;
     l.I = a.size(1) * rwkv_cpu::kBlock;
   } else {

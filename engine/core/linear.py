@@ -3,10 +3,10 @@
 ``F32Linear``  W [O, I] in the model dtype (CPU fp32, GPU fp16/bf16/fp32): torch's
                product for many rows, our few-row kernel (``f32_linear``) for <= 8 rows
                on the CPU (torch's M <= 8 CPU products run far below the memory rate).
-``Q8Linear``   CPU "int8" mode: W quantized per block of 32 inputs (one fp32 scale per
+``Q8Linear``   CPU "int8" mode: W quantized per block of 32 inputs (one fp16 scale per
                32 weights, symmetric int8), activations quantized per row and block to
                int16 inside the kernel (see kernels/rwkv7_cpu_linear.h for the packed
-               layout). Weights are held only in this form: 1.125 bytes per weight.
+               layout). Weights are held only in this form: 1.0625 bytes per weight.
 
 Each keeps its slow reference next to it (``reference``: plain torch on dequantized
 values, the same math), which tests compare with the compiled kernel, and which runs
@@ -40,9 +40,10 @@ def q8_fits(W: torch.Tensor) -> bool:
 
 
 def quantize_q8(W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """W [O, I] -> (wq [O/16, I/32, 512] int8 packed, ws [O/16, I/32, 16] fp32).
+    """W [O, I] -> (wq [O/16, I/32, 512] int8 packed, ws [O/16, I/32, 16] fp16).
 
-    scale[o, b] = max|W[o, 32b:32b+32]| / 127 ; q = round(W / scale) in [-127, 127];
+    scale[o, b] = max|W[o, 32b:32b+32]| / 127, rounded to fp16 (what is stored; a block
+    below ~1e-5 gets scale 0 and stays 0); q = round(W / scale) in [-127, 127];
     packed as [tile, block, input pair g, output lane, 2] (kernels/rwkv7_cpu_linear.h).
     Works row-chunk by row-chunk so a big matrix never needs a second fp32 copy.
     """
@@ -51,12 +52,13 @@ def quantize_q8(W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"q8 weights need O % {TILE} == 0 and I % {BLOCK} == 0, got {tuple(W.shape)}")
     nb = I // BLOCK
     wq = torch.empty(O // TILE, nb, TILE * BLOCK, dtype=torch.int8)
-    ws = torch.empty(O // TILE, nb, TILE, dtype=torch.float32)
+    ws = torch.empty(O // TILE, nb, TILE, dtype=torch.float16)
     rows = 4096                                                   # a multiple of TILE
     for o0 in range(0, O, rows):
         blk = W[o0:o0 + rows].float().reshape(-1, nb, BLOCK)      # [o, b, 32]
-        scale = blk.abs().amax(dim=-1) / 127.0                    # [o, b]
-        q = torch.round(blk / scale.clamp(min=1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
+        scale = (blk.abs().amax(dim=-1) / 127.0).half()           # [o, b] as stored
+        inv = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros(()))
+        q = torch.round(blk * inv[..., None]).clamp_(-127, 127).to(torch.int8)
         t0, n = o0 // TILE, blk.shape[0] // TILE
         # [tile, lane, b, g, 2] -> [tile, b, g, lane, 2]
         wq[t0:t0 + n] = q.view(n, TILE, nb, BLOCK // 2, 2).permute(0, 2, 3, 1, 4).reshape(n, nb, -1)
@@ -68,7 +70,7 @@ def dequantize_q8(wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """The fp32 matrix [O, I] a packed q8 pair stands for (exact: int8 * scale)."""
     tiles, nb, _ = wq.shape
     q = wq.view(tiles, nb, BLOCK // 2, TILE, 2).permute(0, 3, 1, 2, 4).reshape(tiles * TILE, nb, BLOCK)
-    s = ws.permute(0, 2, 1).reshape(tiles * TILE, nb, 1)
+    s = ws.float().permute(0, 2, 1).reshape(tiles * TILE, nb, 1)
     return (q.float() * s).reshape(tiles * TILE, nb * BLOCK)
 
 
@@ -137,7 +139,7 @@ class Q8Linear:
 
     @property
     def nbytes(self) -> int:
-        return self.wq.numel() + self.ws.numel() * 4
+        return self.wq.numel() + self.ws.numel() * 2
 
 
 def make_linear(W: torch.Tensor, quant: Optional[str], dtype=torch.float32, device="cpu"):
