@@ -95,7 +95,7 @@ void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const in
   for (int64_t b = 0; b < NB; ++b) {
     const int8_t* wb = wt + b * kTileBlockBytes;
     const int16_t* xb = xq + b * kBlock;
-    if constexpr (R >= 4) {  // compute-heavy rows: fetch the block after next meanwhile
+    if constexpr (R >= 4) {  // compute-heavy rows: fetch 4 blocks (2 KiB) ahead meanwhile
       for (int64_t line = 0; line < kTileBlockBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * kTileBlockBytes + line), _MM_HINT_T0);
     }
