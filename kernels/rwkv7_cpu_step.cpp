@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "rwkv7_cpu_linear.h"
+#include "rwkv7_cpu_math.h"
 #include "wkv7_cpu_head.h"
 
 namespace {
@@ -106,17 +107,18 @@ void layer_norm(const float* x, int64_t B, int64_t C, const float* w, const floa
   }
 }
 
-// fn(i) for i in [0, n): transcendental-heavy loops over B rows x C split across the
-// threads once several rows make it worth a fork (one row stays on this thread).
+// fn(r) for the B rows; several rows are split across the threads (one row stays on
+// this thread: a fork costs more than its transcendentals).
 template <class Fn>
-void for_each_element(int64_t n, const Fn& fn) {
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) fn(i);
+void for_each_row(int64_t B, const Fn& fn) {
+  at::parallel_for(0, B, B >= 4 ? 2 : B + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r);
   });
 }
 
-inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
-inline float softplus(float z) { return z > 20.f ? z : std::log1p(std::exp(z)); }  // torch's threshold
+using rwkv_cpu::sigmoid_fast;
+using rwkv_cpu::softplus_fast;
+using rwkv_cpu::tanh_fast;
 
 struct Buffers {  // per call: B rows of each activation
   std::vector<float> h, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, nb, y, v_first, t1, t2, hid;
@@ -160,20 +162,26 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
   // decay: w = -softplus(-(w0 + tanh(xw W1^T) W2^T)) - 0.5
   const Linear w1 = linear(q[LIN_W1], q[LIN_W1 + 1], C, "w1", C);  // LoRA down: width <= C
   w1.apply(bf.xw.data(), B, bf.t1.data(), false);
-  for (int64_t i = 0; i < B * w1.O; ++i) bf.t1[i] = std::tanh(bf.t1[i]);
+  for (int64_t i = 0; i < B * w1.O; ++i) bf.t1[i] = tanh_fast(bf.t1[i]);
   linear(q[LIN_W2], q[LIN_W2 + 1], w1.O, "w2").apply(bf.t1.data(), B, bf.w.data(), false);
   const float* w0 = vec(q[W0], C, "w0");
-  for_each_element(n, [&](int64_t i) { bf.w[i] = -softplus(-(w0[i % C] + bf.w[i])) - 0.5f; });
+  for_each_row(B, [&](int64_t r) {
+    float* w = bf.w.data() + r * C;
+    for (int64_t c = 0; c < C; ++c) w[c] = -softplus_fast(-(w0[c] + w[c])) - 0.5f;
+  });
   // in-context learning rate: a = sigmoid(a0 + (xa A1^T) A2^T)
   const Linear a1 = linear(q[LIN_A1], q[LIN_A1 + 1], C, "a1", C);  // LoRA down: width <= C
   a1.apply(bf.xa.data(), B, bf.t1.data(), false);
   linear(q[LIN_A2], q[LIN_A2 + 1], a1.O, "a2").apply(bf.t1.data(), B, bf.a.data(), false);
   const float* a0 = vec(q[A0], C, "a0");
-  for_each_element(n, [&](int64_t i) { bf.a[i] = sigmoid(a0[i % C] + bf.a[i]); });
+  for_each_row(B, [&](int64_t r) {
+    float* a = bf.a.data() + r * C;
+    for (int64_t c = 0; c < C; ++c) a[c] = sigmoid_fast(a0[c] + a[c]);
+  });
   // output gate: g = sigmoid(xg G1^T) G2^T
   const Linear g1 = linear(q[LIN_G1], q[LIN_G1 + 1], C, "g1", C);  // LoRA down: width <= C
   g1.apply(bf.xg.data(), B, bf.t1.data(), false);
-  for (int64_t i = 0; i < B * g1.O; ++i) bf.t1[i] = sigmoid(bf.t1[i]);
+  for (int64_t i = 0; i < B * g1.O; ++i) bf.t1[i] = sigmoid_fast(bf.t1[i]);
   linear(q[LIN_G2], q[LIN_G2 + 1], g1.O, "g2").apply(bf.t1.data(), B, bf.g.data(), false);
   // kk = normalize(k * k_k) per head; k = k * (1 + (a - 1) * k_a)
   {
@@ -202,8 +210,10 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
     v1.apply(bf.xv.data(), B, bf.t1.data(), false);
     linear(q[LIN_V2], q[LIN_V2 + 1], v1.O, "v2").apply(bf.t1.data(), B, bf.t2.data(), false);
     const float* v0 = vec(q[V0], C, "v0");
-    for_each_element(n, [&](int64_t i) {
-      bf.v[i] += (bf.v_first[i] - bf.v[i]) * sigmoid(v0[i % C] + bf.t2[i]);
+    for_each_row(B, [&](int64_t r) {
+      float* v = bf.v.data() + r * C;
+      const float *vf = bf.v_first.data() + r * C, *t = bf.t2.data() + r * C;
+      for (int64_t c = 0; c < C; ++c) v[c] += (vf[c] - v[c]) * sigmoid_fast(v0[c] + t[c]);
     });
   } else {
     std::copy(bf.v.begin(), bf.v.begin() + n, bf.v_first.begin());

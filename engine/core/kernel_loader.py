@@ -14,7 +14,7 @@ Sources (repository ``kernels/``):
     cpu:  wkv7_cpu.cpp                      -> torch.ops.rwkv_nvim_wkv7_cpu.wkv7_
           rwkv7_cpu_linear.cpp              -> torch.ops.rwkv_nvim_cpu.q8_linear, f32_linear, ...
           rwkv7_cpu_step.cpp                -> torch.ops.rwkv_nvim_cpu.decode_step
-          (headers wkv7_cpu_head.h, rwkv7_cpu_linear.h)
+          (headers wkv7_cpu_head.h, rwkv7_cpu_linear.h, rwkv7_cpu_math.h)
 
 Cache directory: ``$RWKV_NVIM_KERNEL_DIR/<torch version>-<backend>`` or, by default,
 ``$XDG_CACHE_HOME/rwkv.nvim/kernels/<torch version>-<backend>`` (``~/.cache`` when
@@ -101,7 +101,7 @@ def kernel_spec(backend: str) -> KernelSpec:
     if backend == "cpu":
         return KernelSpec("cpu", ("wkv7_cpu.cpp", "rwkv7_cpu_linear.cpp", "rwkv7_cpu_step.cpp"),
                           "rwkv_nvim_wkv7_cpu", _cpu_cflags(), (), False,
-                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h"), _cpu_openmp())
+                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h", "rwkv7_cpu_math.h"), _cpu_openmp())
     raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
 
 
