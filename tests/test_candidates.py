@@ -327,3 +327,9 @@ def test_each_row_notes_when_its_first_line_was_whole():
         assert r.first_line_at is not None and r.first_line_at < model.times[-5]
     rows2, _ = run_script(TOK.encode("ab") + [0])            # a row that ends without a newline
     assert all(r.first_line_at is not None for r in rows2)
+    # a long line without a newline counts as one line at LINE_TOKENS tokens
+    from rwkv_engine.pipeline.candidates import LINE_TOKENS
+    model = Timed([TOK.encode("x")[0]] * 40)
+    rows3 = decode_candidates(model, model.new_state(1), model.logits_for([0]), 1, GREEDY, [0],
+                              StopRules(max_tokens=40))
+    assert model.times[LINE_TOKENS - 2] <= rows3[0].first_line_at < model.times[LINE_TOKENS]

@@ -44,6 +44,10 @@ class StopRules:
     deadline: Optional[float] = None     # time.monotonic() value after which every row stops
 
 
+LINE_TOKENS = 10     # a line of code is about this many tokens (~40 characters): what the
+                     # float needs of a row that has not reached its newline yet (stats only)
+
+
 @dataclass
 class Row:
     tokens: List[int] = field(default_factory=list)      # sampled tokens (without the final 0)
@@ -54,6 +58,7 @@ class Row:
     reason: str = ""                                     # eos|stop|block|max_lines|max_tokens|time
     streamed: bool = False                               # the row on_partial showed last
     first_line_at: Optional[float] = None                # perf_counter() when its first line was whole
+                                                         # (a newline, the end, or LINE_TOKENS tokens)
 
     @property
     def mean_logprob(self) -> float:
@@ -125,7 +130,7 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
                 row.done, row.reason = True, reason
             else:
                 keep.append(j)
-            if row.first_line_at is None and (reason or "\n" in row.text):
+            if row.first_line_at is None and (reason or "\n" in row.text or len(row.tokens) >= LINE_TOKENS):
                 row.first_line_at = time.perf_counter()
         if on_partial is not None:
             streamed = _stream_row(rows, streamed, shown, after_lines)

@@ -169,7 +169,8 @@ class Completer:
             "decoded_tokens": sum(len(r.logprobs) for r in rows),
             "ms_prefill": round((t1 - t0) * 1000, 2), "ms_decode": round((t2 - t1) * 1000, 2),
             "ms_total": round((t2 - t0) * 1000, 2), "candidates": len(ranked),
-            # until every candidate's first line was whole (what the float shows first)
+            # until every candidate had its first line (a newline, its end or LINE_TOKENS
+            # tokens): what the float shows first
             "ms_first_lines": round((max((r.first_line_at or t2) for r in rows) - t0) * 1000, 2),
             "cache_hits": {t: int(t == (pre.tier or "miss")) for t in ("device", "host", "disk", "miss")},
             "prompt_tokens": pre.snapshot.n_tokens, "fim": prompt.fim, "speculative": speculative,
