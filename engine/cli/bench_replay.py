@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     """``python -m rwkv_engine.cli.bench_replay --model M [--moves N] [--idle] [--json]``"""
     import argparse
     import json
+    from pathlib import Path
 
     import torch
 
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rwkv_engine.cli.bench_replay",
                                 description="line-move replay through the completion pipeline")
     p.add_argument("--model", required=True)
-    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--dtype", default="auto", help="auto (default): what the plugin runs on this CPU")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--file", help="source file (default: a stdlib module)")
     p.add_argument("--moves", type=int, default=8, help="one-line moves down, then as many up")
@@ -225,9 +226,12 @@ def main(argv=None) -> int:
         kw["near_prefix"] = a.near_prefix
     if a.near_suffix is not None:
         kw["near_suffix"] = a.near_suffix
-    model = load_model(a.model, device="cpu", dtype=a.dtype)
+    from ..pipeline.loading import cpu_precision_for, settle_garbage_collector
+    dtype, _ = cpu_precision_for(EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads), Path(a.model))
+    model = load_model(a.model, device="cpu", dtype=dtype)
+    settle_garbage_collector()          # as the plugin does after loading
     out = replay_moves(model, a.file, a.moves, a.idle, EngineConfig(**kw))
-    out.update({"model": a.model, "dtype": a.dtype, "threads": a.threads})
+    out.update({"model": a.model, "dtype": dtype, "threads": a.threads})
     if a.json:
         print(json.dumps(out, indent=1))
     else:
