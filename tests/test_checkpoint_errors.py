@@ -46,6 +46,15 @@ def test_garbage_and_empty_files(tmp_path):
     _check(e, "empty")
 
 
+def test_bytes_that_break_the_unpickler_itself(tmp_path):
+    # random bytes can hit pickle opcodes that make torch's weights-only unpickler raise
+    # IndexError ("pop from empty list": TUPLE without MARK) instead of UnpicklingError;
+    # seen once in 4096 random bytes in a fresh-clone run
+    p = tmp_path / "opcodes.pth"
+    p.write_bytes(b"t." + bytes(64))
+    _check(p, "checkpoint")
+
+
 def test_not_rwkv7(tmp_path):
     sd = make_state_dict()
     sd = {k.replace("att.r_k", "att.time_faaaa"): v for k, v in sd.items()}

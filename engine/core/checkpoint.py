@@ -84,8 +84,12 @@ def read_state_dict(path) -> tuple:
             raise CheckpointError(f"{p}: refused to load: the file contains Python objects, not only "
                                   "tensors (loaded with weights_only=True, nothing was executed)") from None
         raise CheckpointError(f"{p}: truncated or corrupt checkpoint (not a readable torch file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:      # the unpickler fails in many ways on garbage (IndexError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError)):
+            msg = f"{type(e).__name__}: {msg}"
         hint = "truncated or corrupt" if size < 1024 or "central directory" in msg or "EOF" in msg \
             or "zip" in msg.lower() or isinstance(e, EOFError) else "unreadable"
         raise CheckpointError(f"{p}: {hint} checkpoint ({msg[:160]})") from None
