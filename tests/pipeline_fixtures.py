@@ -180,3 +180,24 @@ def record_prefills(completer) -> list:
     completer.prefiller.prefill = plain
     completer.speculator.prefill = speculative
     return got
+
+
+class CountingModel:
+    """The model, recording the length of every forward piece."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.device
+        self.pieces: List[int] = []
+
+    def new_state(self, batch: int = 1):
+        return self.model.new_state(batch)
+
+    def forward(self, tokens, state=None):
+        self.pieces.append(int(tokens.shape[1]))
+        return self.model.forward(tokens, state)
+
+
+def flat(segments) -> List[int]:
+    """The tokens of a prompt's segments, in order."""
+    return [t for s in segments for t in s.tokens]

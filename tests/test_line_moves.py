@@ -10,22 +10,17 @@ Tiny random model (2 layers, C = 128), small windows (``fast_config``).
 """
 from __future__ import annotations
 
-from typing import List
 
 import pytest
 
 from rwkv_engine.pipeline import completer as completer_mod
 
-from pipeline_fixtures import (SOURCE_LINES, assert_logits_close, assert_states_close,  # noqa: F401
+from pipeline_fixtures import (SOURCE_LINES, CountingModel, flat, assert_logits_close, assert_states_close,  # noqa: F401
                                cold_forward, completer_factory, greedy_tokens, make_request,
                                one_torch_thread, record_prefills)
 
 GREEDY = dict(temperature=0.0, top_p=1.0, candidates=1, max_tokens=4, tail_checkpoints=4)
 ROW = 30            # "    return y + 7": a non-blank line with lines above and below
-
-
-def flat(segments) -> List[int]:
-    return [t for s in segments for t in s.tokens]
 
 
 def idle(c) -> int:
@@ -51,22 +46,6 @@ def cold_candidates(completer_factory, request):
     out = cold.complete(dict(request))
     assert got[-1][2].tier is None and got[-1][2].reused == 0
     return out["candidates"]
-
-
-class CountingModel:
-    """The model, recording the length of every forward piece."""
-
-    def __init__(self, model):
-        self.model = model
-        self.device = model.device
-        self.pieces: List[int] = []
-
-    def new_state(self, batch: int = 1):
-        return self.model.new_state(batch)
-
-    def forward(self, tokens, state=None):
-        self.pieces.append(int(tokens.shape[1]))
-        return self.model.forward(tokens, state)
 
 
 @pytest.mark.parametrize("step", [1, -1], ids=["down", "up"])

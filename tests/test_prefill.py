@@ -9,7 +9,6 @@ and .tier), so none can pass by prefilling cold. Tiny random models (2 layers, C
 """
 from __future__ import annotations
 
-from typing import List
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from rwkv_engine.pipeline.prompt_layout import CK_MEM, CK_NONE, CK_PERSIST, Segm
 from rwkv_engine.pipeline.speculation import accepted_tokens
 from rwkv_engine.pipeline.state_cache import Snapshot, StateCache, chain_key
 
-from pipeline_fixtures import (SOURCE_LINES, assert_logits_close, assert_states_close,  # noqa: F401
+from pipeline_fixtures import (SOURCE_LINES, CountingModel, flat, assert_logits_close, assert_states_close,  # noqa: F401
                                cold_forward, completer_factory, greedy_tokens, make_request,
                                one_torch_thread, record_prefills, type_text)
 
@@ -34,29 +33,9 @@ def seg(kind: str, n: int, seed: int, ck: int = CK_NONE) -> Segment:
     return Segment(kind, toks(n, seed), ck)
 
 
-def flat(segments) -> List[int]:
-    return [t for s in segments for t in s.tokens]
-
-
 # start | chunk (persisted) | far (checkpoint) | far | far (checkpoint) | cursor line
 BASE = [Segment("start", (0,)), seg("chunk", 20, 1, CK_PERSIST), seg("far", 9, 2, CK_MEM),
         seg("far", 7, 3), seg("far", 8, 4, CK_MEM), seg("cursor", 6, 5)]
-
-
-class CountingModel:
-    """The model, recording the length of every forward piece."""
-
-    def __init__(self, model):
-        self.model = model
-        self.device = model.device
-        self.pieces: List[int] = []
-
-    def new_state(self, batch: int = 1):
-        return self.model.new_state(batch)
-
-    def forward(self, tokens, state=None):
-        self.pieces.append(int(tokens.shape[1]))
-        return self.model.forward(tokens, state)
 
 
 def make_prefiller(model, chunk: int = 16, **cache) -> Prefiller:
