@@ -168,19 +168,13 @@ def run(args) -> int:
         return bench_llamacpp.run(args)
     import torch
 
-    from .. import load_model
-    from ..pipeline.loading import (cpu_precision_for, cpu_threads, resolve_model_path,
-                                    settle_garbage_collector)
+    from ..pipeline.loading import load_configured_model, resolve_model_path
     from ..pipeline.config import EngineConfig
 
     path = resolve_model_path(EngineConfig(model=args.model))
-    dtype = args.dtype
-    if args.device == "cpu":            # "auto" as the plugin resolves it: measured per CPU, cached
-        dtype, _ = cpu_precision_for(EngineConfig(model=str(path), dtype=args.dtype, threads=args.threads), path)
-    model = load_model(path, device=args.device, dtype=dtype)
-    settle_garbage_collector()          # as the plugin does after loading
-    if model.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(args.threads, model.shape.n_embd))
+    # loaded as the plugin loads it: dtype "auto" measured per CPU, threads, GC settled
+    model = load_configured_model(EngineConfig(model=str(path), device=args.device, dtype=args.dtype,
+                                               threads=args.threads))
     dev = model.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

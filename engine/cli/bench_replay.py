@@ -200,12 +200,9 @@ def main(argv=None) -> int:
     """``python -m rwkv_engine.cli.bench_replay --model M [--moves N] [--idle] [--json]``"""
     import argparse
     import json
-    from pathlib import Path
 
-    import torch
-
-    from ..core.model import load_model
     from ..pipeline.config import EngineConfig
+    from ..pipeline.loading import load_configured_model
 
     p = argparse.ArgumentParser(prog="python -m rwkv_engine.cli.bench_replay",
                                 description="line-move replay through the completion pipeline")
@@ -220,18 +217,14 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-ms", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
     kw = {"cache_disk_mb": 0, "time_budget_ms": a.time_budget_ms}
     if a.near_prefix is not None:
         kw["near_prefix"] = a.near_prefix
     if a.near_suffix is not None:
         kw["near_suffix"] = a.near_suffix
-    from ..pipeline.loading import cpu_precision_for, settle_garbage_collector
-    dtype, _ = cpu_precision_for(EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads), Path(a.model))
-    model = load_model(a.model, device="cpu", dtype=dtype)
-    settle_garbage_collector()          # as the plugin does after loading
+    model = load_configured_model(EngineConfig(model=a.model, device="cpu", dtype=a.dtype, threads=a.threads))
     out = replay_moves(model, a.file, a.moves, a.idle, EngineConfig(**kw))
-    out.update({"model": a.model, "dtype": dtype, "threads": a.threads})
+    out.update({"model": a.model, "dtype": model.precision["mode"], "threads": a.threads})
     if a.json:
         print(json.dumps(out, indent=1))
     else:
