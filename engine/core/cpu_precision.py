@@ -124,8 +124,9 @@ def cpu_identity() -> dict:
 
 
 def _code_fingerprint() -> str:
-    """Sizes and times of the engine's core sources and the kernel sources: a new model
-    or kernel implementation (same version number, e.g. in development) measures anew."""
+    """A hash of the engine's core sources and the kernel sources: a new model or kernel
+    implementation (same version number, e.g. in development) measures anew; the same
+    code in a fresh clone or reinstall (new file times) does not."""
     here = Path(__file__).resolve().parent
     files = sorted(here.glob("*.py"))
     for d in (here / "kernels", here.parent / "kernels", here.parent.parent / "kernels"):
@@ -135,10 +136,11 @@ def _code_fingerprint() -> str:
     h = hashlib.sha256()
     for p in files:
         try:
-            st = p.stat()
+            data = p.read_bytes()
         except OSError:
             continue
-        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.name}|{len(data)}\n".encode())
+        h.update(data)
     return h.hexdigest()[:16]
 
 
