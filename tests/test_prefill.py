@@ -15,7 +15,6 @@ import torch
 
 from rwkv_engine.pipeline.prefill import Prefiller
 from rwkv_engine.pipeline.prompt_layout import CK_MEM, CK_NONE, CK_PERSIST, Segment
-from rwkv_engine.pipeline.speculation import accepted_tokens
 from rwkv_engine.pipeline.state_cache import Snapshot, StateCache, chain_key
 
 from pipeline_fixtures import (SOURCE_LINES, CountingModel, flat, assert_logits_close, assert_states_close,  # noqa: F401
@@ -299,21 +298,21 @@ def test_speculation_after_an_accept_equals_cold(completer_factory, tiny_model):
     row = 17
     lines[row] = "    return "
     first = c.complete(make_request(lines, row, rid=1))
-    text = first["candidates"][0]["text"]
-    assert text.strip()
+    text = first["candidates"][0]["text"].split("\n")[0] or "x"
     _, prev_segments, prev = got[-1]
-    last = c._last
-    accepted = accepted_tokens(c.tokenizer, last.rows, text)
     assert c.accept(1, text)
     lines, row, col = insert_text(lines, row, len(lines[row].encode("utf-8")), text)
-    out = c.complete(make_request(lines, row, col, rid=2))
+    req = make_request(lines, row, col, rid=2)
+    prompt = c.builder.build(req, list(c.ring.chunks))     # what the next request feeds (canonical)
+    out = c.complete(req)
     assert out["stats"]["speculative"] is True
     kind, _, r = got[-1]
     assert kind == "speculative" and r.tier == "device"
-    assert r.reused == prev.snapshot.n_tokens == len(flat(prev_segments)) and r.fed == len(accepted)
-    assert r.key == chain_key(prev.key, accepted)
-    # speculation's state is the previous prompt + the accepted tokens
-    assert_equals_cold(tiny_model, r.snapshot, flat(prev_segments) + accepted)
+    assert r.reused == prev.snapshot.n_tokens == len(flat(prev_segments))
+    assert r.fed == len(prompt.tokens()) - len(flat(prev_segments))
+    assert r.key == c.prefiller.final_key(prompt.segments)
+    # speculation's state is the state after the new prompt's own (whole-text) tokens
+    assert_equals_cold(tiny_model, r.snapshot, prompt.tokens())
 
 
 def test_reopening_a_file_resumes_its_far_prefix_from_disk(tiny_model, tmp_path):

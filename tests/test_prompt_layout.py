@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from rwkv_engine.pipeline.context_ring import ContextRing
-from rwkv_engine.pipeline.prompt_layout import (CHUNK_HEADER, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, LineTokenizer,
-                                       PromptBuilder, split_at_byte_col, window_split)
+from rwkv_engine.pipeline.prompt_layout import (FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, LineTokenizer, PromptBuilder,
+                                                chunk_header, split_at_byte_col, window_split)
 from rwkv_engine.tokenizer import WorldTokenizer
 
 from pipeline_fixtures import SOURCE_LINES, fast_config, make_request, type_text
@@ -21,6 +21,11 @@ def text_of(prompt) -> str:
     return TOK.decode(prompt.tokens())
 
 
+def full_text(prompt) -> bytes:
+    """The prompt's text: what it fed after the start token, then what healing removed."""
+    return TOK.decode_bytes(prompt.tokens()[1:]) + prompt.healed_bytes
+
+
 def test_fim_layout_is_suffix_first_and_ends_at_the_cursor():
     lines = ["a = 1", "b = 2", "def f(x):", "    return x", "c = 3"]
     p = builder(n_prefix=8, near_prefix=1, near_suffix=2).build(make_request(lines, 3, col=4))
@@ -29,45 +34,54 @@ def test_fim_layout_is_suffix_first_and_ends_at_the_cursor():
     assert tokens[0] == 0                                 # start token
     expected = ("a = 1\nb = 2\n" + FIM_PREFIX + FIM_SUFFIX + "return x\n" + "c = 3\n" + FIM_MIDDLE
                 + "def f(x):\n" + "    ")
-    assert TOK.decode(tokens[1:]) == expected
+    assert full_text(p).decode() == expected
+    assert p.healed == "\n    "                            # the newline + indentation token: typing extends it
     assert p.line_prefix == "    " and p.line_suffix == "return x"
     assert p.after_lines == ["return x", "c = 3"]
     kinds = [s.kind for s in p.segments]
-    assert kinds == ["start", "far", "far", "marker", "suffix", "suffix", "marker", "near", "cursor"]
+    assert kinds == ["start", "far", "far", "far", "marker", "suffix", "suffix", "marker", "near"]   # "far": its newline
 
 
 def test_plain_continuation_when_only_whitespace_follows():
     lines = ["import os", "", "def main():", "    pri", "   ", ""]
     p = builder().build(make_request(lines, 3))
     assert not p.fim
-    assert p.tokens()[0] == 0 and text_of(p) == "import os\n\ndef main():\n    pri"
+    assert p.tokens()[0] == 0 and full_text(p).decode() == "import os\n\ndef main():\n    pri"
+    assert p.healed == "pri" and text_of(p).endswith("\n    ")
     assert all(s.kind in ("start", "far", "cursor") for s in p.segments)
 
 
-def test_tokens_never_span_lines():
+def test_segments_start_with_their_newline_and_encode_to_the_whole_text():
     lines = SOURCE_LINES[:20]
     p = builder().build(make_request(lines, 18))
-    for seg in p.segments:
-        if seg.kind in ("far", "near", "suffix"):
-            text = TOK.decode(seg.tokens)
-            assert text.endswith("\n") and text.count("\n") == 1
-            assert seg.tokens == tuple(TOK.encode(text))
-    # whole-prompt tokens equal the per-segment encodings concatenated
-    assert p.tokens() == [t for s in p.segments for t in s.tokens]
+    far = [s for s in p.segments if s.kind == "far"]
+    for seg in far[1:]:
+        text = TOK.decode(seg.tokens)
+        assert text.startswith("\n") and seg.tokens == tuple(TOK.encode(text))
+    # about one segment per line (lines ending in code keep their boundary: resume points)
+    far_lines = TOK.decode([t for s in far for t in s.tokens]).count("\n") + 1
+    assert len(far) >= 0.7 * far_lines
+    assert p.tokens()[1:] + TOK.encode(p.healed_bytes) == TOK.encode(full_text(p))
 
 
-def test_ring_chunks_come_first_oldest_first_with_filenames():
+def test_ring_chunks_come_first_oldest_first_under_a_comment_naming_the_file():
     ring = ContextRing(4, 8, 4)
     ring.add("x = 1\ny = 2\nz = 3", "one.py")
-    ring.add("p = 1\nq = 2\nr = 3", "two.py")
+    ring.add("p = 1\nq = 2\nr = 3", "util.lua")
     ring.promote(), ring.promote()
     p = builder().build(make_request(SOURCE_LINES, 10), ring.chunks)
     text = text_of(p)
-    one = CHUNK_HEADER.format(filename="one.py") + "x = 1\ny = 2\nz = 3\n"
-    two = CHUNK_HEADER.format(filename="two.py") + "p = 1\nq = 2\nr = 3\n"
-    assert text.startswith(one + two)
+    assert text.startswith("# one.py\nx = 1\ny = 2\nz = 3" + "\n\n-- util.lua\np = 1\nq = 2\nr = 3\n\n")
+    assert "✿" not in TOK.decode([t for s in p.segments[1:3] for t in s.tokens])   # G1 knows ✿ only in FIM
     assert [s.kind for s in p.segments[:3]] == ["start", "chunk", "chunk"]
     assert p.segments[1].checkpoint == 2                  # chunk checkpoints persist to disk
+
+
+@pytest.mark.parametrize("name,header", [("a/b.py", "# a/b.py"), ("x.lua", "-- x.lua"), ("k.cpp", "// k.cpp"),
+                                         ("init.vim", '" init.vim'), ("Makefile", "# Makefile"),
+                                         ("README.md", "<!-- README.md -->")])
+def test_chunk_headers_are_comments_in_the_files_language(name, header):
+    assert chunk_header(name) == header
 
 
 def test_typing_changes_only_the_last_segment():
@@ -110,7 +124,7 @@ def test_line_cache_hits_on_rebuild_and_is_bounded():
     b.build(make_request(lines, 1950))
     misses = b.lines.misses
     b.build(make_request(lines, 1950, col=3))
-    assert b.lines.misses - misses <= 2                   # only the two halves of the cursor line
+    assert b.lines.misses - misses <= 3                   # the cursor line's two halves (+ a merge)
     small = LineTokenizer(TOK, max_entries=4)
     for i in range(10):
         small.encode(f"x{i}\n")

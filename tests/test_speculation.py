@@ -1,10 +1,11 @@
-"""Speculation after an accept is used only for exactly the buffer it describes.
+"""Speculation after an accept is used only for exactly the tokens it describes.
 
-The speculative state is (previous prompt + accepted tokens). It was checked against
-only +-8 lines around the cursor, so an edit further away or a changed ring reused a
-state computed for another buffer. Now the whole shared window and the ring prefix
-must match (engine/pipeline/speculation.py)."""
+The speculative state is the previous prompt's; the next prompt continues from it only
+when its own (whole-text) tokens start with every token the previous prompt fed. An
+edit anywhere in the prompt or a changed ring disables it; an edit outside the prompt's
+window, or the same text in another buffer, keeps it (the state is exactly right)."""
 import pytest
+import torch
 
 from pipeline_fixtures import completer_factory, make_request, one_torch_thread  # noqa: F401
 
@@ -54,7 +55,8 @@ def test_an_edit_100_lines_above_the_cursor_disables_speculation(spec_completer)
     assert res2["stats"]["speculative"] is False
 
 
-def test_an_edit_far_below_the_cursor_disables_speculation(completer_factory):   # noqa: F811
+def test_an_edit_outside_the_prompt_keeps_speculation_and_its_state_is_exact(completer_factory):   # noqa: F811
+    from pipeline_fixtures import assert_logits_close, record_prefills
     c = completer_factory(n_prefix=32, n_suffix=40, near_prefix=8, near_suffix=4, candidates=1, max_tokens=2)
     row = 20
     lines = list(LINES[:80])
@@ -63,9 +65,19 @@ def test_an_edit_far_below_the_cursor_disables_speculation(completer_factory):  
     assert c.accept(1, ACCEPTED)
     edited = list(lines)
     edited[row] = ACCEPTED
-    edited[row + 35] = "CHANGED = 1"          # outside +-8 lines, inside the window
-    res2 = c.complete(make_request(edited, row, rid=2))
-    assert res2["stats"]["speculative"] is False
+    edited[row + 35] = "CHANGED = 1"          # inside the request's window, outside the prompt's suffix
+    req = make_request(edited, row, rid=2)
+    got = record_prefills(c)
+    res2 = c.complete(req)
+    assert res2["stats"]["speculative"] is True
+    prompt = c.builder.build(req, list(c.ring.chunks))
+    logits, _ = c.model.forward(torch.tensor([prompt.tokens()]), c.model.new_state(1))
+    kind, _, r = got[-1]
+    assert kind == "speculative"
+    assert_logits_close(r.snapshot.logits, logits)
+    edited[row + 2] = "CHANGED = 2"           # inside the prompt's suffix: the tokens differ
+    c.accept(2, "x")
+    assert c.complete(make_request(edited, row, rid=3))["stats"]["speculative"] is False
 
 
 def test_a_changed_ring_disables_speculation(spec_completer):
@@ -79,9 +91,9 @@ def test_a_changed_ring_disables_speculation(spec_completer):
     assert res2["stats"]["speculative"] is False
 
 
-def test_another_buffer_or_row_disables_speculation(spec_completer):
+def test_another_row_disables_speculation(spec_completer):
     c = spec_completer
     lines, _ = _first(c, LINES)
     assert c.accept(1, ACCEPTED)
-    req = make_request(_after_accept(lines), ROW, rid=2, buf=2)
+    req = make_request(_after_accept(lines), ROW - 3, rid=2)
     assert c.complete(req)["stats"]["speculative"] is False

@@ -188,7 +188,7 @@ def test_a_new_ring_chunk_costs_only_its_own_tokens(completer_factory):
         pass
     c.add_chunk("class K:\n    x = 1\n    y = 2\n", "c.py")
     assert c.prime_step()
-    new_seg = c.builder.chunk_segment(c.ring.chunks[-1])
+    new_seg = c.builder.chunk_segment(c.ring.chunks[-1], first=False)
     assert c.last_prime["what"] == "chunks"
     assert c.last_prime["prefilled_tokens"] == len(new_seg.tokens)
 

@@ -62,6 +62,10 @@ class StreamDecoder:
     def feed(self, token_id: int) -> str:
         return self._dec.decode(self._tok.token_bytes(token_id))
 
+    def feed_bytes(self, raw: bytes) -> str:
+        """Like ``feed`` for raw bytes (the part of a token after a healed prefix)."""
+        return self._dec.decode(raw)
+
     def flush(self) -> str:
         """Text still held back at the end of a stream (an incomplete character)."""
         return self._dec.decode(b"", final=True)

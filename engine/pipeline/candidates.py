@@ -24,12 +24,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .prompt_layout import indent_width
+from .prompt_layout import FIM_MARK, indent_width
 from ..core.sampler import Sampler, SamplingParams
+from ..core.vocab_index import vocab_index
 
 EOS = 0
 
@@ -87,16 +88,55 @@ def apply_text_rules(text: str, rules: StopRules):
     return text[:cut], reason
 
 
+def stop_token_ids(tokenizer) -> Tuple[int, ...]:
+    """End of text, and the FIM marker "✿" when the vocabulary has it as one token (G1
+    knows it only as a FIM marker; candle and rwkv_lightning stop FIM generation on it)."""
+    marker = tokenizer.encode(FIM_MARK)
+    return (EOS,) + (tuple(marker) if len(marker) == 1 else ())
+
+
+class HealMask:
+    """Logit masks that make a row re-produce the text healed at the cursor (token
+    healing): while ``pending`` bytes are owed, only tokens that start with them or are a
+    proper prefix of them may be sampled (``VocabIndex.continuing``)."""
+
+    def __init__(self, tokenizer, vocab: int, device):
+        self.index = vocab_index(tokenizer)
+        self.vocab, self.device = vocab, device
+        self._masks: dict = {}                                          # pending -> [V] fp32 (0 / -inf)
+
+    def mask(self, pending: bytes) -> torch.Tensor:
+        m = self._masks.get(pending)
+        if m is None:
+            m = torch.full((self.vocab,), float("-inf"), dtype=torch.float32, device=self.device)
+            ids = [i for i in self.index.continuing(pending) if i < self.vocab]
+            m[torch.as_tensor(ids, dtype=torch.long, device=self.device)] = 0.0
+            self._masks[pending] = m
+        return m
+
+    def apply(self, logits: torch.Tensor, pending: Sequence[bytes]) -> torch.Tensor:
+        """logits [B, V] with row j masked for ``pending[j]`` (rows with b"" unchanged)."""
+        if not any(pending):
+            return logits
+        logits = logits.clone()
+        for j, p in enumerate(pending):
+            if p:
+                logits[j] += self.mask(p)
+        return logits
+
+
 def decode_candidates(model, state, logits: torch.Tensor, n: int, params: SamplingParams,
                       seeds: Sequence[int], rules: StopRules,
                       should_stop: Optional[Callable[[], bool]] = None,
                       on_partial: Optional[Callable[[str], None]] = None,
-                      after_lines: Sequence[str] = ()) -> Optional[List[Row]]:
+                      after_lines: Sequence[str] = (), heal: bytes = b"") -> Optional[List[Row]]:
     """Decode ``n`` rows forked from a batch-1 ``state`` whose last logits are ``logits`` [1, V].
 
     Returns the rows, or None when ``should_stop`` said the request was superseded. With
     ``on_partial`` the row whose text it showed last is marked ``streamed``; a row that
-    only repeats ``after_lines`` (the text after the cursor) is never streamed.
+    only repeats ``after_lines`` (the text after the cursor) is never streamed. ``heal``:
+    the bytes the prompt left out at the cursor; every row's first tokens re-produce them
+    (masked) and its text is what follows them.
     """
     tok = model.tokenizer
     V = logits.shape[-1]
@@ -105,11 +145,16 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
     sampler = Sampler(params, n, V, seeds=seeds, device=logits.device)
     rows = [Row() for _ in range(n)]
     streams = [tok.stream() for _ in range(n)]
+    pending = [bytes(heal)] * n                                         # healed bytes each row still owes
+    healer = HealMask(tok, V, logits.device) if heal else None
+    stops = set(stop_token_ids(tok))
     active = list(range(n))                                             # row ids in batch order
     shown, streamed = None, None                                        # text on_partial showed, its row
     while True:
         if should_stop is not None and should_stop():
             return None
+        if healer is not None:
+            logits = healer.apply(logits, [pending[rid] for rid in active])
         tokens, logps = sampler.sample(logits)                          # [B], [B]
         t_list, lp_list = tokens.tolist(), logps.tolist()
         keep = []
@@ -117,12 +162,17 @@ def decode_candidates(model, state, logits: torch.Tensor, n: int, params: Sampli
             row = rows[rid]
             row.logprobs.append(float(lp_list[j]))
             t = int(t_list[j])
-            if t == EOS:
+            if t in stops and not pending[rid]:
                 row.done, row.reason = True, "eos"
                 row.first_line_at = row.first_line_at or time.perf_counter()
                 continue
             row.tokens.append(t)
-            row.raw += streams[rid].feed(t)
+            if pending[rid]:
+                b, owed = tok.token_bytes(t), pending[rid]
+                pending[rid] = b"" if b.startswith(owed) else owed[len(b):]
+                row.raw += streams[rid].feed_bytes(b[len(owed):]) if not pending[rid] else ""
+            else:
+                row.raw += streams[rid].feed(t)
             row.text, reason = apply_text_rules(row.raw, rules)
             if not reason and len(row.tokens) >= rules.max_tokens:
                 reason = "max_tokens"

@@ -26,7 +26,6 @@ decode steps; a stopped request returns None and keeps every checkpoint it reach
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import Callable, Optional
 
 from ..core.sampler import SamplingParams
@@ -35,7 +34,7 @@ from .config import EngineConfig
 from .context_ring import ContextRing
 from .loading import OutOfMemory, free_gpu_memory, load_configured_model, load_on_cpu, out_of_memory_as, say
 from .prefill import Prefiller, ShouldStop
-from .prompt_layout import Prompt, PromptBuilder, Segment, to_bytes
+from .prompt_layout import Prompt, PromptBuilder, to_bytes
 from .speculation import LastRequest, Speculator
 from .state_cache import StateCache
 
@@ -65,7 +64,6 @@ class Completer:
         self.cache = StateCache.from_config(self.config, model.model_id, model.device)
         self.prefiller = Prefiller(model, self.cache, self.config.prefill_chunk)
         self.speculator = Speculator(self.prefiller)
-        self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
         self._last: Optional[LastRequest] = None
         self._direction = 1                       # last line move: +1 down, -1 up
         self.rows = self.config.candidates        # candidates decoded together (lowered on OOM)
@@ -103,7 +101,7 @@ class Completer:
         if last is None or not text or (request_id is not None and last.id is not None
                                         and request_id != last.id):
             return False
-        self.speculator.after_accept(last, text, self.tokenizer)
+        self.speculator.after_accept(last, text)
         return True
 
     # -- steps ---------------------------------------------------------------------------
@@ -139,7 +137,7 @@ class Completer:
         keys = self.prefiller.segment_keys(prompt.segments)         # hashed once per request
         ring_key = keys[prompt.n_chunks]                            # after the start token + ring chunks
         with out_of_memory_as("prefill"):
-            pre = self.speculator.prefill(request, prompt, ring_key)
+            pre = self.speculator.prefill(prompt, keys)
             speculative = pre is not None
             if pre is None:
                 pre = self.prefiller.prefill(prompt.segments, should_stop, tail=self._tail(prompt.segments),
@@ -159,7 +157,8 @@ class Completer:
             rows = decode_candidates(self.model, pre.snapshot.state, pre.snapshot.logits, n,
                                      SamplingParams(**cfg.sampling_dict()),
                                      [cfg.seed + i for i in range(n)], rules, should_stop=should_stop,
-                                     on_partial=on_partial, after_lines=prompt.after_lines)
+                                     on_partial=on_partial, after_lines=prompt.after_lines,
+                                     heal=prompt.healed_bytes)
         if rows is None:
             return None
         ranked = rank_candidates(rows, prompt.after_lines)
@@ -192,7 +191,7 @@ class Completer:
     def _prime_step(self, should_stop: ShouldStop) -> bool:
         promoted = self.ring.promote()
         t0 = time.perf_counter()
-        segments = [Segment("start", (0,))] + [self._chunk_segment(c) for c in self.ring.chunks]
+        segments = self.builder.head_segments(self.ring.chunks)
         what = "chunks"
         if self.prefiller.is_cached(segments):
             if self._last is None:
@@ -233,16 +232,6 @@ class Completer:
                 req = dict(last)
                 req["row"], req["col"] = r, c
                 yield req
-
-    def _chunk_segment(self, chunk) -> Segment:
-        k = (chunk.filename, chunk.lines)
-        seg = self._chunk_segments.get(k)
-        if seg is None:
-            seg = self._chunk_segments[k] = self.builder.chunk_segment(chunk)
-            while len(self._chunk_segments) > 4 * max(1, self.config.ring_n_chunks):
-                self._chunk_segments.popitem(last=False)
-        return seg
-
 
 def _request_copy(req: dict) -> dict:
     keep = ("id", "buf", "filename", "lines", "first", "row", "col")

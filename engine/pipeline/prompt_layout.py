@@ -28,12 +28,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
+from ..core.vocab_index import vocab_index
 from .context_ring import Chunk
 
+FIM_MARK = "✿"                 # one World token (10060); G1 knows it only in the FIM markers
 FIM_PREFIX = "✿prefix✿"
 FIM_SUFFIX = "✿suffix✿"
 FIM_MIDDLE = "✿middle✿"
-CHUNK_HEADER = "✿file✿{filename}\n"   # first line of a ring chunk in the prompt
+CHUNK_SEPARATOR = "\n\n"   # between ring chunks (each starts with a comment line naming its file)
+DOC_SEPARATOR = "\n\n"     # between the last ring chunk and the text of the file being edited
 START_TOKEN = 0
 
 NEAR_ALIGN = 8        # the far/near split sits on a multiple of this many lines
@@ -62,6 +65,11 @@ class Prompt:
     indent: int                     # display width of the cursor line's indentation
     around_cursor: List[str] = field(default_factory=list)   # lines near the cursor (ring eviction)
     n_chunks: int = 0
+    healed_bytes: bytes = b""       # text removed at the cursor: decoding must re-produce it first
+
+    @property
+    def healed(self) -> str:
+        return self.healed_bytes.decode("utf-8", errors="replace")
 
     @property
     def n_tokens(self) -> int:
@@ -172,22 +180,35 @@ def validate_request(req: dict) -> None:
 
 
 class PromptBuilder:
-    """Turns a request (window of buffer lines + cursor) and ring chunks into a Prompt."""
+    """Turns a request (window of buffer lines + cursor) and ring chunks into a Prompt.
 
-    def __init__(self, config, tokenizer, line_cache_entries: int = 16384):
+    ``heal``: drop the tokens at the cursor that typing may still change (the local
+    engine constrains decoding to re-produce them); False keeps every token up to the
+    cursor (servers that cannot constrain their first tokens)."""
+
+    def __init__(self, config, tokenizer, line_cache_entries: int = 16384, heal: bool = True):
         self.config = config
+        self.tokenizer = tokenizer
+        self.heal = heal
         self.lines = LineTokenizer(tokenizer, line_cache_entries)
+        self.vocab = vocab_index(tokenizer)
+        self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
 
-    def line(self, text: str) -> Tuple[int, ...]:
-        """Tokens of one whole line (cut to max_line_bytes) with its newline."""
-        return self.lines.encode(clip_bytes(text, self.config.max_line_bytes) + "\n")
+    def chunk_segment(self, chunk: Chunk, first: bool = True) -> Segment:
+        """One ring chunk: a comment line naming its file, then its lines (see module doc)."""
+        key = (first, chunk.filename, chunk.lines)
+        seg = self._chunk_segments.get(key)
+        if seg is None:
+            text = chunk_text(chunk, self.config.max_line_bytes, self.vocab)
+            seg = Segment("chunk", self.lines.encode(text if first else CHUNK_SEPARATOR + text), CK_PERSIST)
+            self._chunk_segments[key] = seg
+            while len(self._chunk_segments) > 64:
+                self._chunk_segments.popitem(last=False)
+        return seg
 
-    def chunk_segment(self, chunk: Chunk) -> Segment:
-        name = clip_bytes(chunk.filename or "untitled", self.config.max_line_bytes)
-        toks: List[int] = list(self.lines.encode(CHUNK_HEADER.format(filename=name)))
-        for ln in chunk.lines:
-            toks.extend(self.line(ln))
-        return Segment("chunk", tuple(toks), CK_PERSIST)
+    def head_segments(self, chunks: Sequence[Chunk]) -> List[Segment]:
+        """The start token and the ring chunks: the part every prompt shares."""
+        return [Segment("start", (START_TOKEN,))] + [self.chunk_segment(c, i == 0) for i, c in enumerate(chunks)]
 
     def around_cursor(self, req: dict) -> List[str]:
         """Non-blank lines within half a ring chunk of the cursor (ring chunks too similar
@@ -199,14 +220,12 @@ class PromptBuilder:
     def build(self, req: dict, chunks: Sequence[Chunk] = ()) -> Prompt:
         validate_request(req)
         cfg = self.config
-        enc = self.lines.encode
         lines: List[str] = list(req["lines"])
         first, row = req["first"], req["row"]
         r = row - first                                   # cursor index inside the window
         line_prefix, line_suffix = split_at_byte_col(lines[r], req["col"])
         line_prefix = clip_bytes(line_prefix, cfg.max_line_bytes, keep_end=True)
         line_suffix = clip_bytes(line_suffix, cfg.max_line_bytes)
-        line = self.line
         below = lines[r + 1: r + 1 + cfg.n_suffix]
         fim = bool(line_suffix.strip()) or any(ln.strip() for ln in below)
 
@@ -214,36 +233,124 @@ class PromptBuilder:
         if not fim:
             split = row                                   # plain text: every line is "far"
 
-        segments: List[Segment] = [Segment("start", (START_TOKEN,))]
-        for c in chunks:
-            segments.append(self.chunk_segment(c))
-
+        head = self.head_segments(chunks)
+        text = _Pieces(self.vocab, after_chunks=bool(chunks))
+        clip = cfg.max_line_bytes
         for ln_no in range(far_start, split):
             end = ln_no + 1                               # boundary after this line
             dense = end >= split - FAR_DENSE and end % min(NEAR_ALIGN, max(1, cfg.near_prefix)) == 0
             ck = CK_MEM if (dense or end % FAR_SPARSE == 0 or end == split or end >= row - 1) else CK_NONE
             if end % FAR_SPARSE == 0 or (end == split and end % NEAR_ALIGN == 0):
                 ck = CK_PERSIST                           # on disk too: reopening the file starts warm
-            segments.append(Segment("far", line(lines[ln_no - first]), ck))
+            text.add("far", clip_bytes(lines[ln_no - first], clip), ck)
 
         if fim:
-            segments.append(Segment("marker", enc(FIM_PREFIX + FIM_SUFFIX)))
-            segments.append(Segment("suffix", enc(line_suffix + "\n")))
+            if split > far_start:
+                # the newline after the far prefix is a piece of its own: "\n" never joins "✿",
+                # and the last far line's own segment is the one it has when the split moves on
+                text.add("far", "", CK_MEM)
+            text.add("marker", FIM_PREFIX + FIM_SUFFIX, sep="")
+            text.add("suffix", line_suffix, sep="")
             for ln in below[: cfg.near_suffix]:
-                segments.append(Segment("suffix", line(ln)))
-            segments.append(Segment("marker", enc(FIM_MIDDLE), CK_MEM))
+                text.add("suffix", clip_bytes(ln, clip))
+            text.add("marker", "\n" + FIM_MIDDLE, CK_MEM, sep="")
             for ln_no in range(split, row):
                 ck = CK_MEM if ln_no + 1 >= row - 1 else CK_NONE
-                segments.append(Segment("near", line(lines[ln_no - first]), ck))
+                text.add("near", clip_bytes(lines[ln_no - first], clip), ck,
+                         sep="" if ln_no == split else "\n")
+            text.add("cursor", line_prefix, sep="" if row == split else "\n")
+        else:
+            text.add("cursor", line_prefix)
 
-        segments.append(Segment("cursor", enc(line_prefix) if line_prefix else ()))
-        segments = [s for s in segments if s.tokens]
+        segments = head + [Segment(kind, self.lines.encode(t), ck) for kind, t, ck in text.pieces if t]
+        healed = b""
+        if self.heal:
+            segments, healed = heal_cursor(segments, self.vocab, self.tokenizer)
 
         return Prompt(
             segments=segments, fim=fim, line_prefix=line_prefix, line_suffix=line_suffix,
             after_lines=[line_suffix] + list(below), indent=_cursor_indent(line_prefix, lines[r]),
-            around_cursor=self.around_cursor(req), n_chunks=len(chunks),
+            around_cursor=self.around_cursor(req), n_chunks=len(chunks), healed_bytes=healed,
         )
+
+
+class _Pieces:
+    """Prompt text after the ring chunks as (kind, text, checkpoint) pieces, each with its
+    separator at its START (a newline and the next line's indentation belong together,
+    as whole-text tokenization joins them). A piece whose first byte a token may join to
+    the previous piece's last byte is merged into that piece (``VocabIndex.joins``), so
+    every boundary left is one that ``encode`` of the whole text also has."""
+
+    def __init__(self, vocab, after_chunks: bool):
+        self.vocab = vocab
+        self.pieces: List[list] = []            # [kind, text, checkpoint]
+        self.after_chunks = after_chunks        # the first piece follows ring chunks
+        self.started = False
+
+    def add(self, kind: str, text: str, ck: int = CK_NONE, sep: str = "\n") -> None:
+        """Append ``sep + text`` (the first piece: DOC_SEPARATOR after ring chunks, else
+        nothing; an empty first line still counts as started, so the next has its newline)."""
+        text = (sep if self.started else DOC_SEPARATOR if self.after_chunks else "") + text
+        self.started = True
+        if not text:
+            return
+        if self.pieces and self.vocab.joins(to_bytes(self.pieces[-1][1][-1:]), to_bytes(text[:1])):
+            # no boundary here (a blank line, trailing spaces): merge, and move the checkpoint
+            # wanted here to the boundary before, which the same lines give every prompt
+            last = self.pieces[-1]
+            if len(self.pieces) > 1:
+                self.pieces[-2][2] = max(self.pieces[-2][2], last[2])
+            last[0], last[1], last[2] = kind, last[1] + text, ck
+        else:
+            self.pieces.append([kind, text, ck])
+
+
+def heal_cursor(segments: List[Segment], vocab, tokenizer) -> Tuple[List[Segment], bytes]:
+    """Drop the trailing tokens of the last (cursor) segment whose text the cursor may
+    still extend: the last token, and before it every token that a longer vocabulary
+    token could absorb together with the dropped text. Returns (segments, dropped bytes)."""
+    if not segments or segments[-1].kind in ("start", "chunk"):
+        return segments, b""
+    last = segments[-1]
+    toks = list(last.tokens)
+    healed = tokenizer.token_bytes(toks.pop())
+    while toks and vocab.extends(tokenizer.token_bytes(toks[-1]) + healed):
+        healed = tokenizer.token_bytes(toks.pop()) + healed
+    out = list(segments[:-1])
+    if toks:
+        out.append(Segment(last.kind, tuple(toks), last.checkpoint))
+    return out, healed
+
+
+def chunk_text(chunk: Chunk, max_line_bytes: int, vocab) -> str:
+    """A ring chunk as prompt text: a comment line naming the file in the chunk's language,
+    then its lines; trailing whitespace and characters that a token joins with a following
+    newline are cut, so the next segment can start with its newline."""
+    name = clip_bytes(chunk.filename or "untitled", max_line_bytes)
+    body = "\n".join(clip_bytes(ln, max_line_bytes) for ln in chunk.lines)
+    text = (chunk_header(name) + "\n" + body).rstrip()
+    while text and vocab.joins(to_bytes(text[-1]), b"\n"):
+        text = text[:-1].rstrip()
+    return text
+
+
+_COMMENT_BY_EXT = {}
+for _prefix, _exts in (("#", "py pyi sh bash zsh fish rb pl r yaml yml toml cfg ini conf mk cmake nix jl ex exs"),
+                       ("--", "lua sql hs elm ada"),
+                       ("//", "c h cc cpp cxx hpp hh cu cuh hip js jsx ts tsx mjs go rs java kt kts scala swift"
+                              " cs dart zig php proto glsl"),
+                       ('"', "vim"), (";", "el lisp clj scm asm s"), ("%", "tex erl m")):
+    for _ext in _exts.split():
+        _COMMENT_BY_EXT[_ext] = _prefix
+
+
+def chunk_header(filename: str) -> str:
+    """``# path/name.py``: a comment line in the file's language (``#`` when unknown)."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    ext = base.rsplit(".", 1)[-1].lower() if "." in base else base.lower()
+    if ext in ("html", "htm", "xml", "md", "svg", "vue"):
+        return f"<!-- {filename} -->"
+    return f"{_COMMENT_BY_EXT.get(ext, '#')} {filename}"
 
 
 def window_split(first: int, row: int, n_prefix: int, near_prefix: int) -> Tuple[int, int]:

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Tuple
 from ...core.tokenizer import WorldTokenizer
 from ..config import EngineConfig
 from ..context_ring import ContextRing
-from ..prompt_layout import Prompt, PromptBuilder, clip_bytes, validate_request, window_split
+from ..prompt_layout import FIM_MARK, Prompt, PromptBuilder, clip_bytes, validate_request, window_split
 from .http import (MAX_RESPONSE_BYTES, RETRY_AFTER_S, RWKV_VOCAB_TYPE, TOKENIZE_PROBE, RemoteError, ShouldStop,
                    _display_url, _error_message, _Http, _httpx, _Superseded, _Watch, _whole_body, sse_data)
 
@@ -65,7 +65,9 @@ class RemoteCompleter:
         self.model = RemoteModel(cfg.backend, self.display_url)
         self.tokenizer = tokenizer if tokenizer is not None else WorldTokenizer.default()
         self.ring = ContextRing(cfg.ring_n_chunks, cfg.ring_chunk_size, cfg.ring_queue)
-        self.builder = PromptBuilder(cfg, self.tokenizer)
+        # no token healing: servers cannot constrain the first tokens to the healed text, so
+        # the prompt keeps every token up to the cursor (:checkhealth says so)
+        self.builder = PromptBuilder(cfg, self.tokenizer, heal=False)
         self.server: Optional[dict] = None       # what _detect found out (model, slots, fim, ids)
         self.last_stats: dict = {}
         self.last_prime: dict = {}
@@ -252,7 +254,7 @@ class RemoteCompleter:
         rules = StopRules(max_tokens=cfg.max_tokens, max_lines=1 if single_line else cfg.max_lines,
                           stop_strings=list(cfg.stop), indent=prompt.indent,
                           blank_line_ends_block=prompt.indent == 0, deadline=None)
-        stops = list(cfg.stop) + (["\n"] if single_line else [])
+        stops = list(cfg.stop) + (["\n"] if single_line else []) + [FIM_MARK]   # G1 ends FIM on "✿"
         n = 1 if cfg.temperature == 0 else cfg.candidates   # greedy rows would all be equal
         for _ in range(3):                         # a refused optional field: drop it, once each
             path, url, payload = self._request(info, request, prompt, n, stops)
