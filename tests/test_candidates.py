@@ -59,6 +59,39 @@ def test_stop_on_end_of_text_token():
     assert [(r.text, r.reason) for r in rows] == [("ab", "eos")] * 2
 
 
+def test_stop_on_the_fim_marker_token():
+    """G1 ends a FIM middle with "✿" (10060; candle and rwkv_lightning stop on it): the
+    decoder stopped only on token 0 and showed the marker and what followed."""
+    rows, _ = run_script(TOK.encode("ab") + [10060] + TOK.encode("zz"))
+    assert [(r.text, r.reason) for r in rows] == [("ab", "eos")] * 2
+
+
+def test_healed_text_is_reproduced_first_and_never_shown():
+    # the script starts with tokens the mask forbids ("x"), then "return" (starts with the healed
+    # "ret"): a healing row must skip "x" (masked), take "return", and show only "urn ..."
+    ids = TOK.encode("return a") + [0]
+    model = ScriptedModel(ids)
+    logits = model.logits_for([0])
+    logits[0, TOK.encode("x")[0]] = 5.0                    # the unconstrained favourite
+    rows = decode_candidates(model, model.new_state(1), logits, 2, GREEDY, [0, 1], StopRules(max_tokens=4),
+                             heal=b"ret")
+    for r in rows:
+        assert TOK.token_bytes(r.tokens[0]).startswith(b"ret")
+        assert r.text == "urn a"
+    # a healed text longer than one token: first a token that is a prefix of it, then the rest
+    ids = TOK.encode("\n") + TOK.encode("    pass") + [0]
+    model = ScriptedModel(ids)
+    rows = decode_candidates(model, model.new_state(1), model.logits_for([0]), 1, GREEDY, [0],
+                             StopRules(max_tokens=4), heal=b"\n  ")
+    assert TOK.decode(rows[0].tokens).startswith("\n  ") and rows[0].text == TOK.decode(rows[0].tokens)[3:]
+    # end of text is not allowed while healed bytes are owed
+    model = ScriptedModel([0] + TOK.encode("retry"))
+    rows = decode_candidates(model, model.new_state(1), model.logits_for([0]), 1, GREEDY, [0],
+                             StopRules(max_tokens=3), heal=b"ret")
+    first = TOK.token_bytes(rows[0].tokens[0])
+    assert first.startswith(b"ret") or b"ret".startswith(first)
+
+
 def test_stop_on_configured_stop_string():
     rows, _ = run_script("x = 1 ## more text here", stop_strings=["##"])
     assert (rows[0].text, rows[0].reason) == ("x = 1 ", "stop")
