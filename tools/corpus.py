@@ -1,39 +1,47 @@
 """Training corpus for the default model: source code already on this machine.
 
-Sources (recorded in the training record): the Python standard library (no
-site-packages, no test dirs), Neovim's runtime .lua/.vim files, C headers from
-/usr/include. Files are split into train / held-out by a seeded shuffle, capped
-per language by a byte budget, tokenized LINE BY LINE (each line with its "\n" on
-its own, as the completion pipeline does) with a trimmed World vocabulary chosen
-by token frequency on the training files.
+Sources (recorded in the training record): the Python standard library and the
+site-packages of the interpreter that runs this (torch, numpy, ...; no test dirs),
+Neovim's runtime .lua/.vim files, C headers from /usr/include. Files are split into
+train / held-out by a seeded shuffle (files named in ``force_heldout`` always held
+out, so an earlier model's held-out tasks stay unseen), capped per language by a byte
+budget. The trimmed World vocabulary is chosen by token frequency of WHOLE-file
+encodings (what the pipeline feeds: newline + indentation tokens included).
 
-Samples mirror ``rwkv_engine.pipeline.prompt_layout.PromptBuilder``:
-
-    [0] [chunks: "✿file✿{name}\n" + lines] [far prefix lines]
-    ✿prefix✿✿suffix✿ {line_suffix}\n {near suffix lines} ✿middle✿ {near prefix lines}{line_prefix}
-    {middle} 0
-
-or plain code: [0] [chunks] lines... The FIM cursor line is never blank and the
-middle always starts with text of that line (an empty first line would teach the
-model to suggest nothing, the wrong answer on a fresh line in an editor).
+Samples are built by the pipeline's own ``PromptBuilder`` (one prompt layout for
+training and use, so they cannot drift apart): a request over a window of the file
+with the cursor where the user would be typing, the prompt's ids as the engine feeds
+them (canonical, healed at the cursor), then the encoding of the healed text + the
+removed middle, then token 0. Plain samples are a request with nothing after the
+cursor (the pipeline's plain layout) continued by the next lines.
 """
 from __future__ import annotations
 
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "✿prefix✿", "✿suffix✿", "✿middle✿"
-CHUNK_HEADER = "✿file✿{filename}\n"
+from rwkv_engine.pipeline.config import EngineConfig
+from rwkv_engine.pipeline.context_ring import Chunk
+from rwkv_engine.pipeline.prompt_layout import FIM_MARK, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, PromptBuilder
+
 END = 0
+
+
 MAX_FILE_BYTES = 200_000
+SKIP_DIRS = ("test", "tests", "testing", "idle_test", "__pycache__", "lib2to3")
 
 
 def _stdlib_dir() -> Path:
     return Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _site_packages() -> Path:
+    import sysconfig
+    return Path(sysconfig.get_paths()["purelib"])
 
 
 def _nvim_runtime_dir() -> Path:
@@ -52,12 +60,13 @@ class Source:
 
 
 def default_sources() -> List[Source]:
+    """About 250 MB: all the code this machine holds (budgets cap the largest trees)."""
     return [
-        Source("python", str(_stdlib_dir()), ".py", 8_000_000,
-               ("site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3")),
-        Source("lua", str(_nvim_runtime_dir()), ".lua", 3_000_000),
-        Source("vim", str(_nvim_runtime_dir()), ".vim", 4_000_000),
-        Source("c", "/usr/include", ".h", 4_000_000, ("c++", "llvm-14", "node", "clang", "hip")),
+        Source("python", str(_stdlib_dir()), ".py", 30_000_000, ("site-packages",) + SKIP_DIRS),
+        Source("python", str(_site_packages()), ".py", 100_000_000, SKIP_DIRS),
+        Source("lua", str(_nvim_runtime_dir()), ".lua", 6_000_000),
+        Source("vim", str(_nvim_runtime_dir()), ".vim", 10_000_000),
+        Source("c", "/usr/include", ".h", 100_000_000, ("llvm-14", "node", "clang", "hip")),
     ]
 
 
@@ -66,15 +75,18 @@ class CodeFile:
     path: str
     language: str
     lines: List[str]                                   # without "\n"
-    tokens: List[Tuple[int, ...]] = field(default_factory=list)  # per line, of line + "\n"
 
 
-def collect_files(sources: Sequence[Source], seed: int, heldout_frac: float = 0.05):
-    """Read files of each source (seeded order, byte budget) and split them by file.
+def collect_files(sources: Sequence[Source], seed: int, heldout_frac: float = 0.05,
+                  force_heldout: Sequence[str] = ()):
+    """Read files of each source (seeded order, byte budget) and split them by file;
+    paths in ``force_heldout`` are held out whatever the draw.
 
     Returns (train: list[CodeFile], heldout: list[CodeFile], record: list[dict]).
     """
     rng = random.Random(seed)
+    forced = {path_key(p) for p in force_heldout}
+    seen: set = set()
     train, heldout, record = [], [], []
     for src in sources:
         paths = sorted(p for p in Path(src.root).rglob("*" + src.suffix)
@@ -84,6 +96,10 @@ def collect_files(sources: Sequence[Source], seed: int, heldout_frac: float = 0.
         for p in paths:
             if used >= src.budget_bytes:
                 break
+            real = str(p.resolve())
+            if real in seen:                             # the same file under two roots
+                continue
+            seen.add(real)
             try:
                 raw = p.read_bytes()
                 text = raw.decode("utf-8")
@@ -95,37 +111,49 @@ def collect_files(sources: Sequence[Source], seed: int, heldout_frac: float = 0.
                 continue
             used += len(raw)
             files.append(CodeFile(str(p), src.language, text.replace("\r\n", "\n").split("\n")))
-        n_held = max(1, int(round(len(files) * heldout_frac)))
-        heldout += files[:n_held]
-        train += files[n_held:]
+        held = [f for f in files if path_key(f.path) in forced]
+        rest = [f for f in files if path_key(f.path) not in forced]
+        n_held = max(1, int(round(len(files) * heldout_frac))) - len(held)
+        held += rest[:max(0, n_held)]
+        rest = rest[max(0, n_held):]
+        heldout += held
+        train += rest
         record.append({"language": src.language, "root": src.root, "suffix": src.suffix,
                        "excluded_dirs": list(src.exclude_parts), "candidates": len(paths),
-                       "skipped": skipped, "files": len(files), "train_files": len(files) - n_held,
-                       "heldout_files": n_held, "bytes": used})
+                       "skipped": skipped, "files": len(files), "train_files": len(rest),
+                       "heldout_files": len(held), "forced_heldout": sum(path_key(f.path) in forced for f in held),
+                       "bytes": used})
     return train, heldout, record
 
 
-def _line_texts(f: CodeFile) -> List[str]:
-    """Lines as the pipeline encodes them: each with its newline (the last one without)."""
-    out = [ln + "\n" for ln in f.lines[:-1]]
-    if f.lines and f.lines[-1]:
-        out.append(f.lines[-1])
-    return out
+def path_key(path: str) -> str:
+    """A file's path from its tree's usual root on (the Python library, Neovim's runtime,
+    /usr/include), so a record written with another venv's path still names it."""
+    path = str(path)
+    for marker in ("/share/nvim/runtime/", "/site-packages/", "/lib/python", "/usr/include/"):
+        if marker in path:
+            return marker + path.split(marker, 1)[1]
+    return path
 
 
-def count_world_tokens(files: Sequence[CodeFile], full_tokenizer) -> Counter:
-    """Frequency of full-vocabulary World ids over the files, encoded line by line."""
+def count_world_tokens(files: Sequence[CodeFile], full_tokenizer, max_bytes: int = 0) -> Counter:
+    """Frequency of full-vocabulary World ids over whole-file encodings (the first
+    ``max_bytes`` of the files when set: the counts only rank the vocabulary)."""
     counts: Counter = Counter()
+    used = 0
     for f in files:
-        for text in _line_texts(f):
-            counts.update(full_tokenizer.encode_line(text))
+        text = "\n".join(f.lines)
+        counts.update(full_tokenizer.encode(text))
+        used += len(text)
+        if max_bytes and used >= max_bytes:
+            break
     return counts
 
 
 def choose_world_ids(counts: Counter, vocab_size: int, full_tokenizer) -> List[int]:
     """id 0, byte tokens 1..256, the prompt markers' tokens, then the most frequent ids."""
     ids = list(range(257))
-    for marker in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PREFIX + FIM_SUFFIX, "✿file✿"):
+    for marker in (FIM_MARK, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PREFIX + FIM_SUFFIX, "\n" + FIM_MIDDLE):
         for t in full_tokenizer.encode(marker):
             if t not in ids:
                 ids.append(t)
@@ -139,13 +167,17 @@ def choose_world_ids(counts: Counter, vocab_size: int, full_tokenizer) -> List[i
     return ids
 
 
-def tokenize_files(files: Sequence[CodeFile], tokenizer) -> int:
-    """Fill each file's per-line tokens with ``tokenizer`` (trimmed); returns the token count."""
-    total = 0
+def count_tokens(files: Sequence[CodeFile], tokenizer, max_bytes: int = 0) -> Tuple[int, int]:
+    """(tokens, bytes) of whole-file encodings with ``tokenizer`` (the first ``max_bytes``
+    when set: an estimate of tokens per byte for the record)."""
+    tokens = used = 0
     for f in files:
-        f.tokens = [tuple(tokenizer.encode_line(ln + "\n")) for ln in f.lines]
-        total += sum(len(t) for t in f.tokens)
-    return total
+        text = "\n".join(f.lines)
+        tokens += len(tokenizer.encode(text))
+        used += len(text.encode("utf-8"))
+        if max_bytes and used >= max_bytes:
+            break
+    return tokens, used
 
 
 @dataclass
@@ -154,12 +186,12 @@ class SampleConfig:
     chunk_frac: float = 0.3        # samples with ring chunks in front
     max_chunks: int = 2
     chunk_lines: Tuple[int, int] = (4, 24)
-    near_prefix: Tuple[int, int] = (24, 31)   # the pipeline's window (config near_prefix 24, aligned to 8)
-    near_suffix: Tuple[int, int] = (1, 8)     # config near_suffix 8
-    short_window_frac: float = 0.3            # samples with a shorter window (top of file, other configs)
-    far_prefix: Tuple[int, int] = (0, 48)
+    near_prefix: Tuple[int, ...] = (8, 16, 24)   # pipeline windows (config near_prefix; 24 is the default)
+    near_suffix: Tuple[int, ...] = (1, 4, 8)     # config near_suffix (8 is the default)
+    far_prefix: Tuple[int, int] = (0, 48)         # lines of the request's window above the near prefix
     middle_lines: Tuple[int, int] = (1, 3)
     plain_lines: Tuple[int, int] = (8, 64)
+    plain_continue: Tuple[int, int] = (1, 8)      # lines a plain sample continues after the cursor
 
 
 @dataclass
@@ -172,7 +204,7 @@ class FimCut:
 
 
 class SampleMaker:
-    """Builds token sequences in the pipeline's prompt format from tokenized files."""
+    """Builds token sequences with the pipeline's PromptBuilder from the files."""
 
     def __init__(self, files: Sequence[CodeFile], tokenizer, cfg: SampleConfig, seed: int):
         self.files = [f for f in files if len(f.lines) >= 3]
@@ -180,48 +212,64 @@ class SampleMaker:
         for f in self.files:
             self.by_lang.setdefault(f.language, []).append(f)
         self.tok, self.cfg, self.rng = tokenizer, cfg, random.Random(seed)
-        self.m_prefix_suffix = tuple(tokenizer.encode(FIM_PREFIX + FIM_SUFFIX))
-        self.m_middle = tuple(tokenizer.encode(FIM_MIDDLE))
+        self._builders: Dict[Tuple[int, int], PromptBuilder] = {}
         self._nonblank: Dict[int, List[int]] = {}          # id(file) -> its non-blank line numbers
 
-    def _enc(self, text: str) -> List[int]:
-        return list(self.tok.encode_line(text)) if text else []
+    def builder(self, near_prefix: int, near_suffix: int) -> PromptBuilder:
+        """The pipeline's builder for one window shape (the request's window bounds the rest)."""
+        key = (near_prefix, near_suffix)
+        b = self._builders.get(key)
+        if b is None:
+            cfg = EngineConfig(n_prefix=near_prefix + self.cfg.far_prefix[1] + 64,
+                               near_prefix=near_prefix, near_suffix=near_suffix, n_suffix=max(8, near_suffix))
+            b = self._builders[key] = PromptBuilder(cfg, self.tok, line_cache_entries=4096)
+        return b
 
-    def _lines(self, f: CodeFile, lo: int, hi: int) -> List[int]:
-        out: List[int] = []
-        for t in f.tokens[max(0, lo):max(0, hi)]:
-            out.extend(t)
-        return out
-
-    def _chunks(self, f: CodeFile) -> List[int]:
-        out: List[int] = []
+    def _chunks(self, f: CodeFile) -> List[Chunk]:
+        out: List[Chunk] = []
         if self.rng.random() >= self.cfg.chunk_frac:
             return out
         for _ in range(self.rng.randint(1, self.cfg.max_chunks)):
             other = self.rng.choice(self.by_lang[f.language])
             n = self.rng.randint(*self.cfg.chunk_lines)
             lo = self.rng.randint(0, max(0, len(other.lines) - n))
-            out += self._enc(CHUNK_HEADER.format(filename=Path(other.path).name)) + self._lines(other, lo, lo + n)
+            out.append(Chunk(Path(other.path).name, tuple(other.lines[lo:lo + n])))
         return out
 
+    def _sample(self, builder: PromptBuilder, request: dict, chunks, continuation: str) -> List[int]:
+        prompt = builder.build(request, chunks)
+        return prompt.tokens() + self.tok.encode(prompt.healed_bytes + continuation.encode("utf-8")) + [END]
+
     def plain(self, f: CodeFile) -> List[int]:
-        n = self.rng.randint(*self.cfg.plain_lines)
-        lo = self.rng.randint(0, max(0, len(f.lines) - n))
-        return [END] + self._chunks(f) + self._lines(f, lo, lo + n)
+        """Code continued after a cursor with nothing after it (the pipeline's plain layout)."""
+        rng, cfg = self.rng, self.cfg
+        n = rng.randint(*cfg.plain_lines)
+        lo = rng.randint(0, max(0, len(f.lines) - n))
+        row = min(len(f.lines) - 1, lo + n - 1)
+        line = f.lines[row]
+        col = rng.choice([0, len(line), rng.randint(0, len(line))])
+        more = f.lines[row + 1: row + 1 + rng.randint(*cfg.plain_continue)]
+        window = f.lines[lo:row] + [line[:col]]
+        req = {"lines": window, "first": lo, "row": row, "col": len(line[:col].encode("utf-8"))}
+        cont = "\n".join([line[col:]] + more)
+        return self._sample(self.builder(rng.choice(cfg.near_prefix), rng.choice(cfg.near_suffix)),
+                            req, self._chunks(f), cont)
 
     def fim_cut(self, f: CodeFile) -> FimCut:
         """Where a FIM sample cuts ``f``: the cursor in a NON-BLANK line ``row`` (the text
         there is what the user is typing), the middle spanning 1..few lines and always
-        starting with some of that line's text, never with an empty line."""
+        starting with some of that line's text, never with an empty line. The cursor is
+        at the line start, after the indentation, or anywhere inside the text (mid-word
+        too: the pipeline heals the token there)."""
         rng, cfg = self.rng, self.cfg
         row = rng.choice(self._nonblank_rows(f))
         line = f.lines[row]
         indent = len(line) - len(line.lstrip())
         text_end = len(line.rstrip())                  # > indent: the line is non-blank
         mode = rng.random()
-        if mode < 0.45:
+        if mode < 0.35:
             col = 0                                    # cursor at the line start
-        elif mode < 0.75:
+        elif mode < 0.6:
             col = indent                               # after autoindent
         else:
             col = rng.randint(indent, text_end - 1)    # inside the line, text left after it
@@ -243,24 +291,16 @@ class SampleMaker:
         return rows
 
     def fim(self, f: CodeFile, cut: Optional[FimCut] = None) -> List[int]:
-        """One FIM sample in the pipeline's prompt layout (``cut`` defaults to a random one)."""
+        """One FIM sample: the buffer as the user sees it before typing the middle (the
+        cursor line holds line_prefix + line_suffix), prompted by the pipeline."""
         rng, cfg = self.rng, self.cfg
         cut = cut or self.fim_cut(f)
-        row, last = cut.row, cut.last
-        if rng.random() < cfg.short_window_frac:
-            near, n_suf = rng.randint(0, cfg.near_prefix[1]), rng.randint(*cfg.near_suffix)
-        else:
-            near, n_suf = rng.randint(*cfg.near_prefix), cfg.near_suffix[1]
-        far = rng.randint(*cfg.far_prefix)
-        seq = [END] + self._chunks(f) + self._lines(f, row - near - far, row - near)
-        seq += list(self.m_prefix_suffix) + self._enc(cut.line_suffix + "\n")
-        seq += self._lines(f, last + 1, last + 1 + n_suf)
-        seq += list(self.m_middle) + self._lines(f, row - near, row) + self._enc(cut.line_prefix)
-        pieces = cut.middle.split("\n")                # the middle, line by line (split on "\n" only)
-        for piece in pieces[:-1]:
-            seq += self._enc(piece + "\n")
-        seq += self._enc(pieces[-1])
-        return seq + [END]
+        near, n_suf = rng.choice(cfg.near_prefix), rng.choice(cfg.near_suffix)
+        lo = max(0, cut.row - near - rng.randint(*cfg.far_prefix))
+        hi = cut.last + 1 + n_suf
+        window = f.lines[lo:cut.row] + [cut.line_prefix + cut.line_suffix] + f.lines[cut.last + 1:hi]
+        req = {"lines": window, "first": lo, "row": cut.row, "col": len(cut.line_prefix.encode("utf-8"))}
+        return self._sample(self.builder(near, n_suf), req, self._chunks(f), cut.middle)
 
     def sample(self) -> List[int]:
         f = self.rng.choice(self.files)

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,9 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 from train_model import ModelConfig, RWKV7Train, export_state_dict  # noqa: E402
+
+
+VOCAB_COUNT_BYTES = 40_000_000   # the vocabulary is ranked on this much text (whole-file encodings)
 
 
 @dataclass
@@ -50,7 +54,7 @@ class TrainConfig:
     heldout_rows: int = 12
     threads: int = 2
     export_dtype: str = "bfloat16"
-    init_from: str = ""            # warm start from an exported checkpoint (same vocab and shape)
+    init_from: str = ""            # warm start from an exported checkpoint (same shape; vocab remapped)
 
 
 def parse_args(argv=None):
@@ -65,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time cap only)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="scale every language's byte budget")
     p.add_argument("--no-kernel", action="store_true", help="use the slow torch WKV loop")
+    p.add_argument("--keep-heldout", default="",
+                   help="training record (JSON) whose heldout_paths stay held out (compare models on them)")
     p.add_argument("--verify-only", action="store_true",
                    help="only compare the logits of --out with rwkv_engine and the rwkv package")
     args = p.parse_args(argv)
@@ -80,28 +86,33 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * p))
 
 
-def build_data(cfg: TrainConfig, budget_scale: float = 1.0, sources=None):
-    """Corpus -> (train_maker, heldout_rows [R, T+1], world_ids, record dict)."""
+def build_data(cfg: TrainConfig, budget_scale: float = 1.0, sources=None, force_heldout=()):
+    """Corpus -> (train_maker, heldout_rows [R, T+1], world_ids, record dict, held-out paths)."""
     from rwkv_engine.tokenizer import WorldTokenizer
 
     t0 = time.time()
     sources = sources or corpus.default_sources()
     for s in sources:
         s.budget_bytes = int(s.budget_bytes * budget_scale)
-    train, heldout, src_record = corpus.collect_files(sources, cfg.seed)
+    train, heldout, src_record = corpus.collect_files(sources, cfg.seed, force_heldout=force_heldout)
+    rng = random.Random(cfg.seed)
+    sample = rng.sample(train, len(train))                      # counts over a seeded sample of files
     full = WorldTokenizer.default()
-    counts = corpus.count_world_tokens(train, full)
+    counts = corpus.count_world_tokens(sample, full, max_bytes=VOCAB_COUNT_BYTES)
     world_ids = corpus.choose_world_ids(counts, cfg.vocab_size, full)
     tok = WorldTokenizer.from_world_ids(world_ids)
-    n_train = corpus.tokenize_files(train, tok)
-    n_held = corpus.tokenize_files(heldout, tok)
+    est_tokens, est_bytes = corpus.count_tokens(sample, tok, max_bytes=VOCAB_COUNT_BYTES // 4)
+    train_bytes = sum(sum(len(ln) + 1 for ln in f.lines) for f in train)
+    held_bytes = sum(sum(len(ln) + 1 for ln in f.lines) for f in heldout)
+    per_byte = est_tokens / max(1, est_bytes)
     maker = corpus.SampleMaker(train, tok, corpus.SampleConfig(), cfg.seed)
     held_maker = corpus.SampleMaker(heldout, tok, corpus.SampleConfig(), cfg.seed + 1)
     held_rows = torch.tensor([held_maker.row(cfg.ctx_len + 1) for _ in range(cfg.heldout_rows)])
     record = {"sources": src_record, "train_files": len(train), "heldout_files": len(heldout),
-              "train_tokens": n_train, "heldout_tokens": n_held,
-              "train_bytes": sum(len("\n".join(f.lines)) for f in train),
+              "train_tokens_estimate": int(train_bytes * per_byte), "heldout_tokens_estimate": int(held_bytes * per_byte),
+              "train_bytes": train_bytes, "vocab_count_bytes": VOCAB_COUNT_BYTES,
               "sample_config": asdict(corpus.SampleConfig()),
+              "prompt_layout": "rwkv_engine.pipeline.prompt_layout.PromptBuilder (canonical tokens, healed cursor)",
               "fim_cursor_line": "non-blank; the middle starts with its text, never with an empty line",
               "data_prep_seconds": round(time.time() - t0, 1)}
     return maker, held_rows, world_ids, record, [f.path for f in heldout]
@@ -119,20 +130,46 @@ def heldout_loss(model: RWKV7Train, rows: torch.Tensor, use_kernel: bool = True)
     return total / rows.shape[0]
 
 
+def remap_vocab(sd: dict, old_ids, new_ids) -> tuple:
+    """Embedding and head rows of a checkpoint trained on vocabulary ``old_ids`` moved to
+    ``new_ids``: a shared World id keeps its rows; a new one starts from the rows of the
+    first token of its text in the old vocabulary (e.g. "\\n    " from "\\n").
+    Returns (state_dict, number of new ids)."""
+    from rwkv_engine.tokenizer import WorldTokenizer
+
+    old_ids, new_ids = [int(i) for i in old_ids], [int(i) for i in new_ids]
+    where = {w: i for i, w in enumerate(old_ids)}
+    old_tok, full = WorldTokenizer.from_world_ids(old_ids), WorldTokenizer.default()
+    src = []
+    for w in new_ids:
+        if w in where:
+            src.append(where[w])
+        else:
+            text = full.token_bytes(w)
+            src.append(old_tok.encode(text)[0] if text else 0)
+    idx = torch.tensor(src)
+    out = dict(sd)
+    out["emb.weight"] = sd["emb.weight"].index_select(0, idx)           # [V_new, C]
+    out["head.weight"] = sd["head.weight"].index_select(0, idx)         # [V_new, C]
+    return out, sum(w not in where for w in new_ids)
+
+
 def warm_start(model: RWKV7Train, path: str, world_ids, held_rows: torch.Tensor, use_kernel: bool) -> dict:
-    """Load the weights of an exported checkpoint into ``model`` (its vocabulary must be
-    the one this run built); returns what the training record keeps about it."""
+    """Load the weights of an exported checkpoint into ``model`` (same shape; a different
+    vocabulary is remapped with ``remap_vocab``); returns what the training record keeps."""
     from train_model import load_exported
 
     if not Path(path).is_file():
         raise ValueError(f"--init-from {path}: no such checkpoint")
     init, init_ids = load_exported(path)
-    if init_ids.tolist() != list(world_ids):
-        raise ValueError(f"--init-from {path}: its vocabulary differs from this run's (seed/corpus/vocab-size)")
     if init.cfg.to_dict() != model.cfg.to_dict():
         raise ValueError(f"--init-from {path}: model {init.cfg.to_dict()} != {model.cfg.to_dict()}")
-    model.load_state_dict(init.state_dict())
-    info = {"path": str(path), "heldout_loss_before": round(heldout_loss(model, held_rows, use_kernel), 4)}
+    sd, new_tokens = init.state_dict(), 0
+    if init_ids.tolist() != list(world_ids):
+        sd, new_tokens = remap_vocab(sd, init_ids.tolist(), world_ids)
+    model.load_state_dict(sd)
+    info = {"path": str(path), "remapped_new_tokens": new_tokens,
+            "heldout_loss_before": round(heldout_loss(model, held_rows, use_kernel), 4)}
     rec_path = Path(path).with_suffix(".json")
     if rec_path.is_file():
         prev = json.loads(rec_path.read_text())
@@ -213,7 +250,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     print("config:", json.dumps(asdict(cfg)), flush=True)
 
-    maker, held_rows, world_ids, data_record, heldout_paths = build_data(cfg, args.budget_scale)
+    keep = json.loads(Path(args.keep_heldout).read_text())["heldout_paths"] if args.keep_heldout else ()
+    maker, held_rows, world_ids, data_record, heldout_paths = build_data(cfg, args.budget_scale, force_heldout=keep)
     print("data:", json.dumps(data_record), flush=True)
     mcfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size)
     model = RWKV7Train(mcfg)
