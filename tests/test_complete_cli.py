@@ -40,7 +40,7 @@ def test_complete_json_end_to_end_in_a_subprocess(tiny_model_path, source_file, 
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"candidates", "stats"}
+    assert set(out) == {"candidates", "stats", "prompt"}
     assert 1 <= len(out["candidates"]) <= 3
     for c in out["candidates"]:
         assert isinstance(c["text"], str) and c["text"].strip() and isinstance(c["logprob"], float)
@@ -49,6 +49,13 @@ def test_complete_json_end_to_end_in_a_subprocess(tiny_model_path, source_file, 
     assert s["decoded_tokens"] > 0 and s["cache_hits"]["miss"] == 1
     assert s["fim"] is True                              # code follows line 10
     assert (tmp_path / "xdg" / "rwkv.nvim").is_dir()     # the cache lives under XDG_CACHE_HOME
+    # every id fed, and the healed text: together the whole-text tokenization of the prompt
+    from rwkv_engine.tokenizer import WorldTokenizer
+    tok, prompt = WorldTokenizer.default(), out["prompt"]
+    assert prompt["tokens"][0] == 0 and len(prompt["tokens"]) == s["prompt_tokens"]
+    text = tok.decode(prompt["tokens"][1:]) + prompt["healed"]
+    assert tok.encode(text)[:len(prompt["tokens"]) - 1] == prompt["tokens"][1:]
+    assert SOURCE_LINES[9][:4] in text and prompt["healed"]
 
 
 def test_complete_text_output_in_process(tiny_model_path, source_file, tmp_path, capsys):

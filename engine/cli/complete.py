@@ -2,7 +2,9 @@
 
 Runs the same pipeline as the editor (prompt layout, state cache, forked decode)
 without Neovim. ``--line`` is 1-based, ``--col`` a 0-based byte column. With
-``--json`` prints ``{"candidates": [{"text", "logprob"}], "stats": {...}}``.
+``--json`` prints ``{"candidates": [{"text", "logprob"}], "stats": {...}, "prompt": {"tokens":
+[every id fed, in order], "healed": "<text removed at the cursor>"}}``: anyone can check
+that the ids are the whole-text tokenization of the prompt.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode time budget (default: the engine's, 1000)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="state cache directory (default: $XDG_CACHE_HOME/rwkv.nvim)")
-    parser.add_argument("--json", action="store_true", help="print JSON {candidates, stats}")
+    parser.add_argument("--json", action="store_true", help="print JSON {candidates, stats, prompt}")
 
 
 def _config(args: argparse.Namespace):
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rwkv-nvim complete: {one_line(e)}", file=sys.stderr)
         return 1
     result = completer.complete(request)
-    out = {"candidates": result["candidates"], "stats": result["stats"]}
+    out = {"candidates": result["candidates"], "stats": result["stats"], "prompt": completer.last_prompt()}
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0

@@ -79,6 +79,15 @@ class Completer:
         s["line_cache"] = {"hits": self.builder.lines.hits, "misses": self.builder.lines.misses}
         return s
 
+    def last_prompt(self) -> Optional[dict]:
+        """The last completed request's prompt: every id its state holds, in order (start
+        token first; resumed from the cache or computed alike) and the text healed at the
+        cursor (the candidates' first tokens re-produce it)."""
+        if self._last is None:
+            return None
+        p = self._last.prompt
+        return {"tokens": p.tokens(), "healed": p.healed}
+
     def build_prompt(self, request: dict) -> Prompt:
         """The prompt ``complete`` would use now (evicts ring chunks too similar to the cursor)."""
         self.ring.evict_similar(self.builder.around_cursor(request))
