@@ -266,3 +266,20 @@ def test_eval_runs_on_tiny_checkpoint(trained, tiny_data):
         assert 0.0 <= result[key] <= 1.0
     assert result["pass@1+2"] >= max(result["pass@1"], result["pass@2"])
     assert len(result["examples"]) == 3 and len(result["examples"][0]["sampled"]) == 2
+    assert set(result["positions"]) == {"col0", "indent", "typed1", "typed2", "typed3", "typed4", "typed5"}
+    for by in result["positions"].values():
+        assert set(by) <= {"healed", "not_healed"}
+        for v in by.values():
+            assert 0 < v["tasks"] <= 3 and 0.0 <= v["pass@1"] <= 1.0
+
+
+def test_eval_cursor_positions_type_part_of_the_line(tmp_path):
+    from rwkv_engine.cli.evaluate import make_tasks, typed_text
+
+    src = tmp_path / "a.py"
+    src.write_text("def f():\n    return 1\nx = 2\n")
+    (task,) = [t for t in make_tasks([str(src)], 10, seed=0) if t.row == 1]
+    assert typed_text(task, "col0") == "" and typed_text(task, "indent") == "    "
+    assert typed_text(task, "typed3") == "    ret" and typed_text(task, "typed5") == "    retur"
+    task.target = "    ab"
+    assert typed_text(task, "typed2") is None            # nothing would be left to complete
