@@ -108,10 +108,3 @@ def test_trimmed_vocabulary_encodes_with_local_ids():
 def test_trimmed_vocabulary_must_keep_bytes():
     with pytest.raises(TokenizerError, match="byte"):
         WorldTokenizer.from_world_ids([0] + list(range(1, 200)))
-
-
-def test_line_cache_equals_plain_encoding():
-    tok = WorldTokenizer.default()
-    text = "a = 1\n\n    b = 2\nlast"
-    assert tok.encode_lines(text) == sum((tok.encode(l) for l in text.splitlines(True)), [])
-    assert tok.encode_line("x\n") is tok.encode_line("x\n")

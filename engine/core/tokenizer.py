@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import codecs
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -99,8 +98,6 @@ class WorldTokenizer:
                 raise TokenizerError(f"vocabulary has no token for byte 0x{byte:02x}; "
                                      "a trimmed vocabulary must keep all 256 byte tokens")
         self._root = root
-        self._line_cache: dict = {}
-        self._line_cache_lock = threading.Lock()
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -146,24 +143,6 @@ class WorldTokenizer:
                     best_id, best_end = tid, j
             append(best_id)
             i = best_end
-        return out
-
-    def encode_line(self, line: str) -> tuple:
-        """Cached encoding of one line (the pipeline tokenizes line by line)."""
-        cached = self._line_cache.get(line)
-        if cached is None:
-            cached = tuple(self.encode(line))
-            with self._line_cache_lock:
-                if len(self._line_cache) > 200_000:
-                    self._line_cache.clear()
-                self._line_cache[line] = cached
-        return cached
-
-    def encode_lines(self, text: str) -> list:
-        """Encode line by line: each line with its trailing newline is a segment."""
-        out: list = []
-        for line in text.splitlines(keepends=True):
-            out.extend(self.encode_line(line))
         return out
 
     # -- decoding -----------------------------------------------------------

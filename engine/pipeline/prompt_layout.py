@@ -1,21 +1,36 @@
 """Prompt layout for state reuse: what changes most often goes at the END.
 
     [0]                                          start token
-    [chunk 1] ... [chunk n]                      ring chunks, oldest first
+    [chunk 1] ... [chunk n]                      ring chunks, oldest first, each under a
+                                                 comment line naming its file ("# a.py")
     [far prefix of this file]                    lines above the FIM window
-    ✿prefix✿✿suffix✿ {near suffix} ✿middle✿ {near prefix lines}{cursor line up to the cursor}
+    ✿prefix✿✿suffix✿{near suffix}\n✿middle✿{near prefix lines}\n{cursor line up to the cursor}
 
 (RWKV-7 G1c suffix-first FIM; generation continues the prefix.) When only
 whitespace follows the cursor the FIM markers are left out and the prompt is the
-plain text up to the cursor. Text is tokenized LINE BY LINE: every line with its
-"\n" is encoded on its own (cached per line text in an LRU), so a token never
-spans two lines and a 2,000-line window re-tokenizes from the cache.
+plain text up to the cursor.
 
-The prompt is a list of *segments* (start token, chunks, lines, markers, the cursor
-line); the state cache keys checkpoints by a hash chain over segments, so each
-segment boundary is a possible resume point (kept in memory; the ring chunks and, in
-the far prefix, every FAR_SPARSE-th line and the far/near split also on disk, so a
-restarted editor reopening a file resumes from them). Boundaries are placed so that
+**The ids are the whole-text tokenization** of that text, as G1 was trained (greedy
+longest match over the whole string, like rwkv_lightning's FIM server): 127 World
+tokens join a newline with the indentation after it ("\n    "), so encoding each line
+with its own "\n" gave another sequence on most lines of indented code. The text is
+cut into *segments* of about one line whose separator goes at their START (a line's
+segment is "\n" + its text), and only at boundaries no vocabulary token can span
+(``VocabIndex.joins``: only after text that is not whitespace or one of "…。，");
+a piece that would start at another boundary (after a blank line, trailing spaces) is
+merged into the previous one. So the segments' encodings concatenate to ``encode``
+of the whole prompt, and each is still cached per text in an LRU.
+
+**Token healing.** The prompt ends at the cursor, often inside a word: the last token
+of the cursor line, and before it any token a longer vocabulary token could absorb
+with it, are left out (``Prompt.healed_bytes``); the decoder makes every candidate
+re-produce them first (``candidates.HealMask``) and shows what follows.
+
+The state cache keys checkpoints by a hash chain over segments, so each segment
+boundary is a possible resume point (kept in memory; the ring chunks and, in the far
+prefix, every FAR_SPARSE-th line and the far/near split also on disk, so a restarted
+editor reopening a file resumes from them). A checkpoint wanted at a boundary that a
+merge removed goes to the boundary before. Boundaries are placed so that
   * typing on one line changes only the last segment,
   * moving one line changes only the FIM window: the far/near split is aligned to
     ``NEAR_ALIGN`` lines and the far prefix start to ``FAR_ALIGN`` lines, so both
