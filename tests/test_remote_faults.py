@@ -498,3 +498,4 @@ io.stdout:write(vim.json.encode(calls))
     assert kinds.count("start") == 3 and "ok" in kinds and "error" in kinds, calls
     assert f"llama.cpp server {srv.url}" in text and "fake-model" in text and "rwkv" in text
     assert "connection refused" in text
+    assert "token healing: off with a server" in text      # the server cannot constrain its first tokens

@@ -114,6 +114,10 @@ function M.check(h, opts)
   })[info.fim] or tostring(info.fim)
   h.info(("model: %s; prompt: %s%s"):format(tostring(info.model or "?"), prompt,
     present(info.slots) and ("; %s slots (candidates at once)"):format(tostring(info.slots)) or ""))
+  -- token healing needs a constraint on the first generated tokens, which these servers
+  -- do not offer: the prompt keeps every token up to the cursor
+  h.info("token healing: off with a server (the prompt ends at the cursor as typed; "
+    .. "the local engine heals the word at the cursor)")
   if backend == "llama.cpp" and present(info.slots) and tonumber(info.slots) and tonumber(info.slots) < 2 then
     h.warn("the server has 1 slot: one candidate per request", { "start llama-server with -np 4" })
   end
