@@ -78,7 +78,9 @@ def test_figures_are_sane(report):
     rp = S["replay_1.5b"]
     assert rp["status"] == "ok", rp
     assert rp["first_text_ms_p50"] > 0 and rp["all_candidates_ms_p50"] >= rp["first_text_ms_p50"] * 0.5
-    assert rp["refed_tokens_p50"] >= 1 and rp["replay"]["requests"] > 5
+    # token healing holds back the token under the cursor, so a typed character often re-feeds
+    # nothing (p50 may be 0); over a whole replay some keystrokes do feed tokens
+    assert rp["refed_tokens_p50"] >= 0 and rp["refed_tokens_max"] >= 1 and rp["replay"]["requests"] > 5
     peer = S["peer_rwkv"]
     if importlib.util.find_spec("rwkv") is None:
         assert peer["status"] == "skipped"

@@ -90,11 +90,15 @@ def test_candidates_from_llama_server(server):
 def test_greedy_candidates_equal_the_local_engine(server, model_files, row, col):
     import rwkv_engine
     from rwkv_engine.pipeline.completer import Completer
+    from rwkv_engine.pipeline.prompt_layout import PromptBuilder
 
     ckpt, _ = model_files
     greedy = dict(temperature=0.0, alpha_frequency=0.0, alpha_presence=0.0, candidates=2, max_tokens=24)
     local = Completer(remote_config(None, backend="local", cache_disk_mb=0, **greedy),
                       model=rwkv_engine.load_model(ckpt, device="cpu", use_kernel=False))
+    # the server cannot constrain its first tokens to the healed bytes, so the remote
+    # backend does not heal (PromptBuilder(heal=False)): compare with an unhealed local prompt
+    local.builder = PromptBuilder(local.config, local.tokenizer, heal=False)
     remote = RemoteCompleter(remote_config(server.url, **greedy))
     req = make_request(LINES, row, col=col)
     ours = local.complete(req)
