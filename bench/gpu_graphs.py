@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
         from rwkv_engine.cli.bench_replay import replay as run_replay
         from rwkv_engine.pipeline.config import EngineConfig
         model.enable_cuda_graphs(backend=backend).capture_all()     # as loading does
-        cfg = EngineConfig(device=dev.type, cache_dir=str(out.parent / "graphs-replay-cache"), candidates=4,
+        cfg = EngineConfig(device=dev.type, cache_dir=tempfile.mkdtemp(prefix="rwkv-graphs-replay-"), candidates=4,
                            max_lines=1, max_tokens=4 if args.tiny else 24, cuda_graphs=True)
         r = run_replay(model, None, 1 if args.tiny else 3, config=cfg)
         ks = r.get("keystroke", {})

@@ -85,8 +85,8 @@ class GpuTrainConfig:
 def tiny_config(cfg: GpuTrainConfig) -> GpuTrainConfig:
     return GpuTrainConfig(**{**asdict(cfg), **dict(
         vocab_size=400, batch=4, ctx_len=64, warmup_steps=2, save_minutes=0.05, export_reserve_s=2.0,
-        heldout_rows=2, tokens_per_param=0.05, min_params=0, max_params=2e6, part_mib=0.25,
-        max_parts=8, budget_mb=0.25, workers=0, tiny=True)})
+        heldout_rows=2, tokens_per_param=0.05, min_params=0, max_params=2e6, part_mib=0.1,
+        budget_mb=0.25, workers=0, tiny=True)})
 
 
 # ----------------------------------------------------------------------------- corpus
