@@ -49,6 +49,13 @@ def warm(model, rows, seed=0):
     return logits.argmax(-1), state
 
 
+def test_same_device_treats_cuda_and_cuda0_as_one():
+    # a model built with device="cuda" gets tensors that say cuda:0: graphs must still run
+    same = cuda_graph.same_device
+    assert same(torch.device("cuda"), torch.device("cuda:0")) and same("cuda:1", "cuda:1")
+    assert not same("cuda:0", "cuda:1") and not same("cpu", "cuda") and same("cpu", "cpu")
+
+
 def test_bucket_for():
     assert [bucket_for(b) for b in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
     assert bucket_for(9) is None and bucket_for(3, (8, 2)) == 8

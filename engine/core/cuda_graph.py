@@ -39,6 +39,13 @@ log = logging.getLogger("rwkv_engine")
 BUCKETS = (1, 2, 4, 8)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """torch.device("cuda") and torch.device("cuda:0") name one GPU (the model keeps the
+    first form, tensors on it report the second)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def bucket_for(batch: int, buckets: Sequence[int] = BUCKETS) -> Optional[int]:
     """The smallest bucket >= ``batch``; None when the batch is larger than every bucket."""
     for b in sorted(buckets):
@@ -143,12 +150,14 @@ class GraphDecode:
         self.replays = 0
 
     def usable(self, tokens: torch.Tensor, state: State) -> bool:
-        if self.disabled is not None or tokens.device != self.model.device:
+        dev = self.model.device
+        if self.disabled is not None or not same_device(tokens.device, dev):
             return False
         if bucket_for(tokens.shape[0], self.buckets) is None:
             return False
         s = state
-        return (s.wkv[0].device == self.model.device and s.att_x[0].dtype == self.model.dtype
+        return (same_device(s.wkv[0].device, dev) and same_device(s.att_x[0].device, dev)
+                and s.att_x[0].dtype == self.model.dtype
                 and s.wkv[0].dtype == torch.float32 and s.n_layer == self.model.shape.n_layer)
 
     def __call__(self, tokens: torch.Tensor, state: State):
