@@ -29,8 +29,8 @@ The device call (the `run` tool; ~9.5 min of the 10-minute limit, one call):
   carry:   [".whl", ".corpus"]
   timeout_s: 590
 
-(the command is one line). Default budgets: check 250 s, graphs 75 s, train the rest of
---total (565 s) less 15 s. Afterwards, here: ``python3 tools/train_gpu.py reassemble DIR
+(the command is one line). Default budgets: check 270 s (gpu_check --budget 255, its
+pytest at most 110 s), graphs 60 s, train the rest of --total (565 s): ~3.5 minutes. Afterwards, here: ``python3 tools/train_gpu.py reassemble DIR
 default-model-v2.pth`` joins the parts, then evaluate it against v1 with
 ``rwkv-nvim eval --model default-model-v2.pth --files <v1's held-out files>``.
 
@@ -264,10 +264,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and budgets (CPU plumbing run)")
     ap.add_argument("--total", type=float, default=565.0, help="seconds for the whole call")
-    ap.add_argument("--check-s", type=float, default=250.0)
-    ap.add_argument("--graphs-s", type=float, default=75.0)
+    ap.add_argument("--check-s", type=float, default=270.0)
+    ap.add_argument("--graphs-s", type=float, default=60.0)
     ap.add_argument("--train-minutes", type=float, default=0.25, help="with --tiny only (else: the time left)")
-    ap.add_argument("--check-args", default="", help="more gpu_check.py arguments, e.g. '--no-7b'")
+    ap.add_argument("--check-args", default="--pytest-timeout 110",
+                    help="more gpu_check.py arguments (default: pytest gets at most 110 s)")
     ap.add_argument("--sections", default="check,graphs,train")
     ap.add_argument("--prepare", action="store_true", help="make .whl/ and .corpus/ here (needs PyPI)")
     args = ap.parse_args(argv)
