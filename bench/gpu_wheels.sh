@@ -22,7 +22,9 @@ if [ -d .git ]; then
   grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 fi
 
-pkgs=("rwkv==0.8.32")
+# flash-linear-attention (+ fla-core, pure Python; Triton is on the device): gpu_check's
+# peer_fla section and the measured alternative WKV-7 op of tools/train_gpu.py
+pkgs=("rwkv==0.8.32" "flash-linear-attention==0.6.0" "fla-core==0.6.0")
 [ "${1:-}" = "--with-pynvim" ] && pkgs+=("pynvim==0.6.0" "greenlet")
 
 rm -rf .whl
@@ -40,6 +42,7 @@ from pathlib import Path
 ON_DEVICE = {  # KINDS.md "Python packages already there" (those that matter here)
     "torch", "numpy", "msgpack", "pytest", "hypothesis", "huggingface-hub", "ninja", "tokenizers",
     "packaging", "filelock", "fsspec", "pyyaml", "requests", "tqdm", "typing-extensions",
+    "einops", "transformers", "triton",
 }
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 wheels = sorted(Path(".whl").glob("*.whl"))

@@ -1,6 +1,7 @@
 """Train the small RWKV-7 code model that ships with the plugin (engine/data/default-model.pth).
 
     python tools/train_default_model.py --minutes 50 --out engine/data/default-model.pth
+    python3 tools/train_default_model.py --device cuda --minutes 4 --out $OUT   # v2: tools/train_gpu.py
 
 Reproducible: the seed drives the corpus split, the vocabulary, the samples and the
 init. The run stops at a wall-time cap (the learning-rate schedule follows the
@@ -233,6 +234,10 @@ def verify_checkpoint(path: Path, text: str = "def add(a, b):\n    return a + b\
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--tiny" or a.startswith("--device") for a in argv):
+        import train_gpu           # the GPU path (and its CPU plumbing run): tools/train_gpu.py
+        return train_gpu.main(argv)
     t_process = time.time()
     cfg, args = parse_args(argv)
     if args.verify_only:

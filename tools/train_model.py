@@ -108,7 +108,8 @@ class TimeMix(nn.Module):
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
         r = self.receptance(xr)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # log(-log decay)
+        # log(-log decay) in fp32 also under bf16 autocast: a decay near 1 needs more than 8 bits
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float()) - 0.5
         k = self.key(xk)
         v = self.value(xv)
         if self.layer_id == 0:

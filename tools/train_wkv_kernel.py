@@ -212,7 +212,7 @@ class _WKV7Function(torch.autograd.Function):
 def wkv7_train_torch(w: torch.Tensor, r, k, v, a, b) -> torch.Tensor:
     """Reference: per-token loop with autograd. All inputs [B, T, H, 64]; returns y [B, T, H, 64]."""
     B, T, H, N = r.shape
-    S = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)  # [B, H, N(value), N(key)]
+    S = torch.zeros(B, H, N, N, dtype=torch.promote_types(r.dtype, torch.float32), device=r.device)  # [B, H, N(value), N(key)]
     ys = []
     for t in range(T):
         sa = S @ a[:, t, :, :, None]                                   # [B, H, N, 1]
@@ -222,9 +222,19 @@ def wkv7_train_torch(w: torch.Tensor, r, k, v, a, b) -> torch.Tensor:
 
 
 def wkv7_train(w: torch.Tensor, r, k, v, a, b, use_kernel: bool = True) -> torch.Tensor:
-    """WKV-7 over a whole sequence from a zero state; differentiable. Inputs [B, T, H, 64] fp32."""
+    """WKV-7 over a whole sequence from a zero state; differentiable. Inputs [B, T, H, 64] fp32.
+
+    ``use_kernel``: True picks the C++ kernel on the CPU and tools/train_wkv_chunked.py on
+    CUDA; "chunked" the chunked formulation anywhere (the CPU runs of the GPU path); "fla"
+    flash-linear-attention's chunked Triton op (CUDA); False the per-token reference loop."""
     if r.shape[-1] != HEAD_SIZE:
         raise ValueError(f"head size must be {HEAD_SIZE}, got {r.shape[-1]}")
+    if use_kernel == "fla":                                     # measured faster on this GPU
+        from train_wkv_chunked import wkv7_fla
+        return wkv7_fla(w, r, k, v, a, b)
+    if use_kernel and (r.is_cuda or use_kernel == "chunked"):   # GPU: the chunked torch formulation
+        from train_wkv_chunked import wkv7_chunked
+        return wkv7_chunked(w, r, k, v, a, b)
     if use_kernel and load_kernel() is not None:
         return _WKV7Function.apply(w, r, k, v, a, b)
     return wkv7_train_torch(w, r, k, v, a, b)

@@ -101,6 +101,7 @@ class RWKV7:
         self.path = path
         self.use_kernel = use_kernel
         self._fused = None if fused else False   # fused=False: one-token steps take the torch path
+        self.graphs = None                         # GraphDecode once enable_cuda_graphs() ran
         self.world_ids = world_ids
         self.tokenizer = (WorldTokenizer.from_world_ids(world_ids) if world_ids is not None
                           else WorldTokenizer.default())
@@ -157,9 +158,20 @@ class RWKV7:
         if state.batch != B:
             raise ValueError(f"state has {state.batch} rows but tokens have {B}")
         if T == 1 and not all_logits:
+            if self.graphs is not None:
+                out = self.graphs(tokens, state)                                   # CUDA-graph replay
+                if out is not None:
+                    return out
             fused = self._fused_decode()
             if fused is not None:
                 return fused(self.emb[tokens[:, 0]], state)                        # [B, V], new state
+        return self._step(tokens, state, all_logits)
+
+    __call__ = forward
+
+    def _step(self, tokens: torch.Tensor, state: State, all_logits: bool = False):
+        """The eager torch path: tokens [B, T] on the device -> (logits, new state); what
+        engine/core/cuda_graph.py captures for T = 1 (and is tested against)."""
         x = self.emb[tokens]                                                       # [B, T, C]
         new = State([], [], [])
         v_first = None
@@ -171,7 +183,19 @@ class RWKV7:
         x = F.layer_norm(x, (self.shape.n_embd,), self.ln_out_w, self.ln_out_b)
         return self.head(x).float(), new
 
-    __call__ = forward
+    def enable_cuda_graphs(self, buckets=None, backend=None):
+        """Replay one-token steps from CUDA graphs (engine/core/cuda_graph.py) for batch
+        buckets (default 1, 2, 4, 8); a no-op returning None on a CPU model unless a
+        ``backend`` is given (the CPU tests' ReplayBackend). Returns the GraphDecode."""
+        from .cuda_graph import BUCKETS, GraphDecode
+        if self.device.type != "cuda" and backend is None:
+            log.info("CUDA graphs need a CUDA model (this one is on %s): not enabled", self.device)
+            return None
+        self.graphs = GraphDecode(self, buckets or BUCKETS, backend)
+        return self.graphs
+
+    def disable_cuda_graphs(self) -> None:
+        self.graphs = None
 
     def _fused_decode(self):
         """The fused one-token CPU step (engine/core/fused_step.py), or None: on a GPU, with

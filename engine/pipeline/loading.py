@@ -77,6 +77,8 @@ def load_configured_model(config: EngineConfig, warn: Warn = None):
         model = load_model(path, device="cpu", dtype=dtype)
     if model.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
+    elif config.cuda_graphs:
+        model.enable_cuda_graphs().capture_all()   # at load, not on a keystroke; eager on any error
     model.precision = precision or precision_of(model)
     settle_garbage_collector()
     return model
