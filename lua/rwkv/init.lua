@@ -66,7 +66,7 @@ local function create_autocmds()
   end, "load the model on first use")
   au({ "TextChangedI", "CursorMovedI" }, suggest.on_change, "suggest while typing")
   au("InsertLeave", suggest.reset, "hide the suggestion")
-  au({ "BufLeave", "CompleteChanged" }, suggest.hide, "hide the suggestion")
+  au({ "BufLeave", "WinLeave", "CompleteChanged" }, suggest.hide, "hide the suggestion")
 end
 
 --- Validate and apply options. Returns false (after one error message) on a bad option.
