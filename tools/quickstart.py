@@ -194,6 +194,20 @@ def build_kernels(venv: Venv, force: bool) -> None:
     stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def help_tags_stale() -> bool:
+    doc, tags = ROOT / "doc" / "rwkv.txt", ROOT / "doc" / "tags"
+    return not tags.exists() or tags.stat().st_mtime < doc.stat().st_mtime
+
+
+def ensure_help_tags(nvim) -> None:
+    """doc/tags for :help rwkv (shipped; made again here when missing or older than the doc)."""
+    if not help_tags_stale() or not nvim or not Path(nvim).exists():
+        return
+    say("generating the help tags (:help rwkv)")
+    if not runs(nvim, "--headless", "--clean", "+helptags " + str(ROOT / "doc").replace(" ", "\\ "), "+qa!"):
+        say("warning: :helptags failed; :help rwkv may not find the plugin's help")
+
+
 def write_info(venv: Venv, torch: str) -> None:
     info = {"plugin": str(ROOT), "python": sys.version.split()[0], "base_python": sys.executable,
             "torch": torch, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -208,6 +222,7 @@ def setup(venv: Venv, with_tests: bool = False, nvim: bool = True, kernels: bool
     changed = ensure_package(venv, with_tests, quiet=quiet)
     if nvim:
         ensure_nvim(venv)
+        ensure_help_tags(venv.nvim)
     if kernels:
         build_kernels(venv, force=changed)
     write_info(venv, torch)

@@ -120,9 +120,21 @@ local function finish(plan, job)
   return ok, msg
 end
 
+--- doc/tags for :help rwkv: shipped with the plugin; made again when missing or older than
+--- doc/rwkv.txt (a plugin manager that drops it, an edited doc). Returns whether it ran.
+function M.help_tags()
+  local doc = vim.fs.joinpath(require("rwkv.remote").plugin_root(), "doc")
+  local txt, tags = vim.uv.fs_stat(doc .. "/rwkv.txt"), vim.uv.fs_stat(doc .. "/tags")
+  if not txt or (tags and tags.mtime.sec >= txt.mtime.sec) then
+    return false
+  end
+  return (pcall(vim.cmd.helptags, vim.fn.fnameescape(doc)))
+end
+
 --- After a successful build: a host that failed or ran from the old environment is
 --- forgotten, so the next call starts the own host from the new one.
 local function after_success()
+  M.help_tags()
   local remote = require("rwkv.remote")
   if remote.state.kind == "own" or remote.state.failed then
     remote.reset()
