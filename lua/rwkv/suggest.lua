@@ -30,6 +30,7 @@ local S = {
   result = nil, ---@type table|nil  {id, buf, tick, row, col, items: string[]}  the last finished request, drawn or not
   timer = nil, ---@type uv.uv_timer_t|nil
   last = nil, ---@type table|nil  stats of the last finished request
+  stats = {}, ---@type table<integer, table>  stats of the last few finished requests by id (:RwkvStatus)
   requests = 0, -- counters for :RwkvStatus
   shown_count = 0,
   accepted = 0,
@@ -375,6 +376,10 @@ function M.on_done(msg)
   end
   if type(msg.stats) == "table" then
     S.last = msg.stats
+    if type(msg.id) == "number" and next(msg.stats) then
+      S.stats[msg.id] = msg.stats
+      S.stats[msg.id - 16] = nil -- the last 16 requests
+    end
   end
   local s = S.sent
   if not s or msg.id ~= s.id then
