@@ -135,3 +135,56 @@ def test_one_float_while_typing_none_after_each_way_out(ui):
     ui.feed("<Esc>")
     ui.cmd("only")
     assert not ui.errors_in_messages()
+
+
+# -- the place -------------------------------------------------------------------------
+GEOMETRY = r"""
+vim.cmd("redraw")
+local win = require("rwkv.float").win()
+local pos = vim.api.nvim_win_get_position(win)   -- 0-based screen row of the float's top (its border)
+local cfg = vim.api.nvim_win_get_config(win)
+local frame = (cfg.border and #cfg.border > 0 and cfg.border[1] ~= '') and 1 or 0
+return { top = pos[1], bottom = pos[1] + cfg.height - 1 + 2 * frame,
+         cursor = vim.fn.screenpos(0, vim.fn.line('.'), 1).row - 1 }
+"""
+
+
+def test_float_goes_below_the_ghost_lines_when_there_is_room(ui):
+    fresh(ui, [f"line_{i} = {i}" for i in range(60)])
+    ui.cmd("normal! 8Gzt")  # line 8 at the top of the window: room below
+    shown(ui, "10jA ", ["x\n  y", "other", "third"])  # room above too: below is chosen
+    g = ui.lua(GEOMETRY)
+    assert g["top"] > g["cursor"] + 1, g  # under the cursor line and the ghost text's one line
+    assert ui.lua("return #require('rwkv.ghost').get().details.virt_lines") == 1
+
+
+def test_float_goes_above_near_the_bottom_never_over_the_cursor_line(ui):
+    fresh(ui, [f"line_{i} = {i}" for i in range(60)])
+    ui.cmd("normal! Gzb")  # the cursor line at the bottom of the window: no room below
+    shown(ui, "A ", ["x\n  y", "other", "third"])
+    g = ui.lua(GEOMETRY)
+    assert g["bottom"] < g["cursor"], g
+
+
+def test_ghost_text_lines_are_capped_and_the_rest_counted(ui):
+    text = "\n".join(f"row{i}" for i in range(8))  # 8 lines
+    fresh(ui, ["", ""])
+    shown(ui, "ggiz = ", [text, "other"])
+    d = ui.lua("return require('rwkv.ghost').get().details")
+    assert len(d["virt_lines"]) == 2  # ghost.max_lines = 3: the first line + 2 below
+    assert d["virt_lines"][-1][-1] == [" … +5 lines", "RwkvAnnotation"]
+    assert ui.lua("return require('rwkv.ghost').displayed_text()") == "row0\nrow1\nrow2"
+    ui.feed("<Tab>")  # <Tab> still inserts the whole candidate
+    ui.wait_for("vim.api.nvim_buf_line_count(0) == 9", timeout=10)
+    assert ui.buffer_text().startswith("z = " + text)
+    try:
+        assert ui.lua("return require('rwkv').setup({ debounce_ms = 10, notify = false, lsp = { enabled = true },"
+                      " ghost = { max_lines = 0 } })")
+        fresh(ui, ["", ""])
+        shown(ui, "ggiz = ", [text, "other"])
+        assert len(ui.lua("return require('rwkv.ghost').get().details.virt_lines")) == 7
+    finally:
+        ui.lua("require('rwkv').setup(...)", OPTS)
+    for bad in ("-1", "1.5", "'3'"):
+        ok, err = ui.lua(f"return {{ pcall(require('rwkv.config').apply, {{ ghost = {{ max_lines = {bad} }} }}) }}")
+        assert ok is False and "ghost.max_lines" in err, (bad, err)

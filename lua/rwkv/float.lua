@@ -1,7 +1,8 @@
 -- rwkv.nvim: the candidate window. A non-focusable float beside the cursor that lists
 -- every candidate, numbered, a few lines each, the current one highlighted. It is
--- placed above the cursor line (or below the ghost text's extra lines) so that it never
--- covers the ghost text, and it never takes the focus.
+-- placed below the ghost text's lines when there is room (else above the cursor line), so
+-- that it covers neither the cursor line nor the ghost text nor the code above it that
+-- one is reading, and it never takes the focus.
 local M = {}
 
 M.ns = vim.api.nvim_create_namespace("rwkv_float")
@@ -97,23 +98,30 @@ function M.show(items, index, opts)
   width = math.min(width + 1, opts.max_width, math.max(10, vim.o.columns - frame - 2))
   local height = math.min(#lines, math.max(1, vim.o.lines - 4 - frame))
 
-  -- above the cursor line when it fits, else under the ghost text's lines
-  local room_above = vim.fn.winline() - 1
+  -- below the cursor line and the ghost text's lines when it fits there, else above the
+  -- cursor line, else on the side with more room (shorter); never over the cursor line
+  local below = opts.below or 0
+  local winline = vim.fn.winline()
+  local room_above = winline - 1
+  local room_below = math.max(0, vim.api.nvim_win_get_height(0) - winline - below)
   local cfg = {
     relative = "cursor",
     col = 0,
     width = width,
-    height = height,
     style = "minimal",
     border = opts.border,
     focusable = false,
     zindex = 60,
   }
-  if room_above >= height + frame then
+  local up = room_below < height + frame and (room_above >= height + frame or room_above > room_below)
+  if up then
     cfg.row, cfg.anchor = 0, "SW"
+    height = math.max(1, math.min(height, room_above - frame))
   else
-    cfg.row, cfg.anchor = 1 + (opts.below or 0), "NW"
+    cfg.row, cfg.anchor = 1 + below, "NW"
+    height = math.max(1, math.min(height, room_below - frame))
   end
+  cfg.height = height
   if has_border then
     cfg.title = title(index, #items)
     cfg.title_pos = "right"

@@ -113,13 +113,17 @@ local function render()
   local n = #s.items
   local use_float = c.float.enabled and s.done and n > 1
   local note = (not use_float and n > 1 and c.ghost.annotation) and ("(%d/%d)"):format(s.index, n) or nil
+  local below = 0 -- screen lines the ghost text takes under the cursor line
   if c.ghost.enabled then
-    ghost.show(s.buf, s.row, s.col, text, note)
+    ghost.show(s.buf, s.row, s.col, text, note, c.ghost.max_lines)
+    below = select(2, text:gsub("\n", ""))
+    if c.ghost.max_lines > 0 then
+      below = math.min(below, c.ghost.max_lines - 1)
+    end
   else
     ghost.clear()
   end
   if use_float then
-    local below = select(2, text:gsub("\n", ""))
     float.show(s.items, s.index, {
       max_lines = c.float.max_lines,
       max_width = c.float.max_width,
