@@ -106,3 +106,27 @@ def test_pip_takes_the_cpu_build_from_the_extra_index(index, tmp_path, monkeypat
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [p.name for p in out.iterdir()] == ["torch-2.13.0+cpu-py3-none-any.whl"]
+
+
+def test_the_build_measures_the_cpu_precision(tmp_path, monkeypatch):
+    """Issue 21 item 2: the build (quickstart setup, :RwkvBuild) measures the CPU precision,
+    so that the first suggestion finds the verdict cached instead of measuring for ~15 s."""
+    qs = quickstart()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("RWKV_NVIM_CPU_PRECISION", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")           # the CPU path, also on a GPU machine
+    venv = qs.Venv(Path(sys.executable).parent.parent)
+    venv.dir = tmp_path / "venv"                             # the stamp's place; the interpreter is this one
+    venv.dir.mkdir()
+    venv.py = Path(sys.executable)
+    from rwkv_engine.pipeline.config import EngineConfig
+    from rwkv_engine.pipeline.loading import resolve_cpu_precision
+    config = EngineConfig(cache_dir=str(tmp_path / "cache" / "rwkv.nvim"))
+    from rwkv_engine.core import cpu_precision as cp
+    cp.forget()
+    assert resolve_cpu_precision(config, measure_now=False) is None   # a fresh cache: no verdict
+    qs.measure_precision(venv, force=False)
+    cp.forget()
+    verdict = resolve_cpu_precision(config, measure_now=False)
+    assert verdict is not None and verdict.get("decode") in cp.candidates()
+    assert (venv.dir / ".rwkv-nvim-precision").exists()

@@ -243,6 +243,35 @@ def build_kernels(venv: Venv, force: bool) -> None:
     stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+PRECISION_CODE = """
+import sys
+from rwkv_engine.pipeline.config import EngineConfig
+from rwkv_engine.pipeline.loading import pick_device, resolve_cpu_precision
+from rwkv_engine.core.cpu_precision import describe
+config = EngineConfig()
+if pick_device(config) != "cpu":
+    print("rwkv-nvim precision: the model runs on the GPU: nothing to measure")
+    sys.exit(0)
+verdict = resolve_cpu_precision(config, progress=lambda m: print("rwkv-nvim precision: " + m, flush=True))
+print("rwkv-nvim precision: " + describe(verdict), flush=True)
+"""
+
+
+def measure_precision(venv: Venv, force: bool) -> None:
+    """dtype "auto" on the CPU: measure which weight precision is fastest on this CPU now
+    (once, ~15 s; cached per CPU in the engine's cache), not before the first suggestion."""
+    stamp = venv.dir / ".rwkv-nvim-precision"
+    if stamp.exists() and not force:
+        return
+    say("measuring which weight precision is fastest on this CPU (once per CPU, usually 10-30 s; "
+        "the first suggestion would wait for it otherwise)")
+    rc, _ = stream(venv.py, "-c", PRECISION_CODE)
+    if rc != 0:     # not fatal: the engine measures on first use instead
+        say("warning: the precision measurement failed (reason above); the plugin measures it on first use")
+        return
+    stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
 def help_tags_stale() -> bool:
     doc, tags = ROOT / "doc" / "rwkv.txt", ROOT / "doc" / "tags"
     return not tags.exists() or tags.stat().st_mtime < doc.stat().st_mtime
@@ -274,6 +303,7 @@ def setup(venv: Venv, with_tests: bool = False, nvim: bool = True, kernels: bool
         ensure_help_tags(venv.nvim)
     if kernels:
         build_kernels(venv, force=changed)
+        measure_precision(venv, force=changed)
     write_info(venv, torch)
     say(f"ready in {time.time() - t0:.0f}s: {venv.dir} (Python {sys.version.split()[0]}, torch {torch})")
 
