@@ -3,7 +3,8 @@
 --   .enable() .disable() .toggle()     suggestions on / off
 --   .status()                          {enabled, model, device, loaded, error, last_error, last = {...}}
 --   .statusline()                      a short string for the statusline
--- The model loads in the Python host on the first InsertEnter, never at start-up.
+-- The model loads in the Python host's worker thread: right after start-up with the
+-- plugin's own host (M.preload), else on the first InsertEnter.
 local config = require("rwkv.config")
 local remote = require("rwkv.remote")
 
@@ -88,9 +89,43 @@ function M.setup(opts)
   end
   if remote.state.started then
     remote.start(config.engine_opts()) -- new engine options take effect now
+  else
+    M.schedule_preload()
   end
   return true
 end
+
+--- At plugin start (after VimEnter, deferred): start the engine, so that the model loads
+--- in the Python host's worker while the user reads, not at the first keystroke. Only
+--- with the plugin's own host (its environment exists): starting it is a jobstart and
+--- one notification, nothing blocks the editor (Neovim's shared python3 host would block
+--- while it starts: that one still starts on the first InsertEnter).
+function M.preload()
+  if not configured or not config.current.enabled or remote.state.started or remote.state.failed then
+    return false
+  end
+  local kind = remote.state.kind or remote.choose()
+  if kind ~= "own" or vim.fn.executable(remote.env_python(remote.env_dir())) ~= 1 then
+    return false
+  end
+  if not config.buffer_allowed(api.nvim_get_current_buf()) then
+    return false
+  end
+  M.start_engine()
+  return remote.state.started
+end
+
+function M.schedule_preload()
+  local function later()
+    vim.defer_fn(M.preload, M.PRELOAD_DELAY_MS)
+  end
+  if vim.v.vim_did_enter == 1 then
+    later()
+  else
+    api.nvim_create_autocmd("VimEnter", { once = true, callback = later, desc = "rwkv: load the model at start" })
+  end
+end
+M.PRELOAD_DELAY_MS = 100
 
 --- setup() with defaults unless the user already called it (plugin/rwkv.lua). After a
 --- failed setup() nothing starts with defaults: the user's options were wrong, not absent.
