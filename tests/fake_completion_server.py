@@ -162,7 +162,7 @@ def openai_events(texts: Sequence[str], usage: Optional[dict] = None) -> List:
 
 
 class FakeServer:
-    def __init__(self, texts: Sequence[str] = ("alpha()", "beta()"), rwkv: bool = True):
+    def __init__(self, texts: Sequence[str] = ("alpha()", "beta()"), rwkv: bool = True, port: int = 0):
         self.texts = list(texts)
         self.requests: List[dict] = []
         self.disconnects: List[float] = []
@@ -174,7 +174,7 @@ class FakeServer:
             "/completion": self._completion,
             "/v1/completions": self._openai,
         }
-        self._srv = _Server(("127.0.0.1", 0), Handler)
+        self._srv = _Server(("127.0.0.1", port), Handler)
         self._srv.fake = self
         self.url = f"http://127.0.0.1:{self._srv.server_address[1]}"
         self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05},

@@ -384,7 +384,9 @@ require('rwkv').on_event('ready', { model = 'fake', device = 'cpu', dtype = 'flo
                                     precision = 'fp32 (RWKV_NVIM_CPU_PRECISION)' })
 """)
         lines = s.lua("return require('rwkv').status_lines()")
-        assert "precision: int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)" in lines, lines
+        # one line for what runs: int8 weights with fp32 activations, no "dtype: float32" beside it
+        assert "precision: int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %); activations in fp32" in lines, lines
+        assert not [ln for ln in lines if "dtype" in ln], lines
         s.lua("require('rwkv.remote').status = function() return {} end")
         lines = s.lua("return require('rwkv').status_lines()")
         assert "precision: fp32 (RWKV_NVIM_CPU_PRECISION)" in lines, lines     # from the ready event

@@ -44,7 +44,8 @@ TIME = re.compile(r"\d\d:\d\d:\d\d, \d+ s ago")
 
 def _status_text(s) -> str:
     s.cmd("RwkvStatus")
-    return s.messages().split("rwkv: suggestions")[-1]
+    # a line longer than the screen is echoed wrapped, continued with two spaces: joined here
+    return s.messages().split("rwkv: suggestions")[-1].replace("\n  ", " ")
 
 
 def test_request_errors_notify_once_each_and_the_last_shows_in_status(tmp_path):

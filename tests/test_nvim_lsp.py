@@ -135,7 +135,41 @@ def test_native_popup_lists_candidates_and_accept_inserts_the_whole_text(ui):
     ev = [e for e in ui.lua("return _G.T.events") if e["name"] == "RwkvAccepted"]
     assert ev and ev[-1]["data"]["via"] == "lsp" and ev[-1]["data"]["kind"] == "all"
     ui.wait_for("_G.T.count('RwkvRequest') == 2", timeout=10, what="the next request at once")
+    assert ui.lua("return _G.T.count('RwkvAccept')") == 1  # our CompleteDone and the item's command: once
     ui.lua("vim.lsp.completion.enable(false, require('rwkv.lsp').client_id(), 0)")
+    assert_no_errors(ui)
+
+
+def test_omnifunc_accept_inserts_the_whole_candidate_and_the_info_shows_code(ui):
+    """Issue 21: <C-x><C-o> <C-n> <C-y> inserted only the first word ("column_index(s,"),
+    and the info popup showed the markdown fences of the documentation."""
+    fresh(ui, ["class T:", "    def f(self, s):", ""])
+    ui.cmd("setlocal omnifunc=v:lua.vim.lsp.omnifunc expandtab shiftwidth=4")
+    ui.cmd("set completeopt=menuone,noselect,popup")
+    try:
+        ui.feed("Gi        return self.c")
+        ui.wait_for("_G.T.asked_here()", timeout=10, what="the request typing sends")
+        ui.lua("_G.T.done(...)", ["olumn_index(s, 0)\n        x = 1", "ount"])
+        ui.wait_for(f"{SUGGEST}.visible()", timeout=10)
+        ui.feed("<C-x><C-o>")
+        ui.wait_for("vim.fn.pumvisible() == 1", timeout=10, what="the omnifunc menu")
+        assert ui.lua("return _G.L.pum_words()")[0] == "column_index(s, 0)"
+        ui.feed("<C-n>")
+        ui.wait_for("vim.fn.complete_info({ 'selected' }).selected == 0", timeout=10)
+        info = ui.lua("""local i = vim.fn.complete_info({ 'selected' })
+          if not i.preview_bufnr or not vim.api.nvim_buf_is_valid(i.preview_bufnr) then return nil end
+          return { lines = vim.api.nvim_buf_get_lines(i.preview_bufnr, 0, -1, false),
+                   syntax = vim.bo[i.preview_bufnr].syntax }""")
+        assert info is not None
+        assert info["lines"] == ["column_index(s, 0)", "        x = 1"] and info["syntax"] == "python", info
+        ui.feed("<C-y>")
+        ui.wait_for("vim.api.nvim_buf_line_count(0) == 4", timeout=10, what="the whole candidate")
+        assert ui.buffer_text() == "class T:\n    def f(self, s):\n        return self.column_index(s, 0)\n        x = 1"
+        assert ui.cursor() == (3, len("        x = 1"))
+        assert ui.lua("return _G.T.count('RwkvAccept')") == 1
+        assert ui.lua("return _G.T.last('RwkvAccept')")[1] == "olumn_index(s, 0)\n        x = 1"
+    finally:
+        ui.cmd("set completeopt=menuone,noselect")
     assert_no_errors(ui)
 
 

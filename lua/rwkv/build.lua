@@ -19,6 +19,8 @@ M.last = nil ---@type {ok: boolean, seconds: number, message: string, log: strin
 M.running = false
 
 local STEP = "^%[rwkv%.nvim%] "
+M.WIDTH = 72 -- progress lines are cut to this many characters (lazy.nvim shows one, cut at its width)
+M.HEARTBEAT_S = 5 -- a step silent this long is named again, with its time so far
 
 --- The build's log file (the whole output of the last build).
 function M.log_path()
@@ -101,7 +103,15 @@ local function finish(plan, job)
   pcall(vim.fn.writefile, vim.list_extend({ "$ " .. table.concat(plan.argv, " ") }, job.lines), log)
   local ok, msg = job.code == 0, nil
   if ok then
-    msg = ("rwkv: the plugin's Python environment is ready (%.0f s): %s"):format(seconds, plan.dir)
+    local detail -- "Python 3.11.7, torch 2.13.0+cpu" from the quick start's last line
+    for i = #job.lines, 1, -1 do
+      detail = job.lines[i]:match("^%[rwkv%.nvim%] ready in .-%((.*)%)%s*$")
+      if detail then
+        break
+      end
+    end
+    msg = ("rwkv: the plugin's Python environment is ready (%sbuilt in %.0f s): %s"):format(
+      detail and (detail .. ", ") or "", seconds, plan.dir)
   else
     local reason
     for i = #job.lines, 1, -1 do
@@ -120,9 +130,21 @@ local function finish(plan, job)
   return ok, msg
 end
 
+--- doc/tags for :help rwkv: shipped with the plugin; made again when missing or older than
+--- doc/rwkv.txt (a plugin manager that drops it, an edited doc). Returns whether it ran.
+function M.help_tags()
+  local doc = vim.fs.joinpath(require("rwkv.remote").plugin_root(), "doc")
+  local txt, tags = vim.uv.fs_stat(doc .. "/rwkv.txt"), vim.uv.fs_stat(doc .. "/tags")
+  if not txt or (tags and tags.mtime.sec >= txt.mtime.sec) then
+    return false
+  end
+  return (pcall(vim.cmd.helptags, vim.fn.fnameescape(doc)))
+end
+
 --- After a successful build: a host that failed or ran from the old environment is
 --- forgotten, so the next call starts the own host from the new one.
 local function after_success()
+  M.help_tags()
   local remote = require("rwkv.remote")
   if remote.state.kind == "own" or remote.state.failed then
     remote.reset()
@@ -140,12 +162,29 @@ local function lazy_async()
   end
 end
 
+--- One output line as a short progress line: "rwkv: ..." for the build's own steps, cut
+--- to M.WIDTH characters.
+function M.short(line)
+  line = line:gsub(STEP, "rwkv: ")
+  if vim.fn.strchars(line) > M.WIDTH then
+    line = vim.fn.strcharpart(line, 0, M.WIDTH - 1) .. "…"
+  end
+  return line
+end
+
 local function message(line)
   if line:find(STEP) then
     local err = line:find("^%[rwkv%.nvim%] error: ")
-    return { msg = line, level = err and vim.log.levels.ERROR or vim.log.levels.INFO }
+    return { msg = err and line or M.short(line), level = err and vim.log.levels.ERROR or vim.log.levels.INFO }
   end
-  return line
+  return M.short(line)
+end
+
+--- The step running now, said again after M.HEARTBEAT_S silent seconds: "rwkv: compiling
+--- the WKV-7 kernels … (still running, 25 s)".
+local function heartbeat(step, since)
+  local s = ("%s (still running, %d s)"):format(step, math.floor((vim.uv.hrtime() - since) / 1e9))
+  return { msg = M.short(s), level = vim.log.levels.INFO }
 end
 
 --- The build for plugin managers: see the top of this file. Returns true; raises on failure.
@@ -164,9 +203,27 @@ function M.run(opts)
     end
   end)
   M.running = true
+  local step, step_t, quiet_since = "rwkv: building", job.started, job.started
+  local beat = async and vim.uv.new_timer() or nil
+  if beat then -- lazy.nvim resumes us on output only: wake up for the heartbeat too
+    beat:start(M.HEARTBEAT_S * 1000, M.HEARTBEAT_S * 1000, function()
+      vim.schedule(function()
+        if not job.done then
+          async:resume()
+        end
+      end)
+    end)
+  end
+  local function stop_beat()
+    if beat and not beat:is_closing() then
+      beat:stop()
+      beat:close()
+    end
+  end
   local function yield(value)
     if coroutine.yield(value) == "abort" then -- lazy.nvim aborts its tasks this way
       job.obj:kill(15)
+      stop_beat()
       M.running = false
       error("rwkv.nvim build aborted", 0)
     end
@@ -174,6 +231,11 @@ function M.run(opts)
   while true do
     while #job.queue > 0 do
       local line = table.remove(job.queue, 1)
+      quiet_since = vim.uv.hrtime()
+      if line:find(STEP) then
+        step = M.short(line):gsub("%s*%(.*$", "") -- "rwkv: compiling the WKV-7 kernels"
+        step_t = quiet_since
+      end
       if yieldable then
         yield(message(line))
       elseif line:find(STEP) then
@@ -182,6 +244,10 @@ function M.run(opts)
     end
     if job.done then
       break
+    end
+    if yieldable and (vim.uv.hrtime() - quiet_since) / 1e9 >= M.HEARTBEAT_S then
+      quiet_since = vim.uv.hrtime()
+      yield(heartbeat(step, step_t))
     end
     if async then
       async:suspend() -- resumed by new output and by the end
@@ -194,15 +260,15 @@ function M.run(opts)
     end
   end
   M.running = false
+  stop_beat()
   local ok, msg = finish(plan, job)
   if not ok then
     error(msg, 0)
   end
   after_success()
+  vim.api.nvim_echo({ { msg } }, true, {}) -- in :messages too: lazy.nvim's window drops the last line
   if yieldable then
     yield({ msg = msg, level = vim.log.levels.INFO })
-  else
-    vim.api.nvim_echo({ { msg } }, true, {})
   end
   return true
 end

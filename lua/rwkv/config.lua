@@ -36,6 +36,7 @@ M.defaults = {
   ghost = {
     enabled = true, -- the suggestion as ghost text at the cursor (false: e.g. when a completion menu shows it)
     annotation = true, -- "(i/n)" after the ghost text when the float is off
+    max_lines = 3, -- most lines of ghost text (the first + virtual lines below it); 0: all
   },
   float = {
     enabled = true, -- the candidate window (shown with 2 or more candidates)
@@ -261,6 +262,11 @@ function M.validate(c)
   check_unknown("ghost.", c.ghost, M.defaults.ghost)
   check_type("ghost.enabled", c.ghost.enabled, "boolean")
   check_type("ghost.annotation", c.ghost.annotation, "boolean")
+  check_type("ghost.max_lines", c.ghost.max_lines, "number")
+  check_range("ghost.max_lines", c.ghost.max_lines, 0, 100)
+  if c.ghost.max_lines ~= math.floor(c.ghost.max_lines) then
+    fail(("ghost.max_lines = %s must be a whole number"):format(tostring(c.ghost.max_lines)))
+  end
   check_unknown("float.", c.float, M.defaults.float)
   check_type("float.enabled", c.float.enabled, "boolean")
   check_type("float.max_lines", c.float.max_lines, "number")

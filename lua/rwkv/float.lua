@@ -1,7 +1,8 @@
 -- rwkv.nvim: the candidate window. A non-focusable float beside the cursor that lists
 -- every candidate, numbered, a few lines each, the current one highlighted. It is
--- placed above the cursor line (or below the ghost text's extra lines) so that it never
--- covers the ghost text, and it never takes the focus.
+-- placed below the ghost text's lines when there is room (else above the cursor line), so
+-- that it covers neither the cursor line nor the ghost text nor the code above it that
+-- one is reading, and it never takes the focus.
 local M = {}
 
 M.ns = vim.api.nvim_create_namespace("rwkv_float")
@@ -10,6 +11,8 @@ local state = {
   buf = nil, ---@type integer|nil
   win = nil, ---@type integer|nil
   ranges = {}, ---@type {first: integer, last: integer}[]  0-based float lines per candidate
+  hidden = false, -- closing failed (textlock, e.g. in CompleteChanged): hidden, closed when allowed
+  closing = false, -- such a close is scheduled
 }
 
 function M.define_highlights()
@@ -95,33 +98,53 @@ function M.show(items, index, opts)
   width = math.min(width + 1, opts.max_width, math.max(10, vim.o.columns - frame - 2))
   local height = math.min(#lines, math.max(1, vim.o.lines - 4 - frame))
 
-  -- above the cursor line when it fits, else under the ghost text's lines
-  local room_above = vim.fn.winline() - 1
+  -- below the cursor line and the ghost text's lines when it fits there, else above the
+  -- cursor line, else on the side with more room (shorter); never over the cursor line
+  local below = opts.below or 0
+  local winline = vim.fn.winline()
+  local room_above = winline - 1
+  local room_below = math.max(0, vim.api.nvim_win_get_height(0) - winline - below)
   local cfg = {
     relative = "cursor",
     col = 0,
     width = width,
-    height = height,
     style = "minimal",
     border = opts.border,
     focusable = false,
     zindex = 60,
   }
-  if room_above >= height + frame then
+  local up = room_below < height + frame and (room_above >= height + frame or room_above > room_below)
+  if up then
     cfg.row, cfg.anchor = 0, "SW"
+    height = math.max(1, math.min(height, room_above - frame))
   else
-    cfg.row, cfg.anchor = 1 + (opts.below or 0), "NW"
+    cfg.row, cfg.anchor = 1 + below, "NW"
+    height = math.max(1, math.min(height, room_below - frame))
   end
+  cfg.height = height
   if has_border then
     cfg.title = title(index, #items)
     cfg.title_pos = "right"
   end
 
-  if state.win and vim.api.nvim_win_is_valid(state.win) then
+  if not (state.win and vim.api.nvim_win_is_valid(state.win)) then
+    state.win = M.stray_windows()[1] -- a window of ours that was lost track of: reuse it
+  end
+  for _, w in ipairs(M.stray_windows()) do -- never more than one
+    if w ~= state.win then
+      pcall(vim.api.nvim_win_close, w, true)
+    end
+  end
+  if state.win then
+    if vim.fn.has("nvim-0.10") == 1 then
+      cfg.hide = false
+    end
     vim.api.nvim_win_set_config(state.win, cfg)
+    state.hidden = false
   else
     cfg.noautocmd = true
     state.win = vim.api.nvim_open_win(buf, false, cfg)
+    state.hidden = false
     vim.wo[state.win].wrap = false
     vim.wo[state.win].winhighlight = "Normal:RwkvFloat,NormalFloat:RwkvFloat,FloatBorder:RwkvFloatBorder"
   end
@@ -130,7 +153,15 @@ function M.show(items, index, opts)
 end
 
 function M.is_open()
-  return state.win ~= nil and vim.api.nvim_win_is_valid(state.win)
+  return state.win ~= nil and not state.hidden and vim.api.nvim_win_is_valid(state.win)
+end
+
+--- Every window that shows the candidate buffer (at most one once show() or close() ran).
+function M.stray_windows()
+  if not (state.buf and vim.api.nvim_buf_is_valid(state.buf)) then
+    return {}
+  end
+  return vim.fn.win_findbuf(state.buf)
 end
 
 --- Lines currently shown (tests and debugging).
@@ -145,11 +176,37 @@ function M.win()
   return M.is_open() and state.win or nil
 end
 
+--- Close the window. Where Neovim forbids closing windows now (textlock: CompleteChanged,
+--- an expression mapping) it is hidden at once and closed as soon as that is allowed; it
+--- stays tracked meanwhile, so that it can never be left on screen.
 function M.close()
-  if state.win and vim.api.nvim_win_is_valid(state.win) then
-    pcall(vim.api.nvim_win_close, state.win, true)
+  local win = state.win
+  if not win then
+    return
   end
-  state.win = nil
+  if not vim.api.nvim_win_is_valid(win) then
+    state.win, state.hidden = nil, false
+    return
+  end
+  if pcall(vim.api.nvim_win_close, win, true) then
+    state.win, state.hidden = nil, false
+    return
+  end
+  if not state.hidden then
+    state.hidden = true
+    pcall(vim.api.nvim_win_set_config, win, { hide = true })
+  end
+  if state.closing then
+    return -- a close is scheduled
+  end
+  state.closing = true
+  vim.schedule(function()
+    state.closing = false
+    if state.win == win and state.hidden and vim.api.nvim_win_is_valid(win)
+        and pcall(vim.api.nvim_win_close, win, true) then
+      state.win, state.hidden = nil, false
+    end -- else it stays hidden and tracked: the next show() reuses it, the next close() retries
+  end)
 end
 
 return M

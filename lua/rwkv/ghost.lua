@@ -1,5 +1,6 @@
 -- rwkv.nvim: ghost text. One reused extmark: the first suggestion line is inline virtual
--- text at the cursor, further lines are virt_lines below the cursor line.
+-- text at the cursor, further lines are virt_lines below the cursor line (at most
+-- ghost.max_lines lines in all; the float and <Tab> have the whole candidate).
 local M = {}
 
 M.ns = vim.api.nvim_create_namespace("rwkv_ghost")
@@ -42,8 +43,15 @@ end
 ---@param col integer
 ---@param text string
 ---@param annotation string|nil  e.g. "(2/4)"
-function M.show(buf, row, col, text, annotation)
+---@param max_lines integer|nil  most lines shown (the first inline, the rest as virtual
+---   lines); the ones cut are counted in a "… +N lines" note. nil or 0: all
+function M.show(buf, row, col, text, annotation, max_lines)
   local lines = vim.split(text, "\n", { plain = true })
+  local cut = 0
+  if max_lines and max_lines > 0 and #lines > max_lines then
+    cut = #lines - max_lines
+    lines = vim.list_slice(lines, 1, max_lines)
+  end
   local ts = vim.bo[buf].tabstop
   local line = vim.api.nvim_buf_get_lines(buf, row, row + 1, false)[1] or ""
   col = math.min(col, #line)
@@ -59,6 +67,9 @@ function M.show(buf, row, col, text, annotation)
   local virt_lines = {}
   for i = 2, #lines do
     virt_lines[#virt_lines + 1] = { { M.expand_tabs(lines[i], 0, ts), M.hl } }
+  end
+  if cut > 0 then -- the buffer does not jump by the whole candidate's height while typing
+    annotation = ("… +%d line%s%s"):format(cut, cut == 1 and "" or "s", annotation and (" " .. annotation) or "")
   end
   if annotation then
     local note = { " " .. annotation, M.hl_annotation }

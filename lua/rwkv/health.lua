@@ -226,20 +226,36 @@ function M.check()
   require("rwkv.health_remote").check(h, { python = python, engine = c.engine })
 
   h.start("rwkv: model")
+  local st = require("rwkv").status()
+  local backend = c.engine.backend or "local"
+  if backend ~= "local" then
+    -- the server's model answers: nothing loads here, and "ready" means the server answered
+    h.info(("no local model: the %s server's model answers (engine.backend = %q)"):format(backend, backend))
+    if st.loaded then
+      h.ok("the server answered: suggestions come from it")
+    elseif st.loading then
+      h.info("connecting to the server …")
+    elseif not st.error then
+      h.info("not connected yet (the engine starts on the first InsertEnter)")
+    end
+  end
   local model = c.engine.model or "(the shipped default model)"
-  if info.model_found then
+  if backend ~= "local" then
+    -- reported above
+  elseif info.model_found then
     h.ok(("model %s: %s"):format(model, tostring(info.model_path)))
   elseif info.rwkv_engine or info.engine_checkout then
     local advice = { "set engine.model to a checkpoint path, or download one: :RwkvDownload g1-0.1b" }
     h.error(("model %s not found%s"):format(model,
       (info.model_path and info.model_path ~= vim.NIL) and (" at " .. info.model_path) or ""), advice)
   end
-  local st = require("rwkv").status()
-  if st.loaded then
+  if backend ~= "local" then
+    -- reported above
+  elseif st.loaded then
     h.ok(("loaded on %s"):format(tostring(st.device)))
   elseif st.loading then
     h.info("loading …")
-  else
+  elseif not st.error then
     h.info("not loaded yet (it loads on the first InsertEnter)")
   end
 

@@ -3,7 +3,8 @@
 --   .enable() .disable() .toggle()     suggestions on / off
 --   .status()                          {enabled, model, device, loaded, error, last_error, last = {...}}
 --   .statusline()                      a short string for the statusline
--- The model loads in the Python host on the first InsertEnter, never at start-up.
+-- The model loads in the Python host's worker thread: right after start-up with the
+-- plugin's own host (M.preload), else on the first InsertEnter.
 local config = require("rwkv.config")
 local remote = require("rwkv.remote")
 
@@ -66,7 +67,7 @@ local function create_autocmds()
   end, "load the model on first use")
   au({ "TextChangedI", "CursorMovedI" }, suggest.on_change, "suggest while typing")
   au("InsertLeave", suggest.reset, "hide the suggestion")
-  au({ "BufLeave", "CompleteChanged" }, suggest.hide, "hide the suggestion")
+  au({ "BufLeave", "WinLeave", "CompleteChanged" }, suggest.hide, "hide the suggestion")
 end
 
 --- Validate and apply options. Returns false (after one error message) on a bad option.
@@ -88,9 +89,43 @@ function M.setup(opts)
   end
   if remote.state.started then
     remote.start(config.engine_opts()) -- new engine options take effect now
+  else
+    M.schedule_preload()
   end
   return true
 end
+
+--- At plugin start (after VimEnter, deferred): start the engine, so that the model loads
+--- in the Python host's worker while the user reads, not at the first keystroke. Only
+--- with the plugin's own host (its environment exists): starting it is a jobstart and
+--- one notification, nothing blocks the editor (Neovim's shared python3 host would block
+--- while it starts: that one still starts on the first InsertEnter).
+function M.preload()
+  if not configured or not config.current.enabled or remote.state.started or remote.state.failed then
+    return false
+  end
+  local kind = remote.state.kind or remote.choose()
+  if kind ~= "own" or vim.fn.executable(remote.env_python(remote.env_dir())) ~= 1 then
+    return false
+  end
+  if not config.buffer_allowed(api.nvim_get_current_buf()) then
+    return false
+  end
+  M.start_engine()
+  return remote.state.started
+end
+
+function M.schedule_preload()
+  local function later()
+    vim.defer_fn(M.preload, M.PRELOAD_DELAY_MS)
+  end
+  if vim.v.vim_did_enter == 1 then
+    later()
+  else
+    api.nvim_create_autocmd("VimEnter", { once = true, callback = later, desc = "rwkv: load the model at start" })
+  end
+end
+M.PRELOAD_DELAY_MS = 100
 
 --- setup() with defaults unless the user already called it (plugin/rwkv.lua). After a
 --- failed setup() nothing starts with defaults: the user's options were wrong, not absent.
@@ -125,15 +160,23 @@ function M.on_event(kind, info)
     engine.precision = nil
     notified_errors = {}
     if not quiet then
-      notify(("rwkv: loading model %s …"):format(info.model or "(default)"))
+      if (config.current.engine.backend or "local") ~= "local" then
+        notify(("rwkv: connecting to the %s …"):format(info.model or "server"))
+      else
+        notify(("rwkv: loading model %s …"):format(info.model or "(default)"))
+      end
     end
   elseif kind == "ready" then
     engine.loading, engine.loaded = false, true
     engine.model, engine.device, engine.dtype, engine.load_ms = info.model, info.device, info.dtype, info.load_ms
     engine.precision = info.precision
     if not quiet then
-      notify(("rwkv: %s ready on %s (%d ms)"):format(info.model or "model", info.device or "?",
-        math.floor(tonumber(info.load_ms) or 0)))
+      if info.device == "remote" then -- the engine says "ready" once the server answered
+        notify(("rwkv: %s answered: ready"):format(info.model or "the server"))
+      else
+        notify(("rwkv: %s ready on %s (%d ms)"):format(info.model or "model", info.device or "?",
+          math.floor(tonumber(info.load_ms) or 0)))
+      end
     end
   elseif kind == "progress" then
     if not quiet and info.message then
@@ -334,11 +377,19 @@ function M.status_lines()
   if loaded == nil then
     loaded = st.loaded
   end
-  add("model: %s  device: %s  dtype: %s  %s", model, where, py.dtype or engine.dtype or "?",
-    loaded and "loaded" or (st.loading and "loading" or "not loaded"))
-  local precision = py.precision or engine.precision
-  if type(precision) == "string" and precision ~= "" then
-    add("precision: %s", precision)
+  local is_remote = (config.current.engine.backend or "local") ~= "local"
+  local state
+  if is_remote then -- "ready" only once the server answered (the engine says so)
+    state = loaded and "the server answered" or (st.loading and "connecting" or "no answer from the server yet")
+  else
+    state = loaded and "loaded" or (st.loading and "loading" or "not loaded")
+  end
+  add("model: %s  device: %s  %s", model, is_remote and "remote" or where, state)
+  if not is_remote then
+    local precision = M.precision_text(py.precision or engine.precision, py.dtype or engine.dtype)
+    if precision then
+      add("precision: %s", precision)
+    end
   end
   local err = py.error or st.error
   local last_err = newer_error(engine.last_error, py.last_error)
@@ -376,11 +427,12 @@ function M.status_lines()
     table.sort(parts)
     add("cache: %s", table.concat(parts, ", "))
   end
-  local last = (type(py.last) == "table" and next(py.last)) and py.last or require("rwkv.suggest").state.last
+  local last, what, on_screen = M.request_stats(py)
   if last and next(last) then
-    add("last request: %s reused, %s prefilled, %s decoded tokens; prefill %s ms, decode %s ms, total %s ms; %s candidates",
-      tostring(last.reused_tokens), tostring(last.prefilled_tokens), tostring(last.decoded_tokens),
-      tostring(last.ms_prefill), tostring(last.ms_decode), tostring(last.ms_total), tostring(last.candidates))
+    add("%s: %s reused, %s prefilled, %s decoded tokens; prefill %s ms, decode %s ms, total %s ms; %s candidates%s",
+      what, tostring(last.reused_tokens), tostring(last.prefilled_tokens), tostring(last.decoded_tokens),
+      tostring(last.ms_prefill), tostring(last.ms_decode), tostring(last.ms_total), tostring(last.candidates),
+      on_screen and (", %d on screen"):format(on_screen) or "")
   else
     add("last request: none yet")
   end
@@ -396,7 +448,94 @@ end
 
 function M.show_status()
   M.ensure_setup()
-  api.nvim_echo({ { table.concat(M.status_lines(), "\n") } }, true, {})
+  local out = {}
+  for _, line in ipairs(M.status_lines()) do
+    vim.list_extend(out, M.wrap(line, vim.o.columns - 1))
+  end
+  api.nvim_echo({ { table.concat(out, "\n") } }, true, {})
+end
+
+--- `line` cut into lines of at most `width` display cells: between its items (after ", ",
+--- "; " or two spaces) where it can, else between words (a word longer than the width
+--- stands alone); the continuation lines are indented by two spaces.
+---@param line string
+---@param width integer
+---@return string[]
+function M.wrap(line, width)
+  width = math.max(20, width)
+  local dw = vim.fn.strdisplaywidth
+  if dw(line) <= width then
+    return { line }
+  end
+  local pieces = {} -- items, each with the separator that ends it
+  local rest = line
+  while rest ~= "" do
+    local _, e = rest:find("[,;] +") -- the first ", " / "; " ...
+    local a2, e2 = rest:find("%S  +") -- ... or two spaces
+    if a2 and (not e or a2 < e) then
+      e = e2
+    end
+    pieces[#pieces + 1] = rest:sub(1, e or #rest)
+    rest = e and rest:sub(e + 1) or ""
+  end
+  local out, cur = {}, ""
+  local function push(text) -- add `text` (one item or word) to the line being built
+    local joined = cur .. text
+    if cur ~= "" and cur ~= "  " and dw(vim.trim(joined)) > width - (#out > 0 and 2 or 0) then
+      out[#out + 1] = vim.trim(cur)
+      cur = "  " .. text
+    else
+      cur = joined
+    end
+  end
+  for _, piece in ipairs(pieces) do
+    if dw(vim.trim(piece)) > width - 2 then
+      for word in piece:gmatch("%S+%s*") do
+        push(word)
+      end
+    else
+      push(piece)
+    end
+  end
+  out[#out + 1] = vim.trim(cur)
+  for i = 2, #out do
+    out[i] = "  " .. out[i]
+  end
+  return out
+end
+
+--- The precision line: the weights' format and why, and the activations' dtype when it
+--- differs (int8 weights compute with float32 activations). nil when nothing is known.
+---@param precision string|nil  "int8 (auto: ...)", "fp32 (engine.dtype)"
+---@param dtype string|nil      the model's compute dtype: "float32", "bfloat16"
+function M.precision_text(precision, dtype)
+  local names = { float32 = "fp32", float16 = "fp16", bfloat16 = "bf16" }
+  precision = type(precision) == "string" and precision ~= "" and precision or nil
+  dtype = type(dtype) == "string" and dtype ~= "" and dtype ~= "n/a" and dtype or nil
+  if not precision then
+    return dtype and ("%s weights"):format(names[dtype] or dtype) or nil
+  end
+  local mode = precision:match("^(%S+)")
+  if dtype and (names[dtype] or dtype) ~= mode then
+    return ("%s; activations in %s"):format(precision, names[dtype] or dtype)
+  end
+  return precision
+end
+
+--- The stats :RwkvStatus shows: those of the request whose candidates are on screen, else
+--- of the last finished one. Returns stats, its label, the number of candidates shown.
+---@param py table  the host's status
+function M.request_stats(py)
+  local s = require("rwkv.suggest").state
+  local shown = s.shown
+  if shown and shown.done and s.stats[shown.id] then
+    return s.stats[shown.id], ("shown request (#%d)"):format(shown.id), #shown.items
+  end
+  local last = s.last
+  if not (last and next(last)) and type(py.last) == "table" and next(py.last) then
+    last = py.last -- this editor has not seen a result yet (a restarted Neovim, another view)
+  end
+  return last, "last request", nil
 end
 
 --- Download a model by short name or file name, in the background (:RwkvDownload NAME).

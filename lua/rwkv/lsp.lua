@@ -548,11 +548,18 @@ end
 --- The command of an item the menu inserted: finish a cut-short insertion, then count the
 --- accept like <Tab> (suggest.accepted: statistics, RwkvAccept, the next request).
 ---@param a {id: integer, accepted: string, buf: integer, row: integer, col: integer, text: string}|nil
+local last_accept = nil ---@type {key: string, buf: integer, tick: integer}|nil
+
 function M.accept(a)
   if type(a) ~= "table" or type(a.text) ~= "string" then
     return false
   end
   local buf, row, col = a.buf, a.row, a.col
+  local key = ("%s:%s:%s:%s"):format(tostring(a.id), tostring(row), tostring(col), a.text)
+  if last_accept and last_accept.key == key and last_accept.buf == buf and api.nvim_buf_is_valid(buf)
+      and api.nvim_buf_get_changedtick(buf) == last_accept.tick then
+    return false -- the same accept again (our CompleteDone, then vim.lsp.completion's command)
+  end
   if buf == api.nvim_get_current_buf() and type(row) == "number" and type(col) == "number" then
     local cur = api.nvim_win_get_cursor(0)
     local line = get_line(buf, row)
@@ -567,7 +574,72 @@ function M.accept(a)
       end
     end
   end
-  return suggest.accepted(a.id, a.accepted or a.text)
+  local ok = suggest.accepted(a.id, a.accepted or a.text)
+  if api.nvim_buf_is_valid(buf or -1) then
+    last_accept = { key = key, buf = buf, tick = api.nvim_buf_get_changedtick(buf) }
+  end
+  return ok
+end
+
+-- -- Neovim's own popup menu (omnifunc, vim.lsp.completion) ---------------------------------
+
+--- Our LSP item in a complete-item (v:completed_item, v:event.completed_item), else nil.
+local function our_item(ci)
+  local lsp = type(ci) == "table" and vim.tbl_get(ci, "user_data", "nvim", "lsp") or nil
+  if type(lsp) ~= "table" or lsp.client_id ~= M.client_id() then
+    return nil
+  end
+  local item = lsp.completion_item
+  if type(item) == "table" and vim.tbl_get(item, "command", "command") == M.COMMAND then
+    return item
+  end
+end
+
+--- CompleteDone: an item of ours accepted from Neovim's menu. The omnifunc
+--- (<C-x><C-o>, vim.lsp.omnifunc) inserts only the first word of a text edit and runs no
+--- command: finish the insertion and count it here (vim.lsp.completion's own command
+--- call after this one is recognised as the same accept).
+local function on_complete_done()
+  local reason = (vim.v.event or {}).reason
+  if reason ~= nil and reason ~= "accept" then
+    return
+  end
+  local item = our_item(vim.v.completed_item)
+  if item then
+    M.accept(item.command.arguments and item.command.arguments[1] or nil)
+  end
+end
+
+local styled = nil ---@type integer|nil  the info buffer we gave a syntax to
+
+--- CompleteChanged: the info popup of an item of ours shows the candidate as code in the
+--- buffer's language (the item's documentation is a markdown code block, which Neovim
+--- 0.11's popup shows raw, fences included); other items' popups are left as they are.
+local function on_complete_changed()
+  if not api.nvim__complete_set then
+    return
+  end
+  local ev = vim.v.event or {}
+  local item = our_item(ev.completed_item)
+  local info = vim.fn.complete_info({ "selected" })
+  if not item then
+    if styled and api.nvim_buf_is_valid(styled) then
+      pcall(function()
+        vim.bo[styled].syntax = ""
+      end)
+    end
+    styled = nil
+    return
+  end
+  local text = vim.tbl_get(item, "textEdit", "newText") or item.insertText or item.label
+  local ok, win = pcall(api.nvim__complete_set, info.selected, { info = text })
+  if ok and type(win) == "table" and win.bufnr and api.nvim_buf_is_valid(win.bufnr) then
+    local ft = vim.bo.filetype
+    pcall(function()
+      vim.bo[win.bufnr].syntax = ft ~= "" and ft or "text"
+    end)
+    styled = win.bufnr
+  end
 end
 
 -- -- attaching ---------------------------------------------------------------------------
@@ -661,6 +733,16 @@ function M.setup(opts)
   end
   unsubscribe = unsubscribe or suggest.subscribe(on_request_event)
   group = api.nvim_create_augroup("rwkv_lsp", { clear = true })
+  api.nvim_create_autocmd("CompleteDone", {
+    group = group,
+    desc = "rwkv: finish an item of ours accepted from Neovim's menu (the omnifunc)",
+    callback = on_complete_done,
+  })
+  api.nvim_create_autocmd("CompleteChanged", {
+    group = group,
+    desc = "rwkv: show an item of ours as code in the menu's info popup",
+    callback = on_complete_changed,
+  })
   api.nvim_create_autocmd({ "BufEnter", "FileType", "InsertEnter" }, {
     group = group,
     desc = "rwkv: attach the in-process language server",

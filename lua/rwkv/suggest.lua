@@ -30,6 +30,7 @@ local S = {
   result = nil, ---@type table|nil  {id, buf, tick, row, col, items: string[]}  the last finished request, drawn or not
   timer = nil, ---@type uv.uv_timer_t|nil
   last = nil, ---@type table|nil  stats of the last finished request
+  stats = {}, ---@type table<integer, table>  stats of the last few finished requests by id (:RwkvStatus)
   requests = 0, -- counters for :RwkvStatus
   shown_count = 0,
   accepted = 0,
@@ -112,13 +113,17 @@ local function render()
   local n = #s.items
   local use_float = c.float.enabled and s.done and n > 1
   local note = (not use_float and n > 1 and c.ghost.annotation) and ("(%d/%d)"):format(s.index, n) or nil
+  local below = 0 -- screen lines the ghost text takes under the cursor line
   if c.ghost.enabled then
-    ghost.show(s.buf, s.row, s.col, text, note)
+    ghost.show(s.buf, s.row, s.col, text, note, c.ghost.max_lines)
+    below = select(2, text:gsub("\n", ""))
+    if c.ghost.max_lines > 0 then
+      below = math.min(below, c.ghost.max_lines - 1)
+    end
   else
     ghost.clear()
   end
   if use_float then
-    local below = select(2, text:gsub("\n", ""))
     float.show(s.items, s.index, {
       max_lines = c.float.max_lines,
       max_width = c.float.max_width,
@@ -375,6 +380,10 @@ function M.on_done(msg)
   end
   if type(msg.stats) == "table" then
     S.last = msg.stats
+    if type(msg.id) == "number" and next(msg.stats) then
+      S.stats[msg.id] = msg.stats
+      S.stats[msg.id - 16] = nil -- the last 16 requests
+    end
   end
   local s = S.sent
   if not s or msg.id ~= s.id then
