@@ -135,10 +135,9 @@ def _count_shard(i: int):
     return corpus.count_world_tokens(_POOL["shards"][i], _POOL["tok"])
 
 
-def _tokenize_shard(i: int):
-    files = _POOL["shards"][i]
-    corpus.tokenize_files(files, _POOL["tok"])
-    return [f.tokens for f in files]
+def _count_tokens_shard(i: int):
+    """(tokens, bytes) of the shard's whole-file encodings (samples are built on demand)."""
+    return corpus.count_tokens(_POOL["shards"][i], _POOL["tok"])
 
 
 def _pooled(fn, files, tok, procs: int):
@@ -170,11 +169,8 @@ def build_corpus(cfg: GpuTrainConfig, sources, procs: int, log=print):
     tok = WorldTokenizer.from_world_ids(world_ids)
     n_tok = {}
     for name, files in (("train", train), ("heldout", heldout)):
-        shards, results = _pooled(_tokenize_shard, files, tok, procs)
-        for shard, toks in zip(shards, results):
-            for f, t in zip(shard, toks):
-                f.tokens = t
-        n_tok[name] = sum(len(t) for f in files for t in f.tokens)
+        _, results = _pooled(_count_tokens_shard, files, tok, procs)
+        n_tok[name] = sum(t for t, _ in results)
     maker = corpus.SampleMaker(train, tok, corpus.SampleConfig(), cfg.seed)
     held = corpus.SampleMaker(heldout, tok, corpus.SampleConfig(), cfg.seed + 1)
     held_rows = torch.tensor([held.row(cfg.ctx_len + 1) for _ in range(cfg.heldout_rows)])
