@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import stat
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -45,9 +48,17 @@ class FakeMeasure:
 
     def __init__(self, figures=None, rejected=None):
         self.figures, self.rejected, self.calls = figures or FIGURES, rejected or {}, 0
+        self.gate: Optional[threading.Event] = None     # set: the measurement waits for it
+        self.started = threading.Event()
 
-    def __call__(self, modes, shape, reference_path=None, progress=None, seed=0, threads=None):
+    def __call__(self, modes, shape, reference_path=None, progress=None, seed=0, threads=None, pause=None):
         self.calls += 1
+        self.started.set()
+        for _ in range(3):                              # steps, each after the engine's pause
+            if pause is not None:
+                pause()
+            if self.gate is not None:
+                assert self.gate.wait(60)
         if progress is not None:
             progress("measuring (fake)")
         return ({m: dict(self.figures[m]) for m in modes}, dict(self.rejected))
@@ -327,24 +338,96 @@ def test_a_failed_measurement_runs_fp32_with_a_warning(monkeypatch, tiny_model_p
     assert warnings == ["could not measure the CPU precision (timer exploded): running fp32"]
 
 
-def test_the_verdict_reaches_service_status_with_progress(fake, tiny_model_path, tmp_path):
-    from pipeline_fixtures import Recorder, fast_config
+def test_without_a_verdict_the_model_loads_fp32_at_once_and_is_marked_pending(fake, tiny_model_path, tmp_path):
+    from rwkv_engine.pipeline.loading import load_configured_model
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu",
+                                           cache_dir=str(tmp_path / "c")), measure_now=False)
+    assert m.quant is None and fake.calls == 0
+    assert m.precision["pending"] and m.precision["mode"] == "fp32"
+    assert "measuring this CPU in the background" in m.precision["summary"]
+
+
+def _wait_for(cond, seconds=60.0):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_the_service_serves_fp32_while_measuring_then_switches(fake, tiny_model_path, tmp_path):
+    """No verdict cached: "ready" comes without measuring, requests are answered in fp32
+    while the measurement is held, and the worker switches to the chosen int8 after it."""
+    from pipeline_fixtures import SOURCE_LINES, Recorder, fast_config, make_request
 
     from rwkv_engine.pipeline.service import CompletionService
+    fake.gate = threading.Event()                   # the measurement waits until released
     rec = Recorder()
     svc = CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"), on_event=rec.on_event)
     svc.start()
     try:
         assert rec.ready.wait(120)
         st = svc.status()
-        assert st["loaded"], st
-        assert st["precision"] == "int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)"
-        assert st["precision_why"].startswith("decode 1/8 rows: int8")
+        assert st["loaded"] and st["dtype"] == "float32", st
+        assert st["precision"] == "fp32 (auto: measuring this CPU in the background)"
         assert rec.kinds("ready")[0]["precision"] == st["precision"]
-        assert {"message": "measuring (fake)"} in rec.kinds("progress")
-        assert fake.calls == 1                      # measured before loading, found by the load
+        assert fake.started.wait(30)                # measuring, in its own thread
+        svc.submit(make_request(SOURCE_LINES[:12], 9, rid=1), None, rec.on_done)
+        assert rec.finished.wait(60) and rec.done[0]["candidates"] and not rec.done[0].get("error")
+        assert svc.status()["precision"].startswith("fp32 (auto: measuring")
+        fake.gate.set()
+        assert _wait_for(lambda: svc.status()["precision"].startswith("int8 (auto:")), svc.status()
+        assert svc.status()["dtype"] == "float32"   # int8 weights, fp32 activations
+        assert fake.calls == 1
+        assert svc._completer.model.quant == "int8"
+        rec.finished.clear()
+        svc.submit(make_request(SOURCE_LINES[:12], 10, rid=2), None, rec.on_done)
+        assert rec.finished.wait(60) and rec.done[1]["id"] == 2 and rec.done[1]["candidates"]
+        assert not rec.kinds("error")
     finally:
         svc.close()
+
+
+def test_a_request_holds_the_background_measurement(fake, tiny_model_path, tmp_path, monkeypatch):
+    """The measurement steps only while no request waits or runs (and after a quiet gap)."""
+    from pipeline_fixtures import Recorder, fast_config
+
+    from rwkv_engine.pipeline import service as service_module
+    monkeypatch.setattr(service_module, "IDLE_BEFORE_MEASURING_S", 30.0)
+    rec = Recorder()
+    svc = service_module.CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"),
+                                           on_event=rec.on_event)
+    with svc._cv:
+        svc._last_request_end = time.monotonic()      # as if a request had just finished
+    svc.start()
+    try:
+        assert rec.ready.wait(120) and fake.started.wait(30)
+        time.sleep(0.5)
+        assert svc.status()["precision"].startswith("fp32 (auto: measuring")   # still held
+        with svc._cv:
+            svc._last_request_end = -1e9              # long quiet: it goes on
+            svc._cv.notify_all()
+        assert _wait_for(lambda: svc.status()["precision"].startswith("int8 (auto:")), svc.status()
+    finally:
+        svc.close()
+
+
+def test_closing_stops_a_held_background_measurement(fake, tiny_model_path, tmp_path, monkeypatch):
+    from pipeline_fixtures import Recorder, fast_config
+
+    from rwkv_engine.pipeline import service as service_module
+    monkeypatch.setattr(service_module, "IDLE_BEFORE_MEASURING_S", 30.0)
+    rec = Recorder()
+    svc = service_module.CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"),
+                                           on_event=rec.on_event)
+    svc._last_request_end = time.monotonic()
+    svc.start()
+    assert rec.ready.wait(120) and fake.started.wait(30)
+    svc.close()
+    threads = [t for t in threading.enumerate() if t.name == "rwkv-precision"]
+    assert _wait_for(lambda: not any(t.is_alive() for t in threads), 10)
+    assert not (tmp_path / "cache" / "cpu-precision.json").exists()
 
 
 def test_rwkv_nvim_info_shows_and_remeasures_the_precision(fake, tiny_model_path, tmp_path, capsys):

@@ -39,3 +39,31 @@ def test_model_loads_at_start_not_at_the_first_keystroke(tmp_path):
         assert not s.errors_in_messages(), s.messages()
     finally:
         s.close()
+
+
+def test_a_missing_cpu_verdict_never_blocks_a_suggestion(tmp_path):
+    """A fresh cache and no build: the engine serves fp32 at once, measures the CPU in
+    the background between requests, then switches; :RwkvStatus says which is true."""
+    require_nvim()
+    opts = {"debounce_ms": 20, "python": {"env": sys.prefix, "host": "own"}, "engine": {"device": "cpu"}}
+    s = start_nvim(tmp_path / "nv", opts, manifest=False, extra_env={"RWKV_NVIM_CPU_PRECISION": ""})  # measure
+    status = "table.concat(require('rwkv').status_lines(), '\\n')"
+    try:
+        s.wait_for("require('rwkv').status().loaded", timeout=120, what="the model, loaded without a keystroke")
+        assert "precision: fp32 (auto: measuring this CPU in the background)" in s.lua(f"return {status}")
+        s.cmd("setlocal filetype=python")
+        t0 = time.monotonic()
+        s.feed("idef hello(name):<CR>return ")
+        s.wait_for("require('rwkv.ghost').get() ~= nil", timeout=30, what="the first ghost text")
+        first = time.monotonic() - t0
+        print("\nfirst ghost text with the CPU not measured yet: " + json.dumps({"first_ghost_s": round(first, 2)}))
+        s.feed("<Esc>")
+        s.wait_for(f"not {status}:find('measuring this CPU', 1, true) and {status}:find('precision: ', 1, true)",
+                   timeout=180, what="the background measurement's verdict in :RwkvStatus")
+        lines = s.lua("return require('rwkv').status_lines()")
+        assert [ln for ln in lines if ln.startswith("precision: ") and "(auto:" in ln], "\n".join(lines)
+        s.feed("o    x = ")
+        s.wait_for("require('rwkv.ghost').get() ~= nil", timeout=60, what="a ghost text after the switch")
+        assert not s.errors_in_messages(), s.messages()
+    finally:
+        s.close()

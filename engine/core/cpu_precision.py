@@ -75,6 +75,7 @@ MIN_ROUNDS = 2                 # after these, a round starts only within TIMING_
 TIMING_BUDGET_S = 5.0
 
 Progress = Optional[Callable[[str], None]]
+Pause = Optional[Callable[[], None]]    # called between measurement steps; may wait (the engine is busy)
 
 _memo: Dict[str, dict] = {}    # key (JSON) -> verdict, for this process
 
@@ -287,12 +288,26 @@ def _build(sd: dict, shape, mode: str, world_ids=None):
 
 
 # -- measurement ---------------------------------------------------------------------------
-def _say(progress: Progress, msg: str, step: bool = False) -> None:
-    """Log ``msg``; tell ``progress`` too unless it is a minor ``step`` (a notification each)."""
-    log.info("rwkv.nvim: %s", msg)
-    if progress is not None and not step:
-        try:
+def _listener(progress: Progress, pause: Pause):
+    """What the measurement's steps call (``_say``): ``pause`` first (never inside a timed
+    call: a busy engine holds the measurement there, between steps), then ``progress``."""
+    def hear(msg: str, step: bool) -> None:
+        if pause is not None:
+            pause()
+        if progress is not None and not step:
             progress(msg)
+    return hear
+
+
+def _say(hear, msg: str, step: bool = False) -> None:
+    """Log ``msg``; tell the listener (``_listener``; None: nobody) about it, ``step``: a
+    minor one (no notification)."""
+    log.info("rwkv.nvim: %s", msg)
+    if hear is not None:
+        try:
+            hear(msg, step)
+        except MeasurementStopped:
+            raise
         except Exception:                         # a broken listener must not stop the measurement
             log.exception("rwkv.nvim: precision progress callback failed")
 
@@ -359,22 +374,27 @@ def _finite(x) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+class MeasurementStopped(Exception):
+    """Raised by a ``pause`` callback to end a measurement early (the engine is closing)."""
+
+
 def measure(modes: Sequence[str], shape: Sequence[int], reference_path=None,
             progress: Progress = None, seed: int = 0,
-            threads: Optional[int] = None) -> Tuple[Dict[str, dict], Dict[str, str]]:
+            threads: Optional[int] = None, pause: Pause = None) -> Tuple[Dict[str, dict], Dict[str, str]]:
     """Measure ``modes`` (see the module doc). ``shape``: (layers, width, vocabulary) of the
     timing checkpoint; ``threads``: torch threads while timing (the model's own; None: as
     set); building and the accuracy checks use up to 8 cores. ``reference_path``: the
     trained model for the top-1 gate (None: that part of the gate is skipped). Returns
     (measured, rejected): figures per mode, and the modes that fail the gate (or to build
-    or run) with the reason."""
+    or run) with the reason. ``pause`` runs before each step and each timing round (and
+    source file of the top-1 check), outside the timed calls."""
     import torch
     t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
     timing_threads = max(1, int(threads)) if threads else old_threads
     try:
         torch.set_num_threads(max(old_threads, min(8, os.cpu_count() or 1)))
-        return _measure(modes, shape, reference_path, progress, seed, timing_threads, t_start)
+        return _measure(modes, shape, reference_path, _listener(progress, pause), seed, timing_threads, t_start)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -479,8 +499,10 @@ def _measure(modes, shape, reference_path, progress, seed, timing_threads, t_sta
                 continue
             try:
                 model = _build(sd, shp, mode, world_ids)
-                agree = sum(int((model.forward(toks, all_logits=True)[0].argmax(-1) == top).sum())
-                            for toks, top in zip(batches, ref_top))
+                agree = 0
+                for i, (toks, top) in enumerate(zip(batches, ref_top)):
+                    _say(progress, f"top-1 check of {mode}: file {i + 1}/{len(batches)}", step=True)
+                    agree += int((model.forward(toks, all_logits=True)[0].argmax(-1) == top).sum())
             except Exception as e:
                 rejected[mode] = f"fails to run: {_one_line(e)}"
                 continue
@@ -561,7 +583,8 @@ def override() -> Optional[str]:
 
 
 def resolve(shape: Sequence[int], threads: int, cache_dir=None, reference_path=None,
-            progress: Progress = None, remeasure: bool = False, measure_now: bool = True) -> Optional[dict]:
+            progress: Progress = None, remeasure: bool = False, measure_now: bool = True,
+            pause: Pause = None) -> Optional[dict]:
     """The verdict for a model of ``shape`` (layers, width, vocabulary) run with ``threads``:
     the environment override, else this process's or the cache file's verdict for the
     same key, else measured now (and stored; a cache place that cannot be written only
@@ -586,7 +609,7 @@ def resolve(shape: Sequence[int], threads: int, cache_dir=None, reference_path=N
     if not measure_now:
         return None
     t0 = time.perf_counter()
-    measured, rejected = measure(modes, tshape, reference_path, progress, threads=threads)
+    measured, rejected = measure(modes, tshape, reference_path, progress, threads=threads, pause=pause)
     dec, pre, why = choose(measured, rejected)
     v = {"decode": dec, "prefill": pre, "why": why, "measured": measured, "rejected": rejected,
          "key": key, "time": time.time()}
@@ -597,7 +620,7 @@ def resolve(shape: Sequence[int], threads: int, cache_dir=None, reference_path=N
         log.warning("rwkv.nvim: cannot cache the CPU precision verdict (%s): measured again next start", e)
     v = dict(v, source="measured")
     _memo[text] = v
-    _say(progress, f"CPU precision measured in {time.perf_counter() - t0:.1f} s: {describe(v)}")
+    _say(_listener(progress, None), f"CPU precision measured in {time.perf_counter() - t0:.1f} s: {describe(v)}")
     return v
 
 

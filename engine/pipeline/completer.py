@@ -69,6 +69,11 @@ class Completer:
         self.rows = self.config.candidates        # candidates decoded together (lowered on OOM)
 
     # -- public API --------------------------------------------------------------------
+    def switch_model(self, model) -> None:
+        """Serve with ``model`` from now on (the same checkpoint in a faster precision):
+        the cached states are rebuilt for it as requests come; the ring chunks stay."""
+        self._use_model(model)
+
     def add_chunk(self, text: str, filename: str = "") -> bool:
         """Queue an extra-context chunk (moved into the ring by ``prime_step``)."""
         return self.ring.add(text, filename)

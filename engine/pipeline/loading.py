@@ -50,9 +50,11 @@ def pick_device(config: EngineConfig) -> str:
     return config.device
 
 
-def load_configured_model(config: EngineConfig, warn: Warn = None):
+def load_configured_model(config: EngineConfig, warn: Warn = None, measure_now: bool = True):
     """Load ``config.model``; ``device = "cuda"`` without a usable GPU falls back to the
-    CPU with one ``warn`` (a log warning when ``warn`` is None)."""
+    CPU with one ``warn`` (a log warning when ``warn`` is None). ``measure_now=False``:
+    without a cached CPU precision verdict, load fp32 (safe on every CPU) at once and
+    mark ``model.precision["pending"]`` (the caller measures later) instead of measuring."""
     import torch
 
     from ..core.model import load_model
@@ -64,7 +66,7 @@ def load_configured_model(config: EngineConfig, warn: Warn = None):
     path = resolve_model_path(config)
     precision = None
     if device == "cpu":
-        dtype, precision = cpu_precision_for(config, path, warn)
+        dtype, precision = cpu_precision_for(config, path, warn, measure_now=measure_now)
     try:
         model = load_model(path, device=device, dtype=dtype)
     except RuntimeError as e:                       # not the file's fault (CheckpointError is not one)
@@ -73,7 +75,7 @@ def load_configured_model(config: EngineConfig, warn: Warn = None):
         # the GPU cannot run it ("no kernel image is available", a driver error, out of
         # memory): the CPU can, slower; say why once
         say(warn, f"cannot run the model on the GPU ({one_line(e, 160)}): running on the CPU (slower)")
-        dtype, precision = cpu_precision_for(config, path, warn)
+        dtype, precision = cpu_precision_for(config, path, warn, measure_now=measure_now)
         model = load_model(path, device="cpu", dtype=dtype)
     if model.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
@@ -114,12 +116,13 @@ def load_on_cpu(config: EngineConfig, error: BaseException, warn: Warn = None):
 
 # -- CPU precision -------------------------------------------------------------------------
 def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
-                      progress: Optional[Callable[[str], None]] = None) -> tuple:
+                      progress: Optional[Callable[[str], None]] = None, measure_now: bool = True) -> tuple:
     """(dtype for ``load_model`` on the CPU, precision record) for ``config``: an explicit
     CPU mode as configured; ``"auto"`` (and a GPU-only dtype, once the model falls back to
     the CPU) the mode ``core.cpu_precision`` chose for this CPU by measurement (cached per
     CPU, measured on first use; ``progress`` hears about it). A failed measurement is not
-    fatal: fp32, with one ``warn``. The record (``precision_of``'s keys) is what status
+    fatal: fp32, with one ``warn``. ``measure_now=False`` and no verdict yet: fp32 and
+    ``"pending": True`` in the record. The record (``precision_of``'s keys) is what status
     shows: {"mode", "source": "config" | "auto" | "env", "summary", "why"}."""
     from ..core import cpu_precision as cp
     modes = cp.candidates()
@@ -127,22 +130,32 @@ def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
         return config.dtype, {"mode": config.dtype, "source": "config",
                               "summary": f"{config.dtype} (engine.dtype)", "why": "engine.dtype"}
     try:
-        verdict = resolve_cpu_precision(config, path, progress=progress)
+        verdict = resolve_cpu_precision(config, path, progress=progress, measure_now=measure_now)
     except Exception as e:                        # CheckpointError: load_model names the file
         if not isinstance(e, CheckpointError):
             log.warning("rwkv.nvim: CPU precision measurement failed", exc_info=True)
             say(warn, f"could not measure the CPU precision ({one_line(e, 120)}): running fp32")
         return cp.REFERENCE, {"mode": cp.REFERENCE, "source": "auto", "summary": f"{cp.REFERENCE} (auto: "
                               f"not measured: {one_line(e, 80)})", "why": one_line(e, 160)}
+    if verdict is None:
+        return cp.REFERENCE, pending_precision()
     mode = verdict["decode"]     # the model runs one dtype today: decode and prefill agree (see choose)
     source = "env" if verdict.get("source") == "env" else "auto"
     return mode, {"mode": mode, "source": source, "summary": cp.describe(verdict),
                   "why": verdict.get("why", ""), "measured": verdict.get("measured", {})}
 
 
+def pending_precision() -> dict:
+    """The precision record of an fp32 model loaded before this CPU was measured."""
+    from ..core import cpu_precision as cp
+    return {"mode": cp.REFERENCE, "source": "auto", "pending": True,
+            "summary": f"{cp.REFERENCE} (auto: measuring this CPU in the background)",
+            "why": "no verdict cached for this CPU yet: fp32 runs on every CPU until it is measured"}
+
+
 def resolve_cpu_precision(config: EngineConfig, path: Optional[Path] = None,
                           progress: Optional[Callable[[str], None]] = None, remeasure: bool = False,
-                          measure_now: bool = True) -> Optional[dict]:
+                          measure_now: bool = True, pause=None) -> Optional[dict]:
     """The CPU precision verdict for ``config``'s model (``path``; default: resolved from
     ``config``): its shape (read from the memory-mapped checkpoint) and thread count pick
     the cached verdict; measured now if there is none (or ``remeasure``; with
@@ -156,7 +169,7 @@ def resolve_cpu_precision(config: EngineConfig, path: Optional[Path] = None,
     reference = DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None
     return cp.resolve((shape.n_layer, shape.n_embd, shape.vocab_size), cpu_threads(config.threads, shape.n_embd),
                       cache_dir=config.resolved_cache_dir(), reference_path=reference, progress=progress,
-                      remeasure=remeasure, measure_now=measure_now)
+                      remeasure=remeasure, measure_now=measure_now, pause=pause)
 
 
 def precision_of(model) -> dict:

@@ -37,6 +37,7 @@ from .prompt_layout import MalformedRequest
 log = logging.getLogger("rwkv_engine")
 
 Callback = Optional[Callable[[dict], None]]
+IDLE_BEFORE_MEASURING_S = 1.0     # the background CPU measurement steps only after this much quiet
 
 
 class CompletionService:
@@ -58,6 +59,8 @@ class CompletionService:
         self._thread: Optional[threading.Thread] = None
         self._completer = None
         self._ready_after: Optional[Tuple[str, float]] = None   # a remote server not answering yet
+        self._swap = None                     # a model measured faster on this CPU, to switch to
+        self._last_request_end = 0.0          # monotonic; the background measurement waits after it
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
                         "dtype": "", "precision": "", "precision_why": "",
@@ -171,8 +174,9 @@ class CompletionService:
                     return                              # "ready" comes with its first answer
             else:
                 from .completer import Completer
-                if self._model is None:
-                    self._measure_cpu_precision()
+                from .loading import load_configured_model
+                if self._model is None:     # no CPU verdict yet: fp32 now, measured in the background
+                    self._model = load_configured_model(self.config, self._warning, measure_now=False)
                 self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             with self._cv:
@@ -182,6 +186,8 @@ class CompletionService:
             self._failed(e, f"loading {name}", traceback=not isinstance(e, CheckpointError))
             return
         self._ready(name, t0)
+        if (getattr(self._completer.model, "precision", None) or {}).get("pending"):
+            threading.Thread(target=self._precision_in_background, name="rwkv-precision", daemon=True).start()
 
     def _server_answers(self, name: str, t0: float) -> bool:
         """A remote backend is "ready" only once its server answered (``detect``); until
@@ -210,19 +216,55 @@ class CompletionService:
                                 cache=self._completer.cache_stats())
         self._emit("ready", info)
 
-    def _measure_cpu_precision(self) -> None:
-        """``dtype = "auto"`` on the CPU: find (or measure, once per CPU, ~10 s, with
-        "progress" events) the precision before the completer loads the model, which then
-        finds the verdict cached. Never fatal: loading reports any failure itself."""
-        if self.config.dtype != "auto":
-            return
+    # -- CPU precision, measured while the editor is idle ---------------------------------
+    def _precision_in_background(self) -> None:
+        """``dtype = "auto"`` on a CPU without a cached verdict: the model serves in fp32
+        (safe everywhere) while this thread measures (``core.cpu_precision``, ~10-20 s of
+        CPU), stepping only while no request waits or runs and none finished within
+        ``IDLE_BEFORE_MEASURING_S``; then the worker switches to the chosen mode between
+        requests (``_swap``). Status says "measuring ... in the background" until then."""
+        from ..core.cpu_precision import MeasurementStopped
+        from .loading import cpu_precision_for, load_configured_model, resolve_cpu_precision
+
+        def pause() -> None:
+            with self._cv:
+                while True:
+                    if self._closing:
+                        raise MeasurementStopped("the engine is closing")
+                    busy = self._pending is not None or self._counts["running"] > 0
+                    quiet = time.monotonic() - self._last_request_end
+                    if not busy and quiet >= IDLE_BEFORE_MEASURING_S:
+                        return
+                    self._cv.wait(IDLE_BEFORE_MEASURING_S if busy else IDLE_BEFORE_MEASURING_S - quiet)
+
         try:
-            from .loading import pick_device, resolve_cpu_precision
-            if pick_device(self.config) != "cpu":
+            path = getattr(self._completer.model, "path", None)
+            verdict = resolve_cpu_precision(self.config, path, pause=pause)
+            current = self._completer.model
+            if verdict is None or verdict["decode"] == current.precision.get("mode"):
+                _, current.precision = cpu_precision_for(self.config, path)   # the cached verdict
+                self._set_precision_status(current)
                 return
-            resolve_cpu_precision(self.config, progress=lambda msg: self._emit("progress", {"message": msg}))
-        except Exception as e:
-            log.info("rwkv.nvim: CPU precision not resolved before loading: %s", one_line(e))
+            model = load_configured_model(self.config, self._warning)       # finds it cached
+        except MeasurementStopped:
+            return
+        except Exception as e:                      # never fatal: fp32 stays, status says why
+            log.warning("rwkv.nvim: background CPU precision measurement failed", exc_info=True)
+            with self._cv:
+                self._status["precision"] = f"fp32 (auto: not measured: {one_line(e, 80)})"
+                self._status["precision_why"] = one_line(e, 160)
+            return
+        with self._cv:
+            if not self._closing:
+                self._swap = model
+                self._cv.notify_all()
+
+    def _set_precision_status(self, model) -> None:
+        from .loading import precision_of
+        prec = precision_of(model)
+        with self._cv:
+            self._status.update(dtype=str(model.dtype).replace("torch.", ""), precision=prec["summary"],
+                                precision_why=prec["why"])
 
     def _warning(self, message: str) -> None:
         self._emit("warning", {"message": message})
@@ -254,7 +296,7 @@ class CompletionService:
             self._failed(e, "engine start")
         while True:
             with self._cv:
-                while not (self._closing or self._pending or self._chunks or self._accepts
+                while not (self._closing or self._pending or self._chunks or self._accepts or self._swap
                            or (self._prime_wanted and self._completer is not None)):
                     if self._prime_at is not None and time.monotonic() >= self._prime_at:
                         self._prime_at = None          # idle since the last suggestion: prime
@@ -267,7 +309,14 @@ class CompletionService:
                 chunks, self._chunks = self._chunks, []
                 accepts, self._accepts = self._accepts, []
                 job, self._pending = self._pending, None
+                swap, self._swap = self._swap, None
             try:
+                if swap is not None and self._completer is not None:
+                    self._completer.switch_model(swap)       # between requests; the ring is kept
+                    self._model = swap
+                    self._set_precision_status(swap)
+                    with self._cv:               # its states are cold: prime them while idle
+                        self._prime_wanted = self._prime_failed is None
                 self._work(chunks, accepts, job)
             except Exception as e:                      # never let the worker die silently
                 self._failed(e, "engine work")
@@ -311,6 +360,8 @@ class CompletionService:
         finally:
             with self._cv:
                 self._counts["running"] -= 1
+                self._last_request_end = time.monotonic()
+                self._cv.notify_all()
         if result is None or superseded():
             with self._cv:
                 self._counts["superseded"] += 1
