@@ -44,7 +44,7 @@ M.options = {
     default = "auto",
     choices = { "auto", "fp16", "bf16", "fp32", "int8" },
     must = "must be one of auto, fp16, bf16, fp32, int8",
-    doc = "\"auto\" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32, int8, ...) that passes an accuracy gate (top-1 agreement >= 99 % with fp32 on real code), measured once per CPU (~10 s on first use) and cached in cache_dir/cpu-precision.json; :RwkvStatus and `rwkv-nvim info` say what was chosen and why, `rwkv-nvim info --measure-precision` measures again, $RWKV_NVIM_CPU_PRECISION=<mode> skips it. \"int8\" (CPU only) stores the matrices as int8 with one scale per 32 weights (1.1 bytes per weight) and runs them with the plugin's own AVX512-VNNI/AVX2 kernels. A dtype that is not a CPU mode (fp16) counts as \"auto\" on the CPU.",
+    doc = "\"auto\" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32, int8, ...) that passes an accuracy gate (top-1 agreement >= 99 % with fp32 on real code), measured once per CPU by the build (:RwkvBuild, the quick start; ~10-20 s) and cached in cache_dir/cpu-precision.json. Without a cached verdict the model serves in fp32 at once and the CPU is measured in the background between requests, then the engine switches; :RwkvStatus and `rwkv-nvim info` say what was chosen and why, `rwkv-nvim info --measure-precision` measures again, $RWKV_NVIM_CPU_PRECISION=<mode> skips it. \"int8\" (CPU only) stores the matrices as int8 with one scale per 32 weights (1.1 bytes per weight) and runs them with the plugin's own AVX512-VNNI/AVX2 kernels. A dtype that is not a CPU mode (fp16) counts as \"auto\" on the CPU.",
   },
   {
     name = "threads",
