@@ -117,9 +117,19 @@ def test_cpu_kernel_fresh_jit_build(tmp_path):
     """)
     env = dict(os.environ, RWKV_NVIM_KERNEL_DIR=str(root))
     env.pop("RWKV_NVIM_NO_KERNEL", None)
+    # another ninja first on PATH (a system one of another version: its build log would
+    # make the interpreter's ninja rebuild everything, and back): it must not be used
+    own_ninja = Path(sys.executable).parent / "ninja"
+    decoy = tmp_path / "decoy-bin"
+    if own_ninja.is_file():
+        decoy.mkdir()
+        (decoy / "ninja").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'decoy-ran'}\nexit 1\n")
+        (decoy / "ninja").chmod(0o755)
+        env["PATH"] = f"{decoy}{os.pathsep}{env.get('PATH', '')}"
     proc = _run([sys.executable, "-c", script], env=env, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "BUILD_SECONDS" in proc.stdout
+    assert not (tmp_path / "decoy-ran").exists(), "the build ran the ninja first on PATH, not the interpreter's"
 
 
 def test_importing_the_loader_is_light():

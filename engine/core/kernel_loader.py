@@ -41,6 +41,7 @@ import platform
 import re
 import shlex
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -279,6 +280,26 @@ def _gpu_arch_env(backend: str, archs: str):
         os.environ.pop(var, None)
 
 
+@contextlib.contextmanager
+def _own_ninja_first():
+    """Build with the ninja installed beside this interpreter (the ``ninja`` wheel, a
+    dependency), whatever PATH says. Two ninja versions keep different build logs (1.11
+    and 1.13 hash commands differently), so each would rebuild everything the other
+    built: the build's ``rwkv-nvim kernels`` (system ninja) and the editor's host (venv on
+    PATH) took turns recompiling the kernel, ~12 s at every start."""
+    own = Path(sys.executable).parent / ("ninja.exe" if os.name == "nt" else "ninja")
+    path = os.environ.get("PATH", "")
+    found = shutil.which("ninja")
+    if not own.is_file() or (found and Path(found).resolve() == own.resolve()):
+        yield
+        return
+    os.environ["PATH"] = str(own.parent) + (os.pathsep + path if path else "")
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     import torch
 
@@ -297,7 +318,7 @@ def _build(backend: str, progress: Optional[ProgressFn]) -> WKV7Kernel:
     from torch.utils import cpp_extension  # deferred: heavy, and only needed here
 
     started = time.perf_counter()
-    with _gpu_arch_env(backend, gpu_archs(backend)):
+    with _gpu_arch_env(backend, gpu_archs(backend)), _own_ninja_first():
         cpp_extension.load(
             name=name,
             sources=sources,
