@@ -60,6 +60,7 @@ class CompletionService:
         self._completer = None
         self._ready_after: Optional[Tuple[str, float]] = None   # a remote server not answering yet
         self._swap = None                     # a model measured faster on this CPU, to switch to
+        self._measuring: Optional[threading.Thread] = None     # the background CPU measurement
         self._last_request_end = 0.0          # monotonic; the background measurement waits after it
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
@@ -133,9 +134,11 @@ class CompletionService:
             self._generation += 1
             self._pending = None
             self._cv.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread, measuring = self._thread, self._measuring
+        end = time.monotonic() + timeout
+        for t in (thread, measuring):     # the measurement stops at its next step (< 1 s)
+            if t is not None and t is not threading.current_thread():
+                t.join(max(0.0, end - time.monotonic()))
 
     # -- worker side ----------------------------------------------------------------------
     def _emit(self, kind: str, info: dict) -> None:
@@ -187,7 +190,9 @@ class CompletionService:
             return
         self._ready(name, t0)
         if (getattr(self._completer.model, "precision", None) or {}).get("pending"):
-            threading.Thread(target=self._precision_in_background, name="rwkv-precision", daemon=True).start()
+            self._measuring = threading.Thread(target=self._precision_in_background, name="rwkv-precision",
+                                               daemon=True)
+            self._measuring.start()
 
     def _server_answers(self, name: str, t0: float) -> bool:
         """A remote backend is "ready" only once its server answered (``detect``); until
