@@ -108,3 +108,17 @@ def test_trimmed_vocabulary_encodes_with_local_ids():
 def test_trimmed_vocabulary_must_keep_bytes():
     with pytest.raises(TokenizerError, match="byte"):
         WorldTokenizer.from_world_ids([0] + list(range(1, 200)))
+
+
+def test_the_fast_vocabulary_parse_equals_literal_eval_on_every_line():
+    """tokenizer._token_literal (the fast path) against ast.literal_eval (the reference)."""
+    import ast
+
+    from rwkv_engine.core.tokenizer import VOCAB_FILE, _token_literal
+    lines = VOCAB_FILE.read_text(encoding="utf-8").splitlines()
+    assert len(lines) > 65000
+    for line in lines:
+        text = line[line.index(" ") + 1:line.rindex(" ")]
+        assert _token_literal(text) == ast.literal_eval(text), line
+    for text in ("'a\\'b'", '"it\'s"', "'\\\\n'", "b'\\xff'", "' '", '"\\""'):
+        assert _token_literal(text) == ast.literal_eval(text), text
