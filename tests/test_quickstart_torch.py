@@ -169,3 +169,16 @@ def test_the_quickstart_cache_root_is_the_engines(tmp_path, monkeypatch):
         else:
             monkeypatch.setenv("XDG_CACHE_HOME", xdg)
         assert qs.engine_cache_root() == EngineConfig().resolved_cache_dir()
+
+
+def test_a_build_stamp_is_for_the_code_it_was_made_with(tmp_path, monkeypatch):
+    """An update of the engine or kernel sources (git pull, lazy.nvim update) builds the
+    kernel and measures the precision again at the build, not at the first start."""
+    qs = quickstart()
+    made = tmp_path / "made"
+    made.mkdir()
+    stamp = tmp_path / "stamp"
+    stamp.write_text(qs.stamp_text(made))
+    assert qs.done_for_this_cache(stamp, made)
+    monkeypatch.setattr(qs, "engine_code_digest", lambda: "another-version")
+    assert not qs.done_for_this_cache(stamp, made)

@@ -243,10 +243,27 @@ def kernel_cache() -> Path:
     return Path(os.environ.get("RWKV_NVIM_KERNEL_DIR") or engine_cache_root() / "kernels").expanduser()
 
 
+def engine_code_digest() -> str:
+    """A hash of the model and kernel sources: the kernel build and the precision verdict
+    are made for this code (cpu_precision's fingerprint covers the same files), so an
+    update of the plugin needs both steps again."""
+    h = hashlib.sha256()
+    for d, pattern in ((ROOT / "engine" / "core", "*.py"), (ROOT / "kernels", "*")):
+        for p in sorted(d.glob(pattern)):
+            if p.is_file():
+                h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stamp_text(made: Path) -> str:
+    return f"{made}\n{engine_code_digest()}"
+
+
 def done_for_this_cache(stamp: Path, made: Path) -> bool:
     """A build step's stamp counts only for the cache it filled (another HOME, or a
-    cleared cache, needs the step again) and while what it made is still there."""
-    return stamp.is_file() and stamp.read_text() == str(made) and made.exists()
+    cleared cache, needs the step again), for the code it was made with, and while what
+    it made is still there."""
+    return stamp.is_file() and stamp.read_text() == stamp_text(made) and made.exists()
 
 
 def build_kernels(venv: Venv, force: bool) -> None:
@@ -258,7 +275,7 @@ def build_kernels(venv: Venv, force: bool) -> None:
     rc, _ = stream(venv.py, "-m", "rwkv_engine.cli", "kernels")
     if rc != 0:     # not fatal: the engine uses the slower torch code, with the same results
         say("warning: a kernel did not build (reason above); suggestions work, more slowly")
-    stamp.write_text(str(kernel_cache()))
+    stamp.write_text(stamp_text(kernel_cache()))
 
 
 PRECISION_CODE = """
@@ -287,7 +304,7 @@ def measure_precision(venv: Venv, force: bool) -> None:
     if rc != 0:     # not fatal: the engine measures on first use instead
         say("warning: the precision measurement failed (reason above); the plugin measures it in the background")
         return
-    stamp.write_text(str(engine_cache_root() / "cpu-precision.json"))
+    stamp.write_text(stamp_text(engine_cache_root() / "cpu-precision.json"))
 
 
 def help_tags_stale() -> bool:
