@@ -529,3 +529,21 @@ io.stdout:write(vim.json.encode(calls))
     assert f"llama.cpp server {srv.url}" in text and "fake-model" in text and "rwkv" in text
     assert "connection refused" in text
     assert "token healing: off with a server" in text      # the server cannot constrain its first tokens
+
+
+def test_closing_the_service_closes_the_backends_http_client(srv):
+    """Issue 22: service.close() left the remote backend's connection pool open."""
+    from rwkv_engine.pipeline.service import CompletionService
+    srv.routes["/completion"] = lambda h, b: h.sse_events(llama_events(["done()"]))
+    rec = Recorder()
+    svc = CompletionService(config(srv.url, candidates=1), on_event=rec.on_event)
+    svc.start()
+    try:
+        assert rec.ready.wait(60)
+        svc.submit(request(1), None, rec.on_done)
+        assert rec.finished.wait(30) and rec.done[0]["candidates"]
+        client = svc._completer.http.client
+        assert not client.is_closed
+    finally:
+        svc.close()
+    assert client.is_closed

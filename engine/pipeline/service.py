@@ -310,7 +310,7 @@ class CompletionService:
                     self._cv.wait(None if self._prime_at is None
                                   else max(0.0, self._prime_at - time.monotonic()))
                 if self._closing:
-                    return
+                    break
                 chunks, self._chunks = self._chunks, []
                 accepts, self._accepts = self._accepts, []
                 job, self._pending = self._pending, None
@@ -325,6 +325,12 @@ class CompletionService:
                 self._work(chunks, accepts, job)
             except Exception as e:                      # never let the worker die silently
                 self._failed(e, "engine work")
+        close = getattr(self._completer, "close", None)   # a remote backend's HTTP client
+        if close is not None:
+            try:
+                close()
+            except Exception as e:
+                log.info("rwkv.nvim: closing the backend: %s", one_line(e))
 
     def _work(self, chunks, accepts, job) -> None:
         c = self._completer
