@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -547,3 +551,35 @@ def test_closing_the_service_closes_the_backends_http_client(srv):
     finally:
         svc.close()
     assert client.is_closed
+
+
+def test_the_remote_backend_runs_without_importing_torch():
+    """Issue 22: the remote path (service, prompt, text rules, HTTP) never imports torch:
+    a request, idle priming and status through CompletionService in a fresh interpreter."""
+    script = textwrap.dedent("""
+        import sys, threading
+        sys.path.insert(0, %r)
+        from fake_completion_server import FakeServer, llama_events
+        from pipeline_fixtures import SOURCE_LINES, make_request
+        from rwkv_engine.pipeline.config import EngineConfig
+        from rwkv_engine.pipeline.service import CompletionService
+        with FakeServer() as srv:
+            srv.routes["/completion"] = lambda h, b: h.sse_events(llama_events(["done()", "x = 1"]))
+            ready, done = threading.Event(), []
+            svc = CompletionService(EngineConfig(backend="llama.cpp", url=srv.url, candidates=2),
+                                    on_event=lambda k, i: ready.set() if k in ("ready", "error") else None)
+            svc.start()
+            assert ready.wait(30)
+            fin = threading.Event()
+            svc.submit(make_request(SOURCE_LINES[:12], 9), None, lambda r: (done.append(r), fin.set()))
+            assert fin.wait(30) and done[0]["candidates"], done
+            svc.add_chunk("def helper():\\n    return 1\\n", "other.py")
+            svc.prime()
+            svc.status()
+            svc.close()
+        heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not heavy, heavy[:5]
+        print("NO_TORCH")
+    """) % str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "NO_TORCH" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]

@@ -24,7 +24,7 @@ The prompt puts what changes least first (ring chunks, far prefix) and the curso
 last, so a server's prefix cache is reused between keystrokes.
 
 Streamed text goes through the local engine's stop rules and ranking
-(``candidates.apply_text_rules`` / ``rank_candidates``): the same candidates a local
+(``candidate_rules.apply_text_rules`` / ``rank_candidates``): the same candidates a local
 decode of the same tokens would give. The stream is closed as soon as every candidate
 stopped, the decode budget (``time_budget_ms`` after the first streamed piece: llama-server
 sends its headers before it reads the prompt) or

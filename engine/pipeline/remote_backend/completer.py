@@ -9,6 +9,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from ...core.tokenizer import WorldTokenizer
+from ..candidate_rules import Row, StopRules, apply_text_rules, rank_candidates, stream_row
 from ..config import EngineConfig
 from ..context_ring import ContextRing
 from ..prompt_layout import FIM_MARK, Prompt, PromptBuilder, clip_bytes, validate_request, window_split
@@ -34,10 +35,7 @@ class RemoteCompleter:
     """``Completer``'s interface over a llama-server or an OpenAI-compatible server."""
 
     def __init__(self, config: Optional[EngineConfig] = None,
-                 on_warning: Optional[Callable[[str], None]] = None, tokenizer=None,
-                 preload: bool = True):
-        """``preload``: import the stop rules and ranking now (``candidates``, which imports
-        torch: ~2 s) rather than in the first request; probe() skips it."""
+                 on_warning: Optional[Callable[[str], None]] = None, tokenizer=None):
         cfg = self.config = config if config is not None else EngineConfig(backend="llama.cpp",
                                                                              url="http://127.0.0.1:8080")
         if cfg.backend not in ("llama.cpp", "openai"):
@@ -76,8 +74,6 @@ class RemoteCompleter:
         self._last: Optional[dict] = None         # the last request (prime_step warms its prompt)
         self._warmed: Optional[tuple] = None
         self._totals = {"requests": 0, "reused_tokens": 0, "prefilled_tokens": 0, "errors": 0}
-        if preload:
-            from .. import candidates  # noqa: F401
 
     # -- Completer's interface -------------------------------------------------------------
     def add_chunk(self, text: str, filename: str = "") -> bool:
@@ -247,7 +243,6 @@ class RemoteCompleter:
 
     # -- one request -----------------------------------------------------------------------
     def _complete(self, request, prompt: Prompt, on_partial, should_stop, t0) -> Optional[dict]:
-        from ..candidates import StopRules
         cfg = self.config
         info = self.detect(should_stop)
         single_line = bool(prompt.line_suffix.strip())
@@ -353,7 +348,6 @@ class RemoteCompleter:
         return "/v1/completions", self.base + "/completions", payload
 
     def _stream(self, path, url, payload, n, prompt, rules, on_partial, should_stop, t0, info):
-        from ..candidates import Row, apply_text_rules, rank_candidates, _stream_row
         cfg = self.config
         n = payload.get("n_cmpl", payload.get("n", n))
         rows = [Row() for _ in range(n)]
@@ -419,7 +413,7 @@ class RemoteCompleter:
                         if reason:
                             row.done, row.reason = True, reason
                     if on_partial is not None:
-                        streamed = _stream_row(rows, streamed, shown, prompt.after_lines)
+                        streamed = stream_row(rows, streamed, shown, prompt.after_lines)
                         if streamed is not None and rows[streamed].text != shown:
                             shown = rows[streamed].text
                             on_partial(shown)

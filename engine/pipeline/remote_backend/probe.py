@@ -31,7 +31,7 @@ def probe(config, timeout_ms: int = 3000) -> dict:
                        timeout_total_ms=min(cfg.timeout_total_ms, timeout_ms))
     t0 = time.perf_counter()
     try:
-        rc = RemoteCompleter(fast, preload=False)
+        rc = RemoteCompleter(fast)
     except Exception as e:                              # bad url, missing API key, no httpx
         out["error"] = one_line(e)
         return out
