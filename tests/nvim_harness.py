@@ -188,7 +188,7 @@ def nvim_session(tmp_path):
 # Lua for the mechanics tests: replace the Python side (remote.call) with a recorder,
 # plus helpers (_G.T.last/count/asked_here/done) and a log of the User events
 RECORDER = r"""
-local remote = require('rwkv.remote')
+local remote = require('rwkv.host')
 _G.T = { calls = {}, events = {} }
 remote.call = function(name, ...)
   table.insert(_G.T.calls, { name = name, args = { ... } })

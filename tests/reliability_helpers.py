@@ -49,7 +49,7 @@ ghost.show = function(buf, row, col, ...)
   end
   return show(buf, row, col, ...)
 end
-local remote = require('rwkv.remote')
+local remote = require('rwkv.host')
 local call = remote.call
 remote.call = function(name, ...)
   _G.P.remote[name] = (_G.P.remote[name] or 0) + 1
@@ -83,7 +83,7 @@ def wait_done(s: NvimSession, timeout: float = 300, what: str = "") -> dict:
 
 
 def python_status(s: NvimSession) -> dict:
-    return s.lua("return require('rwkv.remote').status()") or {}
+    return s.lua("return require('rwkv.host').status()") or {}
 
 
 def host_log_text(root: Path) -> str:

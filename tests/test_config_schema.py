@@ -95,6 +95,8 @@ def option_cases(opt) -> list:
             values += [choice, choice.upper(), choice + " "]
     elif t == "table":
         values += [1, "", "x", [], ["a", "b"], ["a", ""], ["a", 1], {"k": "x"}]
+    elif t == "boolean":
+        values += [False, 1, 0, "true", "", [True]]
     return [v if isinstance(v, dict) else {name: v} for v in values]
 
 
@@ -195,7 +197,7 @@ def test_schema_describes_every_rule():
 # -- (c) setup() stops a bad engine option before Python -------------------------------
 SETUP_LUA = r"""
 local calls, notes = {}, {}
-local remote = require("rwkv.remote")
+local remote = require("rwkv.host")
 remote.call = function(name, ...)
   table.insert(calls, { name = name, args = { ... } })
   return 0

@@ -458,7 +458,7 @@ def test_rwkv_status_shows_the_precision_line(tmp_path):
     s = start_nvim(tmp_path / "nv", {"notify": False}, manifest=False)
     try:
         s.lua(r"""
-local remote = require('rwkv.remote')
+local remote = require('rwkv.host')
 remote.status = function()
   return { loaded = true, model = 'fake', device = 'cpu', dtype = 'float32', error = vim.NIL,
            precision = 'int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)',
@@ -471,7 +471,7 @@ require('rwkv').on_event('ready', { model = 'fake', device = 'cpu', dtype = 'flo
         # one line for what runs: int8 weights with fp32 activations, no "dtype: float32" beside it
         assert "precision: int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %); activations in fp32" in lines, lines
         assert not [ln for ln in lines if "dtype" in ln], lines
-        s.lua("require('rwkv.remote').status = function() return {} end")
+        s.lua("require('rwkv.host').status = function() return {} end")
         lines = s.lua("return require('rwkv').status_lines()")
         assert "precision: fp32 (RWKV_NVIM_CPU_PRECISION)" in lines, lines     # from the ready event
     finally:

@@ -21,7 +21,7 @@ WAIT = 300.0   # a first engine start may build the CPU kernel
 
 # the fake Python side answers :RwkvStatus like a loaded engine
 FAKE_STATUS = r"""
-local remote = require('rwkv.remote')
+local remote = require('rwkv.host')
 remote.status = function()
   return { loaded = true, model = 'fake', device = 'cpu', dtype = 'float32', error = vim.NIL,
            last_error = vim.NIL, cache = {}, last = {} }
@@ -55,7 +55,7 @@ def test_request_errors_notify_once_each_and_the_last_shows_in_status(tmp_path):
         s.lua(RECORDER)
         s.cmd("setlocal filetype=python")
         s.feed("i")
-        s.wait_for("require('rwkv.remote').state.started", timeout=10, what="the engine start")
+        s.wait_for("require('rwkv.host').state.started", timeout=10, what="the engine start")
         s.lua(FAKE_STATUS)
         oom = "CUDA error: an illegal memory access was encountered"
         malformed = "cursor row 4 is outside the window of lines 0..0"

@@ -26,9 +26,9 @@ def test_model_loads_at_start_not_at_the_first_keystroke(tmp_path):
     s = start_nvim(tmp_path / "nv", opts, manifest=False, extra_env={"RWKV_NVIM_CPU_PRECISION": "fp32"})
     try:
         assert s.nvim.api.get_mode()["mode"] == "n"
-        s.wait_for("require('rwkv.remote').state.started", timeout=10, what="the engine start after VimEnter")
+        s.wait_for("require('rwkv.host').state.started", timeout=10, what="the engine start after VimEnter")
         s.wait_for("require('rwkv').status().loaded", timeout=120, what="the model, loaded without a keystroke")
-        assert s.lua("return require('rwkv.remote').state.kind") == "own"
+        assert s.lua("return require('rwkv.host').state.kind") == "own"
         s.cmd("setlocal filetype=python")
         t0 = time.monotonic()
         s.feed("idef hello(name):<CR>return ")

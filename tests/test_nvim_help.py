@@ -56,7 +56,7 @@ def test_build_makes_missing_or_stale_tags(nvim_session, tmp_path):
     (root / "doc").mkdir(parents=True)
     shutil.copy(REPO / "doc" / "rwkv.txt", root / "doc" / "rwkv.txt")
     s = nvim_session(manifest=False)
-    s.lua("local root = ...; require('rwkv.remote').plugin_root = function() return root end", str(root))
+    s.lua("local root = ...; require('rwkv.host').plugin_root = function() return root end", str(root))
     assert s.lua("return require('rwkv.build').help_tags()") is True
     tags = (root / "doc" / "tags").read_text()
     assert tags == (REPO / "doc" / "tags").read_text()

@@ -30,7 +30,7 @@ from nvim_harness import REPO, NvimSession, require_nvim, start_nvim
 pytestmark = [pytest.mark.nvim]
 
 SUGGEST = "require('rwkv.suggest')"
-REMOTE = "require('rwkv.remote')"
+REMOTE = "require('rwkv.host')"
 BUILD_TIMEOUT = float(os.environ.get("RWKV_TEST_BUILD_TIMEOUT", "1200"))
 
 # What lazy.nvim (>= 11) does with `build = function() require("rwkv.build").run() end`:

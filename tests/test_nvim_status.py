@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.nvim, pytest.mark.slow]
 SUGGEST = "require('rwkv.suggest')"
 
 FAKE_STATUS = r"""
-require('rwkv.remote').status = function()
+require('rwkv.host').status = function()
   return { loaded = true, model = 'fake', device = 'cpu', dtype = 'float32', error = vim.NIL,
            last_error = vim.NIL, last = _G.PY_LAST or {},
            cache = { host = { bytes = 12345678, budget = 536870912, entries = 17 },

@@ -296,7 +296,7 @@ def test_editor_no_cuda_bad_cache_dir_then_host_dies(tmp_path, tiny_model_path):
         # the Python host dies: the editor keeps working, one notice, :RwkvStatus says why
         pid = s.lua("return vim.fn.jobpid(vim.fn['remote#host#Require']('python3'))")
         os.kill(pid, signal.SIGKILL)
-        s.wait_for("not require('rwkv.remote').host_alive()", timeout=30)
+        s.wait_for("not require('rwkv.host').host_alive()", timeout=30)
         s.feed("<CR>y = 1<CR>z = 2")
         s.settle()
         s.lua("vim.wait(300)")

@@ -149,7 +149,7 @@ def test_1000_keystrokes_over_8_split_buffers(loaded):
     wait_done(s)
     s.feed("<Esc>")
     s.settle()
-    st0 = s.lua("return require('rwkv.remote').status()")
+    st0 = s.lua("return require('rwkv.host').status()")
     assert st0.get("loaded") is True, st0
 
     s.lua("_G.P.remote = {}")
@@ -162,7 +162,7 @@ def test_1000_keystrokes_over_8_split_buffers(loaded):
     probes = s.lua("return _G.P")
     results = s.lua("return _G.R")
     lua_requests = s.lua(f"return {SUGGEST}.state.requests")
-    st = s.lua("return require('rwkv.remote').status()")
+    st = s.lua("return require('rwkv.host').status()")
     # the typing reached every buffer and was typed in full
     assert len(s.lua("return _G.L.bufs_asked")) >= N_BUFFERS
     texts = s.lua("""local t = {}
@@ -206,13 +206,13 @@ def test_1000_keystrokes_over_8_split_buffers(loaded):
     # chunk checkpoints persisted to disk) and the cache must still hold no more than
     # its budgets
     queued = st["cache"]["ring"]["queued"]
-    s.lua("require('rwkv.remote').call('RwkvPrime')")
+    s.lua("require('rwkv.host').call('RwkvPrime')")
     # (the engine reports its cache after priming; chunks too similar to the cursor's
     # lines leave the ring again, so only the queue is known to be empty)
-    s.wait_for("(function() local c = require('rwkv.remote').status().cache or {}; "
+    s.wait_for("(function() local c = require('rwkv.host').status().cache or {}; "
                "return c.ring ~= nil and c.ring.queued == 0 end)()",
                timeout=120, what="idle priming of the queued context")
-    st = s.lua("return require('rwkv.remote').status()")
+    st = s.lua("return require('rwkv.host').status()")
     print("queued chunks:", queued, "cache after priming:", st["cache"])
     assert st["cache"]["disk"]["entries"] > 0, st["cache"]
     check_cache_memory(st["cache"], s.root)

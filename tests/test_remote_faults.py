@@ -509,8 +509,8 @@ def test_probe(srv):
 
 
 @pytest.mark.nvim
-def test_health_remote_lua(srv, tmp_path):
-    """lua/rwkv/health_remote.lua reports the backend, the server and its model."""
+def test_health_server_lua(srv, tmp_path):
+    """lua/rwkv/health_server.lua reports the backend, the server and its model."""
     import sys
     from test_config_schema import run_lua
     code = r"""
@@ -519,7 +519,7 @@ local h = {}
 for _, k in ipairs({ "start", "ok", "info", "warn", "error" }) do
   h[k] = function(msg, advice) table.insert(calls, { k, msg, advice }) end
 end
-local hr = require("rwkv.health_remote")
+local hr = require("rwkv.health_server")
 hr.check(h, { python = _G.arg[1], engine = vim.json.decode(_G.arg[2]) })
 hr.check(h, { python = _G.arg[1], engine = { backend = "llama.cpp", url = _G.arg[3] } })
 hr.check(h, { python = _G.arg[1], engine = {} })

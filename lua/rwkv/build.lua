@@ -32,7 +32,7 @@ end
 ---@return {argv: string[], dir: string, interpreter: string}
 function M.plan(opts)
   opts = opts or {}
-  local remote = require("rwkv.remote")
+  local remote = require("rwkv.host")
   local py = vim.tbl_extend("force", require("rwkv.config").current.python, opts.python or {})
   local interpreter = vim.fn.exepath(vim.fn.expand(py.interpreter))
   if interpreter == "" then
@@ -133,7 +133,7 @@ end
 --- doc/tags for :help rwkv: shipped with the plugin; made again when missing or older than
 --- doc/rwkv.txt (a plugin manager that drops it, an edited doc). Returns whether it ran.
 function M.help_tags()
-  local doc = vim.fs.joinpath(require("rwkv.remote").plugin_root(), "doc")
+  local doc = vim.fs.joinpath(require("rwkv.host").plugin_root(), "doc")
   local txt, tags = vim.uv.fs_stat(doc .. "/rwkv.txt"), vim.uv.fs_stat(doc .. "/tags")
   if not txt or (tags and tags.mtime.sec >= txt.mtime.sec) then
     return false
@@ -145,7 +145,7 @@ end
 --- forgotten, so the next call starts the own host from the new one.
 local function after_success()
   M.help_tags()
-  local remote = require("rwkv.remote")
+  local remote = require("rwkv.host")
   if remote.state.kind == "own" or remote.state.failed then
     remote.reset()
   end

@@ -3,7 +3,7 @@
 -- (CursorHold / CursorHoldI) the engine computes a queued chunk's state in the background.
 -- Before the engine starts (first InsertEnter) chunks wait here, at most ring_queue.
 local config = require("rwkv.config")
-local remote = require("rwkv.remote")
+local remote = require("rwkv.host")
 
 local api = vim.api
 local M = {}

@@ -131,7 +131,7 @@ end
 
 function M.check()
   local config = require("rwkv.config")
-  local remote = require("rwkv.remote")
+  local remote = require("rwkv.host")
   local c = config.current
 
   h.start("rwkv: Neovim")
@@ -223,7 +223,7 @@ function M.check()
     h.warn("huggingface_hub is missing: :RwkvDownload will not work", advice("huggingface_hub"))
   end
 
-  require("rwkv.health_remote").check(h, { python = python, engine = c.engine })
+  require("rwkv.health_server").check(h, { python = python, engine = c.engine })
 
   h.start("rwkv: model")
   local st = require("rwkv").status()

@@ -6,7 +6,7 @@
 -- The model loads in the Python host's worker thread: right after start-up with the
 -- plugin's own host (M.preload), else on the first InsertEnter.
 local config = require("rwkv.config")
-local remote = require("rwkv.remote")
+local remote = require("rwkv.host")
 
 local api = vim.api
 local M = {}

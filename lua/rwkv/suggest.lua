@@ -12,7 +12,7 @@
 local config = require("rwkv.config")
 local ghost = require("rwkv.ghost")
 local float = require("rwkv.float")
-local remote = require("rwkv.remote")
+local remote = require("rwkv.host")
 
 local api = vim.api
 local M = {}

@@ -2,7 +2,7 @@
 
 Two ways to host the plugin, one code path (the table in ``functions.py``):
 - the plugin's own host (default once ``:RwkvBuild`` made the plugin's environment):
-  ``python -m rwkv_nvim.host``, started by lua/rwkv/remote.lua (see host.py);
+  ``python -m rwkv_nvim.host``, started by lua/rwkv/host.lua (see host.py);
 - Neovim's shared python3 host through the rplugin manifest (:UpdateRemotePlugins):
   this class, whose methods are generated from the same table.
 
@@ -10,7 +10,7 @@ Kept thin on purpose: this module is imported by :UpdateRemotePlugins and at eve
 python3 host start, so nothing heavy (torch, numpy, rwkv_engine.service) is imported
 here. The engine is imported on a background thread on first use (see bridge.py).
 
-Functions (all called from lua/rwkv/remote.lua; async = rpcnotify, never blocks the editor):
+Functions (all called from lua/rwkv/host.lua; async = rpcnotify, never blocks the editor):
     RwkvStart(opts, host)    async  create/reconfigure the engine (EngineConfig.from_dict);
                                     host = {debug, log_file} (debug logging, default off)
     RwkvRequest(request)     async  a completion request (latest wins)

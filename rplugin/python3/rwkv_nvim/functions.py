@@ -3,11 +3,11 @@
 - the rplugin manifest path: ``RwkvPlugin`` in ``__init__.py`` turns every entry into a
   ``@pynvim.function`` (Neovim's shared python3 host, after :UpdateRemotePlugins);
 - the plugin's own host: ``host.py`` (``python -m rwkv_nvim.host``, started by
-  lua/rwkv/remote.lua over an RPC channel) answers requests/notifications by these names.
+  lua/rwkv/host.lua over an RPC channel) answers requests/notifications by these names.
 
 Both call :func:`dispatch`, so a function behaves the same in either host. ``sync``:
 answered (``rpcrequest``: the editor waits, keep them cheap); otherwise a notification
-(``rpcnotify``: never blocks the editor). lua/rwkv/remote.lua keeps the names of the
+(``rpcnotify``: never blocks the editor). lua/rwkv/host.lua keeps the names of the
 sync ones (``M.SYNC``; a test checks that both agree).
 
 Nothing heavy is imported here (no torch): see ``__init__.py``.

@@ -1,6 +1,6 @@
 """The plugin's own Python host: ``python -m rwkv_nvim.host``.
 
-lua/rwkv/remote.lua starts it from the plugin's environment (``:RwkvBuild``) with
+lua/rwkv/host.lua starts it from the plugin's environment (``:RwkvBuild``) with
 ``jobstart({python, "-m", "rwkv_nvim.host"}, {rpc = true, env = {PYTHONPATH =
 <plugin>/rplugin/python3}})`` the first time the plugin needs Python: no manifest, no
 :UpdateRemotePlugins, no restart, and torch does not land in the python3 host that other
@@ -8,7 +8,7 @@ plugins share. It attaches to stdin/stdout with pynvim, builds the same Bridge a
 rplugin class and answers the same functions (``functions.FUNCTIONS``) by the same
 ``dispatch``: requests (sync functions) and notifications (the others).
 
-Once attached it tells Lua it is up (``require('rwkv.remote').on_host_ready(info)``);
+Once attached it tells Lua it is up (``require('rwkv.host').on_host_ready(info)``);
 a host that exits before that failed to start (the environment is broken), one that
 exits after it died (remote.lua restarts it once).
 
@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, List
 
-LUA_READY = "return require('rwkv.remote').on_host_ready(...)"
+LUA_READY = "return require('rwkv.host').on_host_ready(...)"
 
 
 def main() -> int:

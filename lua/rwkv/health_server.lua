@@ -29,7 +29,7 @@ except Exception as exc:
 probe_main(sys.argv[1:2])
 ]]
 
---- The plugin's root directory (<root>/lua/rwkv/health_remote.lua).
+--- The plugin's root directory (<root>/lua/rwkv/health_server.lua).
 function M.plugin_root()
   return vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")
 end

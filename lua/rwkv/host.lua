@@ -57,7 +57,7 @@ local function python_opts()
   return require("rwkv.config").current.python
 end
 
---- The plugin's root directory (<root>/lua/rwkv/remote.lua).
+--- The plugin's root directory (<root>/lua/rwkv/host.lua).
 function M.plugin_root()
   return vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")
 end
