@@ -67,3 +67,22 @@ def test_a_missing_cpu_verdict_never_blocks_a_suggestion(tmp_path):
         assert not s.errors_in_messages(), s.messages()
     finally:
         s.close()
+
+
+def test_no_preload_while_the_environment_is_being_built(tmp_path):
+    """A build in progress has made the environment's python before its packages: the
+    start-up preload must not start the host from it (CI saw "No module named 'pynvim'")."""
+    require_nvim()
+    opts = {"debounce_ms": 20, "python": {"env": sys.prefix, "host": "own"}, "engine": {"device": "cpu"}}
+    s = start_nvim(tmp_path / "nv", opts, manifest=False, extra_env={"RWKV_NVIM_CPU_PRECISION": "fp32"})
+    try:
+        # a build is running (if the deferred preload already started a host: stop it)
+        s.lua("require('rwkv.build').running = true; require('rwkv.host').reset()")
+        assert s.lua("return require('rwkv').preload()") is False
+        assert not s.lua("return require('rwkv.host').state.started")
+        s.lua("require('rwkv.build').running = false")
+        assert s.lua("return require('rwkv').preload()") is True      # the build is done: it loads
+        s.wait_for("require('rwkv').status().loaded", timeout=120, what="the model")
+        assert not s.errors_in_messages(), s.messages()
+    finally:
+        s.close()

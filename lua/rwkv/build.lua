@@ -149,6 +149,9 @@ local function after_success()
   if remote.state.kind == "own" or remote.state.failed then
     remote.reset()
   end
+  vim.schedule(function() -- the model loads now, not at the next keystroke
+    require("rwkv").preload()
+  end)
 end
 
 --- lazy.nvim's running task (it runs build functions in its own coroutines), if any.

@@ -104,6 +104,9 @@ function M.preload()
   if not configured or not config.current.enabled or remote.state.started or remote.state.failed then
     return false
   end
+  if package.loaded["rwkv.build"] and require("rwkv.build").running then
+    return false -- its environment is being built (python exists before pynvim does)
+  end
   local kind = remote.state.kind or remote.choose()
   if kind ~= "own" or vim.fn.executable(remote.env_python(remote.env_dir())) ~= 1 then
     return false
