@@ -208,7 +208,10 @@ def test_rwkv_build_command_repairs_in_the_background_and_restarts_the_host(buil
         s.wait_for("vim.fn.execute('messages'):find('environment is ready') ~= nil", timeout=300,
                    what="the build's end")
         assert any("building the plugin's Python environment" in m for m in ours(s))
-        assert s.lua(f"return {REMOTE}.state.started") is False      # the old host is gone
+        # the old host is gone; a new one starts at once (the model loads before a keystroke)
+        s.wait_for(f"{REMOTE}.state.pid ~= nil and {REMOTE}.state.pid ~= {pid}", timeout=60,
+                   what="a new host, started after the build")
+        s.wait_for("require('rwkv').status().loaded", timeout=120, what="the model, loaded after the build")
         s.feed("ob = ")
         wait_suggestion(s)
         assert s.lua(f"return {REMOTE}.state.pid") != pid
