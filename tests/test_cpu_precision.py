@@ -505,3 +505,24 @@ def test_the_code_fingerprint_follows_contents_not_file_times():
         assert CODE_FINGERPRINT() == before
     finally:
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_verdict_of_fp32_keeps_the_model_and_updates_the_status(monkeypatch, tiny_model_path, tmp_path):
+    from pipeline_fixtures import Recorder, fast_config
+
+    from rwkv_engine.pipeline.service import CompletionService
+    slow_int8 = {"fp32": dict(FIGURES["fp32"]), "int8": dict(FIGURES["int8"], decode_1=30.0, decode_8=60.0)}
+    fake = FakeMeasure(figures=slow_int8)
+    monkeypatch.setattr(cp, "measure", fake)
+    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8"), raising=False)
+    rec = Recorder()
+    svc = CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"), on_event=rec.on_event)
+    svc.start()
+    try:
+        assert rec.ready.wait(120)
+        model = svc._completer.model
+        assert _wait_for(lambda: svc.status()["precision"].startswith("fp32 (auto: decode")), svc.status()
+        assert svc._completer.model is model and model.quant is None and fake.calls == 1
+        assert not model.precision.get("pending")
+    finally:
+        svc.close()
