@@ -1,8 +1,8 @@
 """Build llama.cpp's CPU tools once into a cache, and drive them (command line).
 
-The code lives in the installed package, ``rwkv_engine.cli.llama_cpp_peer`` (so that
-``rwkv-nvim bench --peer llama.cpp`` can use it); this file is a thin command line over it
-and re-exports its names for old importers. Binaries land in
+The code lives in ``bench/llamacpp_peer`` (build, server, tools, side_by_side: also what
+``rwkv-nvim bench --peer llama.cpp`` runs); this file is a thin command line over it and
+re-exports its names for old importers. Binaries land in
 
     ~/.cache/rwkv.nvim/llama.cpp/<llama-cpp-python version>-<cpu tag>/bin
 
@@ -25,15 +25,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-try:
-    from rwkv_engine.cli import llama_cpp_peer as _peer
-except ImportError:          # a checkout without the package installed: the file itself
-    _spec = importlib.util.spec_from_file_location(
-        "rwkv_llama_cpp_peer", Path(__file__).resolve().parent.parent / "engine" / "cli" / "llama_cpp_peer.py")
-    _peer = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_peer)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp_peer as _peer  # noqa: E402  (bench/llamacpp_peer, beside this file)
 
-# the module's public names, as before the move (bench/llama_cpp.py used to hold the code)
+# the package's public names, as before the move (bench/llama_cpp.py used to hold the code)
 globals().update({k: v for k, v in vars(_peer).items() if not k.startswith("__")})
 
 

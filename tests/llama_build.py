@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from rwkv_engine.cli import llama_cpp_peer as lc
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import llamacpp_peer as lc  # noqa: E402  (developer tooling of the checkout: bench/llamacpp_peer)
 
 NEEDED = ("llama-server", "llama-bench", "llama-batched-bench")
 

@@ -17,7 +17,8 @@ import torch
 
 from random_checkpoint import write_checkpoint
 from llama_build import lc, llama_bins_or_skip
-from rwkv_engine.cli import bench_llamacpp
+from llama_build import lc  # noqa: F401  (puts bench/ on sys.path)
+from llamacpp_peer import side_by_side
 
 FIGURES = ("prefill_tok_s", "decode_b1_tok_s", "decode_rows1_tok_s", "decode_rows4_tok_s",
            "decode_rows8_tok_s")
@@ -84,13 +85,13 @@ def test_kl_coarse_is_exact_with_full_support_and_a_lower_bound_otherwise():
     p = torch.log_softmax(torch.randn(50, generator=g, dtype=torch.float64) * 2, -1)
     q = torch.log_softmax(p + 0.3 * torch.randn(50, generator=g, dtype=torch.float64), -1)
     exact = float((p.exp() * (p - q)).sum())
-    full = bench_llamacpp._topk_dicts(p[None], 50)[0], bench_llamacpp._topk_dicts(q[None], 50)[0]
-    assert abs(bench_llamacpp.kl_coarse(*full) - exact) < 1e-9
+    full = side_by_side._topk_dicts(p[None], 50)[0], side_by_side._topk_dicts(q[None], 50)[0]
+    assert abs(side_by_side.kl_coarse(*full) - exact) < 1e-9
     for k in (1, 5, 20):
-        part = bench_llamacpp._topk_dicts(p[None], k)[0], bench_llamacpp._topk_dicts(q[None], k)[0]
-        assert 0 <= bench_llamacpp.kl_coarse(*part) <= exact + 1e-12
-    same = bench_llamacpp._topk_dicts(p[None], 10)[0]
-    assert bench_llamacpp.kl_coarse(same, same) == 0.0
+        part = side_by_side._topk_dicts(p[None], k)[0], side_by_side._topk_dicts(q[None], k)[0]
+        assert 0 <= side_by_side.kl_coarse(*part) <= exact + 1e-12
+    same = side_by_side._topk_dicts(p[None], 10)[0]
+    assert side_by_side.kl_coarse(same, same) == 0.0
 
 
 def test_requantize_q4_0_from_the_f32_export(peaked_tiny, tmp_path):

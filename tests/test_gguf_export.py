@@ -2,7 +2,7 @@
 ``llamacpp``) llama.cpp's greedy continuation against ours on the same random checkpoint.
 
 The llama.cpp tests build llama.cpp's CPU tools once into ~/.cache/rwkv.nvim/llama.cpp
-(rwkv_engine.cli.llama_cpp_peer, command line bench/llama_cpp.py; minutes cold, then
+(bench/llamacpp_peer, command line bench/llama_cpp.py; minutes cold, then
 cached). They skip without cmake/g++, when the sdist cannot be downloaded, or with
 RWKV_LLAMA_CPP_BUILD=0 and no cached build. Deselect them with ``-m "not llamacpp"``.
 """
@@ -228,7 +228,7 @@ from llama_build import lc, llama_bins_or_skip  # noqa: E402
 
 @pytest.fixture(scope="module")
 def llama():
-    """(rwkv_engine.cli.llama_cpp_peer, bin dir): the cached build, or built now."""
+    """(bench/llamacpp_peer, bin dir): the cached build, or built now."""
     return lc, llama_bins_or_skip()
 
 

@@ -117,3 +117,67 @@ def test_a_missing_attribute_is_a_plain_attribute_error(tmp_path):
             "try:\n    rwkv_engine.no_such_thing\nexcept AttributeError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert out.stdout.strip() == "module 'rwkv_engine' has no attribute 'no_such_thing'", out.stdout + out.stderr
+
+
+# -- the whole tree: engine < bench, tools (developer tooling on top), no cycles ------------
+ROOT = ENGINE.parent
+TOOLING = {"bench": ROOT / "bench", "tools": ROOT / "tools"}
+
+
+def tooling_names() -> set:
+    """Import names the developer tooling defines (its modules and packages)."""
+    names = set()
+    for d in TOOLING.values():
+        names |= {p.stem for p in d.glob("*.py")} | {p.parent.name for p in d.glob("*/__init__.py")}
+    return names
+
+
+def test_the_engine_never_imports_developer_tooling():
+    """Only `rwkv-nvim bench --peer llama.cpp` loads bench/llamacpp_peer, from the checkout."""
+    tooling, bad = tooling_names(), []
+    for path in engine_modules():
+        for line, target in imports_of(path):
+            top = target.split(".")[0]
+            if top in tooling and not (path.name == "bench.py" and top == "llamacpp_peer"):
+                bad.append(f"{path.relative_to(ENGINE)}:{line} imports {target}")
+    assert not bad, "\n".join(bad)
+
+
+def _tooling_imports(path: Path, package: str):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            yield f"{package}.{node.module}" if node.module else package
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or ""
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_no_import_cycles_in_the_engine_or_the_tooling():
+    graph = {}
+    for path in engine_modules():
+        graph[module_name(path)] = {t for _, t in imports_of(path) if t.startswith("rwkv_engine.")}
+    for d in TOOLING.values():
+        for path in d.rglob("*.py"):
+            rel = path.relative_to(d).with_suffix("").parts
+            name = ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+            package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            graph[name] = set(_tooling_imports(path, package))
+    graph = {k: {t for t in v if t in graph and t != k} for k, v in graph.items()}
+    # a package importing its own submodules (a facade) is not a cycle: drop package -> child
+    graph = {k: {t for t in v if not t.startswith(k + ".")} for k, v in graph.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)

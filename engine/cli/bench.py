@@ -2,7 +2,7 @@
 
 Peers (``--peer``): ``rwkv`` (default), the `rwkv` pip package in this process; or
 ``llama.cpp``, its CPU tools on GGUFs exported from the same checkpoint, with our fp32 and
-int8 modes beside llama.cpp's f32 / Q8_0 / Q4_0 (rwkv_engine.cli.bench_llamacpp).
+int8 modes beside llama.cpp's f32 / Q8_0 / Q4_0 (bench/llamacpp_peer/side_by_side.py of the checkout).
 
 Raw figures (same process, same checkpoint, best of --repeat runs):
   prefill tok/s (B=1, T=--prefill-tokens), batch-1 decode tok/s, batch-8 decode
@@ -19,6 +19,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def add_arguments(p) -> None:
@@ -41,8 +42,34 @@ def add_arguments(p) -> None:
     p.add_argument("--replay-file", help="source file typed by the replay (default: a stdlib module)")
     p.add_argument("--replay-lines", type=int, default=6, help="lines typed char by char in the replay")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    from . import bench_llamacpp
-    bench_llamacpp.add_arguments(p)
+    g = p.add_argument_group("--peer llama.cpp")
+    g.add_argument("--rows", default="1,4,8",
+                   help="row counts of the aggregate decode figures (default 1,4,8)")
+    g.add_argument("--modes", default="fp32,int8", help="our CPU modes (default fp32,int8)")
+    g.add_argument("--gguf-types", default="f32,q8_0,q4_0",
+                   help="llama.cpp GGUF types (default f32,q8_0,q4_0; f32 is always exported)")
+    g.add_argument("--check-tokens", type=int, default=32,
+                   help="greedy tokens compared on the f32 GGUF (default 32)")
+    g.add_argument("--kl-positions", type=int, default=64, help="positions of the KL figures (default 64)")
+    g.add_argument("--kl-context", type=int, default=64,
+                   help="tokens before the first KL position; also the greedy check's prompt (default 64)")
+    g.add_argument("--kl-top", type=int, default=256,
+                   help="top-K log-probabilities llama-server returns per position (default 256)")
+    g.add_argument("--work", help="keep the GGUF files in this directory (default: a temp dir, removed)")
+    g.add_argument("--jobs", type=int, default=2, help="make jobs if llama.cpp must be built (default 2)")
+
+
+def _llama_cpp_side_by_side():
+    """bench/llamacpp_peer/side_by_side.py of the source checkout: building and driving
+    llama.cpp is developer tooling, not part of the installed package."""
+    bench_dir = Path(__file__).resolve().parents[2] / "bench"
+    if not (bench_dir / "llamacpp_peer" / "side_by_side.py").is_file():
+        raise ValueError("--peer llama.cpp runs the llama.cpp tooling of the plugin's source checkout "
+                         f"(bench/llamacpp_peer), not found beside this package ({bench_dir})")
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    from llamacpp_peer import side_by_side
+    return side_by_side
 
 
 def _best(fn, repeat: int) -> float:
@@ -164,8 +191,7 @@ def _machine(device) -> dict:
 
 def run(args) -> int:
     if getattr(args, "peer", "rwkv") == "llama.cpp":
-        from . import bench_llamacpp
-        return bench_llamacpp.run(args)
+        return _llama_cpp_side_by_side().run(args)
     import torch
 
     from ..pipeline.loading import load_configured_model, resolve_model_path

@@ -2,7 +2,7 @@
 
 One run, one process (llama.cpp's tools as subprocesses):
 
-1. llama.cpp's CPU tools are built or reused (rwkv_engine.cli.llama_cpp_peer: cached in
+1. llama.cpp's CPU tools are built or reused (``llamacpp_peer.build``: cached in
    ~/.cache/rwkv.nvim/llama.cpp, minutes when cold).
 2. The checkpoint is exported with our exporter to f32 and Q8_0 GGUFs; Q4_0 is the Q8_0
    file with every Q8_0 matrix re-quantized to Q4_0 from the f32 values (gguf-py, ggml's
@@ -44,31 +44,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import llama_cpp_peer as lc
+from .build import bin_dir, build, build_info, cpu_summary, version
+from .server import Server
+from .tools import batched_bench, llama_bench, requantize_gguf
 
 MODES = ("fp32", "int8")
 TYPES = ("f32", "q8_0", "q4_0")
 PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int8", "q4_0"))    # ours / theirs ratios
 LABEL = {"fp32": "fp32", "int8": "int8", "f32": "f32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 BATCHED_PROMPT = 8          # tokens of prompt per row before the timed decode (both sides)
-
-
-def add_arguments(p) -> None:
-    g = p.add_argument_group("--peer llama.cpp")
-    g.add_argument("--rows", default="1,4,8",
-                   help="row counts of the aggregate decode figures (default 1,4,8)")
-    g.add_argument("--modes", default="fp32,int8", help="our CPU modes (default fp32,int8)")
-    g.add_argument("--gguf-types", default="f32,q8_0,q4_0",
-                   help="llama.cpp GGUF types (default f32,q8_0,q4_0; f32 is always exported)")
-    g.add_argument("--check-tokens", type=int, default=32,
-                   help="greedy tokens compared on the f32 GGUF (default 32)")
-    g.add_argument("--kl-positions", type=int, default=64, help="positions of the KL figures (default 64)")
-    g.add_argument("--kl-context", type=int, default=64,
-                   help="tokens before the first KL position; also the greedy check's prompt (default 64)")
-    g.add_argument("--kl-top", type=int, default=256,
-                   help="top-K log-probabilities llama-server returns per position (default 256)")
-    g.add_argument("--work", help="keep the GGUF files in this directory (default: a temp dir, removed)")
-    g.add_argument("--jobs", type=int, default=2, help="make jobs if llama.cpp must be built (default 2)")
 
 
 def _csv(text: str, allowed: Sequence[str], what: str) -> List[str]:
@@ -217,7 +201,7 @@ def _best(samples: List[Dict[str, float]]) -> Dict[str, float]:
 
 
 def _token_sequence(model, path: Optional[str], need: int) -> List[int]:
-    from .bench_replay import default_replay_file
+    from rwkv_engine.cli.bench_replay import default_replay_file
 
     with open(path or default_replay_file(), encoding="utf-8", errors="replace") as fh:
         text = fh.read()
@@ -232,10 +216,10 @@ def _token_sequence(model, path: Optional[str], need: int) -> List[int]:
 def run(args) -> int:
     import torch
 
-    from .. import load_model
-    from ..core.gguf_export import export_gguf, require_gguf
-    from ..pipeline.config import EngineConfig
-    from ..pipeline.loading import resolve_model_path, settle_garbage_collector
+    from rwkv_engine import load_model
+    from rwkv_engine.core.gguf_export import export_gguf, require_gguf
+    from rwkv_engine.pipeline.config import EngineConfig
+    from rwkv_engine.pipeline.loading import resolve_model_path, settle_garbage_collector
 
     if args.device != "cpu":
         raise ValueError("--peer llama.cpp compares CPU figures: use --device cpu")
@@ -254,10 +238,10 @@ def run(args) -> int:
     load_start = _load()
     t_start = time.perf_counter()
 
-    bins = lc.bin_dir()
+    bins = bin_dir()
     if bins is None or not all((bins / t).is_file() for t in ("llama-bench", "llama-batched-bench")):
         _say("building llama.cpp's CPU tools (cached afterwards; minutes) ...")
-    bins = lc.build(jobs=args.jobs, log=_say)
+    bins = build(jobs=args.jobs, log=_say)
     for tool in ("llama-server", "llama-bench", "llama-batched-bench"):
         if not (bins / tool).is_file():
             raise RuntimeError(f"{bins}: no {tool} in the cached llama.cpp build "
@@ -266,7 +250,7 @@ def run(args) -> int:
     path = resolve_model_path(EngineConfig(model=args.model))
     torch.set_num_threads(threads)
     # what a user gets without configuring anything: dtype "auto" (measured per CPU, cached)
-    from ..pipeline.loading import cpu_precision_for
+    from rwkv_engine.pipeline.loading import cpu_precision_for
     auto_mode, auto_record = cpu_precision_for(EngineConfig(model=str(path), threads=threads), path)
     _say(f"dtype auto picks {auto_record.get('summary', auto_mode)}")
     models = {m: load_model(path, device="cpu", dtype=m) for m in modes if m != "fp32"}
@@ -292,7 +276,7 @@ def run(args) -> int:
                        "how": f"rwkv-nvim export-gguf --type {t}"}
         if "q4_0" in types:
             dst = work / f"{Path(path).stem}-q4_0.gguf"
-            info = lc.requantize_gguf(ggufs["f32"], ggufs["q8_0"], dst, "q4_0")
+            info = requantize_gguf(ggufs["f32"], ggufs["q8_0"], dst, "q4_0")
             ggufs["q4_0"] = dst
             conv["q4_0"] = {"path": str(dst), "file_bytes": info["file_bytes"], "seconds": info["seconds"],
                             "tensor_types": info["tensor_types"],
@@ -310,7 +294,7 @@ def run(args) -> int:
         ctx = max(4096, len(ids) + args.check_tokens + 64)
         theirs_top, check = {}, None
         for t in ["f32"] + [t for t in types if t != "f32"]:
-            with lc.Server(ggufs[t], bins=bins, threads=threads, ctx=ctx) as srv:
+            with Server(ggufs[t], bins=bins, threads=threads, ctx=ctx) as srv:
                 if t == "f32":
                     g = srv.greedy(prompt, args.check_tokens, n_probs=5)
                 if n_pos > 0:
@@ -353,7 +337,7 @@ def run(args) -> int:
         # -- speed, interleaved rounds
         samplers = {m: OursSampler(models[m], T, steps, rows) for m in modes}
         samples: Dict[str, List[dict]] = {k: [] for k in list(modes) + list(types)}
-        from .bench import read_bandwidth_gbs
+        from rwkv_engine.cli.bench import read_bandwidth_gbs
         rounds = []
         stream = []
         for rep in range(max(1, args.repeat)):
@@ -362,8 +346,8 @@ def run(args) -> int:
             for m in modes:
                 samples[m].append(samplers[m].sample())
             for t in types:
-                lb = lc.llama_bench(bins, ggufs[t], T, steps, threads, repetitions=1)
-                bb = lc.batched_bench(bins, ggufs[t], rows, steps, threads, prompt_tokens=BATCHED_PROMPT)
+                lb = llama_bench(bins, ggufs[t], T, steps, threads, repetitions=1)
+                bb = batched_bench(bins, ggufs[t], rows, steps, threads, prompt_tokens=BATCHED_PROMPT)
                 s = {"prefill_tok_s": lb["prefill_tok_s"], "decode_b1_tok_s": lb["decode_b1_tok_s"]}
                 s.update({f"decode_rows{r}_tok_s": v for r, v in bb["decode_rows_tok_s"].items()})
                 samples[t].append(s)
@@ -387,8 +371,8 @@ def run(args) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    cpu = lc.cpu_summary()
-    binfo = lc.build_info() or {}
+    cpu = cpu_summary()
+    binfo = build_info() or {}
     result = {
         "schema": 1, "peer": "llama.cpp",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -401,7 +385,7 @@ def run(args) -> int:
         "settings": {"threads": threads, "prefill_tokens": T, "decode_steps": steps, "rows": rows,
                      "batched_prompt_tokens": BATCHED_PROMPT, "repeat": args.repeat,
                      "best_of": "max tok/s over interleaved rounds", "modes": modes, "gguf_types": types},
-        "llama_cpp": {"version": binfo.get("llama_cpp_python_version", lc.version()),
+        "llama_cpp": {"version": binfo.get("llama_cpp_python_version", version()),
                       "bin_dir": str(bins), "built_at": binfo.get("built_at"),
                       "amx_disabled_flags": binfo.get("amx_disabled_flags", []),
                       "ggml_native": binfo.get("ggml_native"), "gguf": conv},
