@@ -181,3 +181,13 @@ def test_no_import_cycles_in_the_engine_or_the_tooling():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(cycles)
+
+
+def test_one_module_says_where_the_caches_are():
+    """core/cache_paths.py owns the XDG rule (tools/quickstart.py keeps a checked copy)."""
+    owners = []
+    for path in list(engine_modules()) + list((ROOT / "bench").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if 'environ.get("XDG_CACHE_HOME")' in text:
+            owners.append(str(path.relative_to(ROOT)))
+    assert owners == ["engine/core/cache_paths.py"], owners

@@ -36,8 +36,8 @@ def cache_root() -> Path:
     env = os.environ.get("RWKV_LLAMA_CPP_CACHE")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "rwkv.nvim" / "llama.cpp"
+    from rwkv_engine.core.cache_paths import cache_root as rwkv_cache_root
+    return rwkv_cache_root() / "llama.cpp"
 
 
 def version() -> str:

@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .cache_paths import cache_root
 from .private_fs import make_private_dir
 
 log = logging.getLogger("rwkv_engine")
@@ -168,8 +169,7 @@ def _key_text(key: dict) -> str:
 
 # -- cache file ----------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv.nvim"
+    return cache_root()
 
 
 def cache_file(cache_dir=None) -> Path:

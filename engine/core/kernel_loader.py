@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .cache_paths import cache_root
 from .errors import one_line
 from .private_fs import make_private_dir, make_tree_private
 
@@ -190,8 +191,7 @@ def cache_dir(backend: str) -> Path:
     if root:
         base = Path(root).expanduser()
     else:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        base = Path(xdg).expanduser() / "rwkv.nvim" / "kernels"
+        base = cache_root() / "kernels"
     name = f"{_safe(torch.__version__)}-{backend}"
     if backend == "cpu":
         name += f"-{_safe(platform.machine())}-{_cpu_model_tag()}"

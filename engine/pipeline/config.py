@@ -303,9 +303,8 @@ class EngineConfig:
         """Cache root: ``cache_dir`` or $XDG_CACHE_HOME/rwkv.nvim or ~/.cache/rwkv.nvim."""
         if self.cache_dir:
             return Path(os.path.expanduser(self.cache_dir))
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = Path(xdg) if xdg else Path.home() / ".cache"
-        return base / "rwkv.nvim"
+        from ..core.cache_paths import cache_root
+        return cache_root()
 
     def sampling_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
