@@ -389,8 +389,9 @@ def test_the_service_serves_fp32_while_measuring_then_switches(fake, tiny_model_
         svc.close()
 
 
-def test_a_request_holds_the_background_measurement(fake, tiny_model_path, tmp_path, monkeypatch):
-    """The measurement steps only while no request waits or runs (and after a quiet gap)."""
+def _held_measurement(fake, tiny_model_path, tmp_path, monkeypatch):
+    """A started service whose background measurement is held: a request has "just"
+    finished and the quiet gap it waits for is 30 s."""
     from pipeline_fixtures import Recorder, fast_config
 
     from rwkv_engine.pipeline import service as service_module
@@ -398,11 +399,16 @@ def test_a_request_holds_the_background_measurement(fake, tiny_model_path, tmp_p
     rec = Recorder()
     svc = service_module.CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"),
                                            on_event=rec.on_event)
-    with svc._cv:
-        svc._last_request_end = time.monotonic()      # as if a request had just finished
+    svc._last_request_end = time.monotonic()          # as if a request had just finished
     svc.start()
+    assert rec.ready.wait(120) and fake.started.wait(30)
+    return svc
+
+
+def test_a_request_holds_the_background_measurement(fake, tiny_model_path, tmp_path, monkeypatch):
+    """The measurement steps only while no request waits or runs (and after a quiet gap)."""
+    svc = _held_measurement(fake, tiny_model_path, tmp_path, monkeypatch)
     try:
-        assert rec.ready.wait(120) and fake.started.wait(30)
         time.sleep(0.5)
         assert svc.status()["precision"].startswith("fp32 (auto: measuring")   # still held
         with svc._cv:
@@ -414,16 +420,7 @@ def test_a_request_holds_the_background_measurement(fake, tiny_model_path, tmp_p
 
 
 def test_closing_stops_a_held_background_measurement(fake, tiny_model_path, tmp_path, monkeypatch):
-    from pipeline_fixtures import Recorder, fast_config
-
-    from rwkv_engine.pipeline import service as service_module
-    monkeypatch.setattr(service_module, "IDLE_BEFORE_MEASURING_S", 30.0)
-    rec = Recorder()
-    svc = service_module.CompletionService(fast_config(tmp_path, model=str(tiny_model_path), device="cpu"),
-                                           on_event=rec.on_event)
-    svc._last_request_end = time.monotonic()
-    svc.start()
-    assert rec.ready.wait(120) and fake.started.wait(30)
+    svc = _held_measurement(fake, tiny_model_path, tmp_path, monkeypatch)
     threads = [t for t in threading.enumerate() if t.name == "rwkv-precision"]
     assert threads
     svc.close()                                     # joins it: no torch call left at exit

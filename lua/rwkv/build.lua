@@ -96,6 +96,16 @@ local function start(plan, wake)
 end
 
 --- The outcome, once the job is done: ok, one-line message. Writes the build log.
+--- The first capture of ``pattern`` in ``lines``, searched from the last line up.
+local function last_match(lines, pattern)
+  for i = #lines, 1, -1 do
+    local got = lines[i]:match(pattern)
+    if got then
+      return got
+    end
+  end
+end
+
 local function finish(plan, job)
   local seconds = (vim.uv.hrtime() - job.started) / 1e9
   local log = M.log_path()
@@ -103,23 +113,12 @@ local function finish(plan, job)
   pcall(vim.fn.writefile, vim.list_extend({ "$ " .. table.concat(plan.argv, " ") }, job.lines), log)
   local ok, msg = job.code == 0, nil
   if ok then
-    local detail -- "Python 3.11.7, torch 2.13.0+cpu" from the quick start's last line
-    for i = #job.lines, 1, -1 do
-      detail = job.lines[i]:match("^%[rwkv%.nvim%] ready in .-%((.*)%)%s*$")
-      if detail then
-        break
-      end
-    end
+    -- "Python 3.11.7, torch 2.13.0+cpu" from the quick start's last line
+    local detail = last_match(job.lines, "^%[rwkv%.nvim%] ready in .-%((.*)%)%s*$")
     msg = ("rwkv: the plugin's Python environment is ready (%sbuilt in %.0f s): %s"):format(
       detail and (detail .. ", ") or "", seconds, plan.dir)
   else
-    local reason
-    for i = #job.lines, 1, -1 do
-      reason = job.lines[i]:match("^%[rwkv%.nvim%] error: (.*)")
-      if reason then
-        break
-      end
-    end
+    local reason = last_match(job.lines, "^%[rwkv%.nvim%] error: (.*)")
     if not reason and (job.signal or 0) ~= 0 then
       reason = ("the build process was killed (signal %d)"):format(job.signal)
     end
