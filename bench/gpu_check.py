@@ -20,7 +20,7 @@ limit still leaves what it measured. Sections, in order (estimated H200 seconds)
   bench_0.1b     random weights drawn on the GPU in fp16 (12 x 768, 24 x 2048): prefill
   bench_1.5b     tok/s, batch-1 and batch-8 decode, each step as a fraction of the
                  weight-bytes / bandwidth limit, peak VRAM                   ~10 / ~25
-  replay_1.5b    keystroke replay (engine/cli/bench_replay.py) with the 1.5B shape ~45
+  replay_1.5b    keystroke replay (rwkv_engine/cli/bench_replay.py) with the 1.5B shape ~45
   bench_7.2b     the same for 32 x 4096 (15 GB of fp16 weights)                     ~35
   peer_rwkv      the same figures for the `rwkv` package 0.8.32 (RWKV_V7_ON=1,
                  RWKV_CUDA_ON=1, its own kernels) on the 0.1B and 1.5B checkpoints  ~45
@@ -31,9 +31,8 @@ every field.
 ``--device cpu --tiny`` (CI, tests/test_gpu_check_cpu.py) runs the same code paths on
 tiny shapes on the CPU; the CUDA-only sections report "skipped: no CUDA".
 
-The package need not be installed: without an importable ``rwkv_engine`` the script
-links this checkout's engine/ as ``rwkv_engine`` in its temp dir and puts that first on
-sys.path and PYTHONPATH (for the pytest and peer subprocesses too).
+The package need not be installed: the script puts this checkout's root (which holds
+rwkv_engine/) first on sys.path and PYTHONPATH (for the pytest and peer subprocesses too).
 
 On the GPU machine of the device tool (python3 with torch, no network; the `rwkv`
 package travels as a wheel made by bench/gpu_wheels.sh into .whl/), with carry [".whl"]
@@ -110,25 +109,23 @@ class Log:
                 self.fh.write(f"[{stamp}] {line}\n")
 
 
-def ensure_engine(work: Path) -> str:
-    """Make ``import rwkv_engine`` load this checkout's engine/ (installed or not)."""
-    engine = REPO / "engine"
-    spec = importlib.util.find_spec("rwkv_engine")
-    if spec is not None and spec.origin and Path(spec.origin).resolve().parent == engine.resolve():
-        return f"installed package ({spec.origin})"
-    shim = work / "shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    link = shim / "rwkv_engine"
-    if not link.exists():
-        link.symlink_to(engine, target_is_directory=True)
-    sys.path.insert(0, str(shim))
+def ensure_engine() -> str:
+    """Make ``import rwkv_engine`` load this checkout's rwkv_engine/ (installed or not), here
+    and in the subprocesses this check starts: the checkout's root goes first on sys.path
+    and PYTHONPATH."""
+    root = str(REPO)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(shim) + (os.pathsep + old if old else "")
+    if root not in (old or "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
     for name in [m for m in sys.modules if m == "rwkv_engine" or m.startswith("rwkv_engine.")]:
-        del sys.modules[name]
+        mod = sys.modules[name]
+        if not str(getattr(mod, "__file__", "") or "").startswith(root):
+            del sys.modules[name]
     importlib.invalidate_caches()
     import rwkv_engine
-    return f"checkout via {link} -> {Path(rwkv_engine.__file__).resolve().parent}"
+    return f"checkout {Path(rwkv_engine.__file__).resolve().parent}"
 
 
 def run_logged(cmd, log: Log, timeout: float, env=None, cwd=REPO) -> int:
@@ -237,7 +234,7 @@ class Check:
         os.environ["RWKV_NVIM_KERNEL_DIR"] = str(Path(args.kernel_dir).resolve() if args.kernel_dir
                                                  else self.work / "kernels")
         os.environ["TORCH_EXTENSIONS_DIR"] = str(self.work / "torch_extensions")
-        self.engine_import = ensure_engine(self.work)
+        self.engine_import = ensure_engine()
         sys.path.insert(0, str(REPO / "tests"))           # random_checkpoint
         import torch
         want = args.device

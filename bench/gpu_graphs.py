@@ -10,10 +10,10 @@ it measured). Steps:
              2e-2), same greedy tokens, capture seconds
   bench      ms per decode step, graphs off and on, B = 1 and 8 (CUDA events, best of
              --repeat); b1 as a fraction of the weight-bytes / copy-bandwidth limit
-  replay     the keystroke replay (engine/cli/bench_replay.py) with graphs on, if time is left
+  replay     the keystroke replay (rwkv_engine/cli/bench_replay.py) with graphs on, if time is left
 
 ``--device cpu --tiny`` runs the same steps on a 2 x 128 model on the CPU with the
-replay backend (engine/core/cuda_graph.py ReplayBackend): the plumbing, not the speed.
+replay backend (rwkv_engine/core/cuda_graph.py ReplayBackend): the plumbing, not the speed.
 Run by bench/gpu_session.py; alone: ``python3 bench/gpu_graphs.py --out DIR``.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         print(f"gpu_graphs {name}: {json.dumps(res['steps'][name])[:600]}", flush=True)
         write()
 
-    res["engine_import"] = ensure_engine(Path(os.environ.get("TMPDIR", "/tmp")) / "rwkv-gpu-graphs")
+    res["engine_import"] = ensure_engine()
     import torch
 
     from random_checkpoint import make_state_dict

@@ -208,7 +208,7 @@ class Session:
         """``import rwkv_engine`` in the subprocesses loads this checkout (gpu_check's shim)."""
         sys.path.insert(0, str(REPO / "bench"))
         from gpu_check import ensure_engine
-        return ensure_engine(self.work)
+        return ensure_engine()
 
 
 def nvim_runtime() -> Path:

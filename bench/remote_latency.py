@@ -7,7 +7,7 @@ local engine, on the same random checkpoint.
 
 Writes a random RWKV-7 checkpoint (tests/random_checkpoint.py, trained_like) or takes
 ``--model``, exports it to an f32 GGUF (``rwkv-nvim export-gguf``), and replays the same
-typing session (engine/cli/bench_replay.py's scenario: a cold request, retyping ``--lines``
+typing session (rwkv_engine/cli/bench_replay.py's scenario: a cold request, retyping ``--lines``
 lines of a real file character by character with Enter between them, then the cursor one
 line down and up, three times each) through
 

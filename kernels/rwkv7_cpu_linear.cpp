@@ -11,7 +11,7 @@
 // inner loop multiplies int16 activation pairs with sign-extended int8 weight pairs
 // (AVX512-VNNI vpdpwssd, or vpmaddwd on AVX512BW / AVX2): 32 multiply-adds per
 // instruction and row, so 8 rows cost little more than one weight stream.
-// Built with -march=native by engine/core/kernel_loader.py: the preprocessor picks the
+// Built with -march=native by rwkv_engine/core/kernel_loader.py: the preprocessor picks the
 // widest path this CPU has.
 
 #include "rwkv7_cpu_linear.h"

@@ -1,6 +1,6 @@
 // The fused one-token decode step of RWKV-7 on the CPU: all layers and the head in
 // one call, `torch.ops.rwkv_nvim_cpu.decode_step`, instead of ~50 torch ops per layer.
-// Same math as RWKV7._time_mix / _channel_mix in engine/core/model.py (the reference
+// Same math as RWKV7._time_mix / _channel_mix in rwkv_engine/core/model.py (the reference
 // it is tested against), for B rows of one token each:
 //
 //   decode_step(x [B, C] f32 (embeddings, ln0 folded in), params (LAYER_PARAMS per layer,
@@ -31,7 +31,7 @@ namespace {
 
 using rwkv_cpu::kHeadSize;
 
-// Order of one layer's tensors in `params` (engine/core/fused_step.py builds it).
+// Order of one layer's tensors in `params` (rwkv_engine/core/fused_step.py builds it).
 enum Param : int64_t {
   LN1_W, LN1_B, LN2_W, LN2_B,                  // [C]
   X_R, X_W, X_K, X_V, X_A, X_G,                // token-shift mixes [C]

@@ -1,5 +1,5 @@
 // RWKV-7 WKV state-passing kernel for the CPU (fp32), registered as the torch
-// op `torch.ops.rwkv_nvim_wkv7_cpu.wkv7_`. JIT-built by engine/core/kernel_loader.py.
+// op `torch.ops.rwkv_nvim_wkv7_cpu.wkv7_`. JIT-built by rwkv_engine/core/kernel_loader.py.
 //
 // Same math as kernels/wkv7_cuda.cu. Per (batch b, head h), with S[value i, key j]:
 //   decay[j] = exp(-exp(w[j]))

@@ -1,4 +1,4 @@
-"""CUDA-graph decode (engine/core/cuda_graph.py).
+"""CUDA-graph decode (rwkv_engine/core/cuda_graph.py).
 
 On the CPU: the plumbing with ``ReplayBackend`` (a graph's semantics: static outputs
 overwritten by every replay) - copy-in/out, bucketing and padding, that a returned state

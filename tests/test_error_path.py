@@ -72,7 +72,7 @@ assert importlib.util.find_spec("rwkv_engine") is None, "could not hide the inst
 sys.path.insert(0, {rplugin!r})
 from rwkv_nvim import bridge
 engine = pathlib.Path({engine!r})
-bridge.CHECKOUT_ENGINE, bridge.ERRORS_FILE = engine, engine / "core" / "errors.py"
+bridge.PLUGIN_ROOT, bridge.ERRORS_FILE = engine.parent, engine / "core" / "errors.py"
 
 class Nvim:
     sent = []
@@ -93,14 +93,14 @@ print(getattr(bridge._errors_module, "__file__", None))
 
 @pytest.mark.parametrize("errors_file", [True, False], ids=["errors.py_reachable", "no_engine_at_all"])
 def test_an_unimportable_engine_is_reported_by_the_same_formatter(tmp_path, errors_file):
-    # an engine/ whose package import fails with a multi-line message: the engine's
+    # an rwkv_engine/ whose package import fails with a multi-line message: the engine's
     # formatter picks the line naming the error, a first-line formatter would not
-    engine = tmp_path / "engine"
+    engine = tmp_path / "root" / "rwkv_engine"
     (engine / "core").mkdir(parents=True)
     if errors_file:
         (engine / "__init__.py").write_text(
             'raise ImportError("while importing rwkv_engine\\nerror: torch is missing")\n')
-        shutil.copy(REPO / "engine" / "core" / "errors.py", engine / "core" / "errors.py")
+        shutil.copy(REPO / "rwkv_engine" / "core" / "errors.py", engine / "core" / "errors.py")
     code = UNIMPORTABLE.format(repo=str(REPO), rplugin=str(REPO / "rplugin" / "python3"), engine=str(engine))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

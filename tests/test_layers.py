@@ -1,6 +1,6 @@
 """The engine's layers import only downwards: core < pipeline < cli.
 
-Every ``import`` / ``from ... import`` in engine/ (module scope and inside functions)
+Every ``import`` / ``from ... import`` in rwkv_engine/ (module scope and inside functions)
 is resolved to an absolute ``rwkv_engine.<layer>...`` name and checked. The
 orchestrator (``pipeline.completer``) is imported only by the service and the CLI.
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ENGINE = Path(__file__).resolve().parent.parent / "engine"
+ENGINE = Path(__file__).resolve().parent.parent / "rwkv_engine"
 RANK = {"core": 0, "pipeline": 1, "cli": 2}
 
 
@@ -190,4 +190,4 @@ def test_one_module_says_where_the_caches_are():
         text = path.read_text(encoding="utf-8")
         if 'environ.get("XDG_CACHE_HOME")' in text:
             owners.append(str(path.relative_to(ROOT)))
-    assert owners == ["engine/core/cache_paths.py"], owners
+    assert owners == ["rwkv_engine/core/cache_paths.py"], owners

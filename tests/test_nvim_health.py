@@ -314,7 +314,7 @@ print(rwkv_engine.__file__, EngineConfig.__module__)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(REPO / "engine" / "__init__.py"), "rwkv_engine.pipeline.config"]
+    assert out.stdout.split() == [str(REPO / "rwkv_engine" / "__init__.py"), "rwkv_engine.pipeline.config"]
 
 
 def test_a_failed_setup_keeps_the_plugin_off_instead_of_starting_with_defaults(nvim_session):

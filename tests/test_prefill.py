@@ -1,4 +1,4 @@
-"""Prefill with resume (engine/pipeline/prefill.py): a resumed prefill equals a cold one.
+"""Prefill with resume (rwkv_engine/pipeline/prefill.py): a resumed prefill equals a cold one.
 
 The central invariant of the state cache: whatever a prompt resumes from (a segment
 checkpoint, a partial key inside a segment, the host tier, the disk tier, the state

@@ -66,7 +66,7 @@ def test_every_torch_load_uses_weights_only(monkeypatch, tiny_model_path):
     rwkv_engine.load_model(tiny_model_path)
     assert seen and all(w is True for w in seen)
     # and no engine module calls pickle / torch.load any other way
-    for py in (REPO / "engine").glob("*.py"):
+    for py in (REPO / "rwkv_engine").rglob("*.py"):
         text = py.read_text()
         assert "pickle.load" not in text, py
         for line in text.splitlines():

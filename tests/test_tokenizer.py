@@ -27,7 +27,7 @@ def _real_sources():
     files = sorted(glob.glob(os.path.join(stdlib, "*.py")))[:12]
     files += sorted(glob.glob("/usr/include/*.h"))[:4]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files += sorted(glob.glob(os.path.join(here, "engine", "*.py")))[:4]
+    files += sorted(glob.glob(os.path.join(here, "rwkv_engine", "*.py")))[:4]
     return files
 
 

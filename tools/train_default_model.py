@@ -1,6 +1,6 @@
-"""Train the small RWKV-7 code model that ships with the plugin (engine/data/default-model.pth).
+"""Train the small RWKV-7 code model that ships with the plugin (rwkv_engine/data/default-model.pth).
 
-    python tools/train_default_model.py --minutes 50 --out engine/data/default-model.pth
+    python tools/train_default_model.py --minutes 50 --out rwkv_engine/data/default-model.pth
     python3 tools/train_default_model.py --device cuda --minutes 4 --out $OUT   # v2: tools/train_gpu.py
 
 Reproducible: the seed drives the corpus split, the vocabulary, the samples and the
@@ -65,7 +65,7 @@ def parse_args(argv=None):
         if isinstance(val, tuple):
             continue
         p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
-    p.add_argument("--out", default="engine/data/default-model.pth", help="checkpoint path")
+    p.add_argument("--out", default="rwkv_engine/data/default-model.pth", help="checkpoint path")
     p.add_argument("--curve", default="tools/loss_curve.tsv", help="loss curve TSV path")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time cap only)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="scale every language's byte budget")

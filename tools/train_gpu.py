@@ -9,7 +9,7 @@ Everything happens inside the wall-time budget (--minutes, the whole run):
    (torch, numpy, scipy, transformers, ...), C headers (/usr/include, CUDA's), plus any
    --extra-corpus folders (e.g. a carried Neovim runtime); files are split train /
    held-out by file (corpus.collect_files), and the v1 model's held-out files (by path
-   relative to their root, engine/data/default-model.json) are never trained on, so
+   relative to their root, rwkv_engine/data/default-model.json) are never trained on, so
    both models can be evaluated on the same tasks. Samples come from corpus.py's sample
    builder (the pipeline's prompt layout). Tokenized in a fork pool.
 2. size, by measurement: tokens/s of each candidate shape at the real batch

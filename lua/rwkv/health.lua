@@ -1,88 +1,11 @@
--- :checkhealth rwkv. One python3 call probes the host interpreter with
--- importlib.util.find_spec (no torch import), so the check stays fast.
+-- :checkhealth rwkv. One python3 call probes the host interpreter
+-- (`python -m rwkv_engine.cli.health host`, run in the plugin's root so this checkout's
+-- package is found installed or not; it finds packages without importing torch, so the
+-- check stays fast).
 local M = {}
 
 local h = vim.health
 
--- argv[1]: the configured model ("" = the shipped default model); argv[2]: download_dir ("" = HF cache);
--- argv[3]: the plugin's root (its engine/ is used when rwkv_engine is not installed)
-M.PROBE = [[
-import importlib.util, json, os, re, sys
-from importlib.metadata import PackageNotFoundError, version
-
-out = {"python": sys.version.split()[0], "executable": sys.executable}
-
-def has(name):
-    try:
-        return importlib.util.find_spec(name) is not None
-    except Exception:
-        return False
-
-def ver(dist):
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-for mod in ("pynvim", "torch", "rwkv_engine", "huggingface_hub", "msgpack"):
-    out[mod] = has(mod)
-out["pynvim_version"] = ver("pynvim")
-out["torch_version"] = ver("torch")
-if out["torch"]:
-    root = os.path.dirname(importlib.util.find_spec("torch").origin)
-    try:
-        text = open(os.path.join(root, "version.py")).read()
-    except OSError:
-        text = ""
-    for key in ("cuda", "hip"):
-        m = re.search(r"^%s\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]" % key, text, re.M)
-        out["torch_" + key] = m.group(1) if m else None
-kroot = os.environ.get("RWKV_NVIM_KERNEL_DIR") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rwkv.nvim", "kernels")
-out["kernel_root"], out["kernels"] = kroot, []
-if out["torch_version"]:
-    prefix = re.sub(r"[^A-Za-z0-9_.+-]", "_", out["torch_version"]) + "-"
-    try:
-        for d in sorted(os.listdir(kroot)):
-            if d.startswith(prefix) and any(f.endswith(".so") for f in os.listdir(os.path.join(kroot, d))):
-                out["kernels"].append(d[len(prefix):])
-    except OSError:
-        pass
-out["nvidia_device"] = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-out["rocm_device"] = os.path.exists("/dev/kfd")
-model = sys.argv[1] if len(sys.argv) > 1 else ""
-download_dir = (sys.argv[2] if len(sys.argv) > 2 else "") or None
-checkout = os.path.join(sys.argv[3], "engine") if len(sys.argv) > 3 else ""
-pkg = None
-if out["rwkv_engine"]:
-    pkg = list(importlib.util.find_spec("rwkv_engine").submodule_search_locations)[0]
-elif checkout and os.path.isfile(os.path.join(checkout, "__init__.py")):
-    pkg = out["engine_checkout"] = checkout
-    # the engine's modules import as rwkv_engine.*: load it under that name, as the plugin does
-    spec = importlib.util.spec_from_file_location("rwkv_engine", os.path.join(checkout, "__init__.py"),
-                                                  submodule_search_locations=[checkout])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rwkv_engine"] = module
-    spec.loader.exec_module(module)
-if pkg:
-    if model == "":
-        path = os.path.join(pkg, "data", "default-model.pth")
-        out["model_path"], out["model_found"] = path, os.path.isfile(path)
-    else:
-        path = os.path.expanduser(model)
-        if os.path.isfile(path) or os.path.isfile(path + ".pth"):
-            out["model_path"], out["model_found"] = path, True
-        elif "/" not in model and os.sep not in model:
-            try:
-                from rwkv_engine.core.download import resolve_local
-                found = resolve_local(model, local_dir=download_dir)
-            except Exception as exc:
-                found, out["model_error"] = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            out["model_path"], out["model_found"] = (str(found) if found else None), found is not None
-        else:
-            out["model_path"], out["model_found"] = path, False
-print(json.dumps(out))
-]]
 
 --- The python3 interpreter Neovim uses for remote plugins (nil, reason when none).
 function M.host_python()
@@ -111,22 +34,32 @@ function M.host_python()
   return nil, "no python3 found: set g:python3_host_prog to a Python with pynvim"
 end
 
---- Run the probe in `python`; returns the decoded table or nil, error.
---- The plugin's root directory (<root>/lua/rwkv/health.lua).
-function M.plugin_root()
-  return vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")
+--- Run one of the engine's health probes (rwkv_engine/cli/health.py) in `python`, in the
+--- plugin's root; returns the decoded table or nil, error (its last line of stderr).
+function M.run_probe(python, args, timeout_ms)
+  local cmd = { python, "-m", "rwkv_engine.cli.health" }
+  vim.list_extend(cmd, args)
+  local ok, res = pcall(function()
+    return vim.system(cmd, { text = true, cwd = require("rwkv.host").plugin_root() }):wait(timeout_ms or 30000)
+  end)
+  if not ok then
+    return nil, tostring(res)
+  end
+  if res.code ~= 0 then
+    local err = vim.trim(res.stderr or "")
+    err = err:match("([^\n]*)$") or err
+    return nil, err ~= "" and err or ("python exited with " .. tostring(res.code))
+  end
+  local last = vim.trim(res.stdout or ""):match("([^\n]*)$") or ""
+  local decoded_ok, info = pcall(vim.json.decode, last)
+  if not decoded_ok or type(info) ~= "table" then
+    return nil, "unexpected probe output: " .. last
+  end
+  return info
 end
 
 function M.probe(python, model, download_dir)
-  local res = vim.system({ python, "-c", M.PROBE, model or "", download_dir or "", M.plugin_root() }, { text = true }):wait(30000)
-  if res.code ~= 0 then
-    return nil, vim.trim((res.stderr or ""):match("[^\n]*\n?$") or "")
-  end
-  local ok, info = pcall(vim.json.decode, res.stdout)
-  if not ok then
-    return nil, "unexpected probe output: " .. tostring(res.stdout)
-  end
-  return info
+  return M.run_probe(python, { "host", model or "", download_dir or "" })
 end
 
 function M.check()
@@ -187,12 +120,10 @@ function M.check()
   else
     h.error("pynvim is not installed in " .. python, advice("pynvim"))
   end
-  if info.rwkv_engine then
+  if info.rwkv_engine_installed then
     h.ok("rwkv_engine importable")
-  elseif info.engine_checkout then
-    h.ok("rwkv_engine is not installed; the plugin's own " .. info.engine_checkout .. " is used")
   else
-    h.error("rwkv_engine is not installed in " .. python, advice("-e <path to rwkv.nvim> (see README)"))
+    h.ok("rwkv_engine is not installed; the plugin's own " .. tostring(info.engine_dir) .. " is used")
   end
   if info.torch then
     h.ok("torch " .. tostring(info.torch_version or "(version unknown)"))
@@ -244,7 +175,7 @@ function M.check()
     -- reported above
   elseif info.model_found then
     h.ok(("model %s: %s"):format(model, tostring(info.model_path)))
-  elseif info.rwkv_engine or info.engine_checkout then
+  elseif info.engine_dir then
     local advice = { "set engine.model to a checkpoint path, or download one: :RwkvDownload g1-0.1b" }
     h.error(("model %s not found%s"):format(model,
       (info.model_path and info.model_path ~= vim.NIL) and (" at " .. info.model_path) or ""), advice)

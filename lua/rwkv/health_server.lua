@@ -1,62 +1,22 @@
 -- :checkhealth rwkv, the backend part: which backend runs and, for a remote one
 -- (engine.backend = "llama.cpp" | "openai"), whether its server answers and with what
 -- model. The server is reached by the engine's own code
--- (rwkv_engine.pipeline.remote_backend.probe) in a one-shot python3 process with short
--- timeouts, so the check says exactly what the plugin would meet.
+-- (rwkv_engine.pipeline.remote_backend.probe, through rwkv_engine/cli/health.py) in a
+-- one-shot python3 process with short timeouts, so the check says exactly what the plugin
+-- would meet.
 local M = {}
-
--- argv[1]: the engine options as JSON; argv[2]: the plugin's root (its engine/ is used
--- when rwkv_engine is not installed in this Python)
-M.PROBE = [[
-import importlib.util, json, os, sys
-root = sys.argv[2] if len(sys.argv) > 2 else ""
-try:
-    found = importlib.util.find_spec("rwkv_engine") is not None
-except Exception:
-    found = False
-init = os.path.join(root, "engine", "__init__.py")
-if not found and root and os.path.isfile(init):
-    spec = importlib.util.spec_from_file_location("rwkv_engine", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rwkv_engine"] = module
-    spec.loader.exec_module(module)
-try:
-    from rwkv_engine.pipeline.remote_backend import probe_main
-except Exception as exc:
-    print(json.dumps({"ok": False, "error": "cannot import the engine: %s" % (str(exc).splitlines() or [type(exc).__name__])[0]}))
-    sys.exit(0)
-probe_main(sys.argv[1:2])
-]]
-
---- The plugin's root directory (<root>/lua/rwkv/health_server.lua).
-function M.plugin_root()
-  return vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")
-end
 
 local function present(v)
   return v ~= nil and v ~= vim.NIL
 end
 
---- Run the probe; returns its table or nil, error.
+--- Run the probe (`python -m rwkv_engine.cli.health server`); returns its table or nil, error.
 function M.probe(python, engine, timeout_ms)
   local ok, payload = pcall(vim.json.encode, engine or {})
   if not ok then
     return nil, "engine options cannot be encoded: " .. tostring(payload)
   end
-  local res = vim.system({ python, "-c", M.PROBE, payload, M.plugin_root() }, { text = true })
-    :wait(timeout_ms or 20000)
-  if res.code ~= 0 then
-    local err = vim.trim(res.stderr or "")
-    return nil, (err:match("([^\n]*)$") or err) ~= "" and (err:match("([^\n]*)$") or err)
-      or ("python exited with " .. tostring(res.code))
-  end
-  local last = vim.trim(res.stdout or ""):match("([^\n]*)$") or ""
-  local decoded_ok, info = pcall(vim.json.decode, last)
-  if not decoded_ok or type(info) ~= "table" then
-    return nil, "unexpected probe output: " .. last
-  end
-  return info
+  return require("rwkv.health").run_probe(python, { "server", payload }, timeout_ms or 20000)
 end
 
 --- Report the backend. `h`: vim.health (or a table with start/ok/info/warn/error);

@@ -27,8 +27,9 @@ LUA_SUGGEST = "require('rwkv.suggest')"
 LUA_MAIN = "require('rwkv')"
 
 
-# <plugin root>/rplugin/python3/rwkv_nvim/bridge.py -> <plugin root>/engine
-CHECKOUT_ENGINE = Path(__file__).resolve().parents[3] / "engine"
+# <plugin root>/rplugin/python3/rwkv_nvim/bridge.py -> <plugin root>, which holds the
+# package folder rwkv_engine/
+PLUGIN_ROOT = Path(__file__).resolve().parents[3]
 
 
 # import_engine runs on the start / download threads and, through one_line, on any thread
@@ -38,35 +39,28 @@ _IMPORT_LOCK = threading.RLock()
 
 
 def import_engine() -> None:
-    """Make ``rwkv_engine`` importable: the installed package, else this checkout's engine/
-    (a plugin manager's clone whose Python has torch but not the package installed)."""
+    """Make ``rwkv_engine`` importable: the installed package, else this checkout's
+    rwkv_engine/ (a plugin manager's clone whose Python has torch but not the package
+    installed): the plugin root goes at the END of sys.path, so an installed package and
+    every other module keep their precedence."""
     with _IMPORT_LOCK:
         if "rwkv_engine" in sys.modules or importlib.util.find_spec("rwkv_engine") is not None:
             return
-        init = CHECKOUT_ENGINE / "__init__.py"
-        if not init.is_file():
-            raise ImportError("No module named 'rwkv_engine'")
-        spec = importlib.util.spec_from_file_location(
-            "rwkv_engine", init, submodule_search_locations=[str(CHECKOUT_ENGINE)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["rwkv_engine"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["rwkv_engine"]
-            raise
+        if (PLUGIN_ROOT / "rwkv_engine" / "__init__.py").is_file() and str(PLUGIN_ROOT) not in sys.path:
+            sys.path.append(str(PLUGIN_ROOT))
+            importlib.invalidate_caches()
 
 
 # The error formatter: ONE implementation, the engine's rwkv_engine.core.errors (torch-free,
 # standard library only). Loaded on the first error, never at import (host start and
 # :UpdateRemotePlugins stay light):
-#   1. as part of the package (import_engine: installed, else this checkout's engine/);
+#   1. as part of the package (import_engine: installed, else this checkout's rwkv_engine/);
 #   2. if the package itself cannot be imported (its __init__ fails, a broken install),
-#      the same file, this checkout's engine/core/errors.py, loaded on its own, so that
+#      the same file, this checkout's rwkv_engine/core/errors.py, loaded on its own, so that
 #      the failure to import the engine is reported by the same function;
 #   3. only when neither exists (no engine anywhere) a bare first line: there is no
 #      formatter to share, and the message still has to reach the user.
-ERRORS_FILE = CHECKOUT_ENGINE / "core" / "errors.py"
+ERRORS_FILE = PLUGIN_ROOT / "rwkv_engine" / "core" / "errors.py"
 _errors_module: Any = None
 
 

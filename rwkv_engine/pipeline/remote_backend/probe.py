@@ -1,10 +1,9 @@
 """``:checkhealth rwkv`` for the remote backend: reach the server, show its model and FIM mode."""
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict
 
 from ...core.errors import one_line
 from ..config import EngineConfig
@@ -46,20 +45,3 @@ def probe(config, timeout_ms: int = 3000) -> dict:
         rc.close()
     out["ms"] = round((time.perf_counter() - t0) * 1000, 1)
     return out
-
-
-def probe_main(argv: Optional[List[str]] = None) -> int:
-    """``python -c 'from rwkv_engine.pipeline.remote_backend import probe_main; probe_main()' JSON``:
-    prints probe()'s dict as JSON for the engine options given as JSON (argv[1])."""
-    import sys
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        opts = json.loads(args[0]) if args and args[0].strip() else {}
-        if isinstance(opts, list) and not opts:
-            opts = {}
-        res = probe(opts)
-    except Exception as e:                              # a bad option: say so, as JSON
-        res = {"ok": False, "error": one_line(e)}
-    print(json.dumps(res))
-    return 0
-

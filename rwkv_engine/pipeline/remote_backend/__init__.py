@@ -45,6 +45,6 @@ from __future__ import annotations
 
 from .completer import RemoteCompleter, RemoteModel
 from .http import RemoteError, sse_data
-from .probe import probe, probe_main
+from .probe import probe
 
-__all__ = ["RemoteCompleter", "RemoteModel", "RemoteError", "sse_data", "probe", "probe_main"]
+__all__ = ["RemoteCompleter", "RemoteModel", "RemoteError", "sse_data", "probe"]

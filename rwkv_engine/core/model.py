@@ -2,8 +2,8 @@
 
 Shapes: B rows, T tokens, C = n_embd, H = C / 64 heads, N = 64, V vocabulary.
 CPU computes in fp32 with fp32 weights, or (dtype "int8") with weights quantized per
-block of 32 (engine/core/linear.py); one-token steps on the CPU run fused in one kernel
-call (engine/core/fused_step.py). CUDA keeps weights and activations in fp16 (default) or bf16
+block of 32 (rwkv_engine/core/linear.py); one-token steps on the CPU run fused in one kernel
+call (rwkv_engine/core/fused_step.py). CUDA keeps weights and activations in fp16 (default) or bf16
 and the WKV state in fp32. ``forward`` never mutates the state it is given.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def cpu_modes() -> tuple:
     """The weight representations the CPU engine can run (``dtype=`` names): fp32, and
-    int8 (block-quantized q8 weights, engine/core/linear.py)."""
+    int8 (block-quantized q8 weights, rwkv_engine/core/linear.py)."""
     return ("fp32", "int8")
 
 
@@ -171,7 +171,7 @@ class RWKV7:
 
     def _step(self, tokens: torch.Tensor, state: State, all_logits: bool = False):
         """The eager torch path: tokens [B, T] on the device -> (logits, new state); what
-        engine/core/cuda_graph.py captures for T = 1 (and is tested against)."""
+        rwkv_engine/core/cuda_graph.py captures for T = 1 (and is tested against)."""
         x = self.emb[tokens]                                                       # [B, T, C]
         new = State([], [], [])
         v_first = None
@@ -184,7 +184,7 @@ class RWKV7:
         return self.head(x).float(), new
 
     def enable_cuda_graphs(self, buckets=None, backend=None):
-        """Replay one-token steps from CUDA graphs (engine/core/cuda_graph.py) for batch
+        """Replay one-token steps from CUDA graphs (rwkv_engine/core/cuda_graph.py) for batch
         buckets (default 1, 2, 4, 8); a no-op returning None on a CPU model unless a
         ``backend`` is given (the CPU tests' ReplayBackend). Returns the GraphDecode."""
         from .cuda_graph import BUCKETS, GraphDecode
@@ -198,7 +198,7 @@ class RWKV7:
         self.graphs = None
 
     def _fused_decode(self):
-        """The fused one-token CPU step (engine/core/fused_step.py), or None: on a GPU, with
+        """The fused one-token CPU step (rwkv_engine/core/fused_step.py), or None: on a GPU, with
         use_kernel=False (the reference path) or when the CPU kernels cannot be built."""
         if self._fused is None:
             self._fused = False
