@@ -6,7 +6,7 @@ still loading), in headless Neovim with the plugin's own host, from a fresh star
 ``--cache``: the XDG cache home a build filled (the kernel and the CPU precision
 verdict), e.g. the HOME's ~/.cache after ``tools/quickstart.py run``. Each run is a new
 Neovim with fresh config/data/state folders. Uses the tests' Neovim harness
-(tests/nvim_harness.py: isolated XDG folders, the test init, pynvim ``attach('child')``).
+(tests/support/nvim_harness.py: isolated XDG folders, the test init, pynvim ``attach('child')``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 
 def one_run(root: Path, venv: str, cache: Path) -> dict:

@@ -5,7 +5,7 @@ local engine, on the same random checkpoint.
     python bench/remote_latency.py                      # 0.1B shape: 12 layers x 768
     python bench/remote_latency.py --layers 4 --embd 256 --lines 2 --json
 
-Writes a random RWKV-7 checkpoint (tests/random_checkpoint.py, trained_like) or takes
+Writes a random RWKV-7 checkpoint (rwkv_engine/core/random_checkpoint.py, trained_like) or takes
 ``--model``, exports it to an f32 GGUF (``rwkv-nvim export-gguf``), and replays the same
 typing session (rwkv_engine/cli/bench_replay.py's scenario: a cold request, retyping ``--lines``
 lines of a real file character by character with Enter between them, then the cursor one
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _load(name: str, path: Path):
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(a.threads)
-    from random_checkpoint import make_state_dict
+    from rwkv_engine.core.random_checkpoint import make_state_dict
     from rwkv_engine.cli.bench_replay import default_replay_file
     from rwkv_engine.core.gguf_export import export_gguf
     from rwkv_engine.pipeline.config import EngineConfig

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=${1:-bench/out}
 mkdir -p "$out"
 ckpt=${RWKV_BENCH_CKPT:-${TMPDIR:-/tmp}/rwkv-bench-0.1b.pth}
-[ -f "$ckpt" ] || python tests/random_checkpoint.py "$ckpt" --layers 12 --embd 768 --dtype bf16
+[ -f "$ckpt" ] || python tests/support/random_checkpoint.py "$ckpt" --layers 12 --embd 768 --dtype bf16
 rwkv-nvim bench --model "$ckpt" --json > "$out/cpu-random-0.1b.json"
 rwkv-nvim bench --no-peer --json > "$out/cpu-default-model.json"
 echo "wrote $out/cpu-random-0.1b.json $out/cpu-default-model.json"

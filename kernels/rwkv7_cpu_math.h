@@ -3,7 +3,7 @@
 // ~6 per channel and layer (147k at 0.4B); these are plain float arithmetic that the
 // compiler turns into 16-wide vector code. Accuracy (checked against double precision
 // over their ranges): exp 8.4e-8, log1p 2.1e-7 relative; the step's outputs are tested
-// against the torch layer code (tests/test_cpu_linear.py).
+// against the torch layer code (tests/core/test_cpu_linear.py).
 #pragma once
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 """rwkv_engine: the RWKV-7 inference engine and completion pipeline of rwkv.nvim.
 
-Three layers, each importing only the ones below it (tests/test_layers.py checks):
+Three layers, each importing only the ones below it (tests/tools/test_layers.py checks):
 
     core/       the model and nothing about editing: checkpoint, model, state, wkv +
                 kernel_loader, tokenizer, sampler, download (library half), errors

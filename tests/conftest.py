@@ -1,4 +1,13 @@
-"""Shared fixtures: small random RWKV-7 checkpoints in the official layout."""
+"""Fixtures every layer's tests share: small random RWKV-7 checkpoints in the official
+layout, and the `rwkv` reference package.
+
+The tests mirror the code's layers (README, "Layout"): core/ (model, kernels, tokenizer,
+precision), pipeline/ (prompt, state cache, prefill, candidates, service), remote/ (the
+llama.cpp and OpenAI-compatible backends), cli/ (`rwkv-nvim` subcommands), editor/
+(headless Neovim end to end: Lua plugin + host bridge), tools/ (bench/ and tools/ scripts,
+the layer rules), gpu/ (skipped without CUDA). Helper modules shared across folders
+(Neovim harness, fake servers, random checkpoints, pipeline fixtures) live in support/,
+which is put on sys.path here; each folder's conftest.py holds that folder's own fixtures."""
 from __future__ import annotations
 
 import os
@@ -7,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 os.environ.setdefault("RWKV_NVIM_LOG_LEVEL", "WARNING")
 # dtype = "auto" on the CPU would measure the precision modes once per CPU (~10 s, and a
-# file in ~/.cache): the suite runs fp32; tests/test_cpu_precision.py measures on purpose
+# file in ~/.cache): the suite runs fp32; tests/core/test_cpu_precision.py measures on purpose
 os.environ.setdefault("RWKV_NVIM_CPU_PRECISION", "fp32")
 
-from random_checkpoint import write_checkpoint  # noqa: E402
+from rwkv_engine.core.random_checkpoint import write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

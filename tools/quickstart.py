@@ -233,7 +233,7 @@ def ensure_nvim(venv: Venv) -> None:
 
 def engine_cache_root() -> Path:
     """Where the engine keeps its caches (EngineConfig.resolved_cache_dir without a
-    cache_dir option; tests/test_quickstart_torch.py checks they agree)."""
+    cache_dir option; tests/tools/test_quickstart_torch.py checks they agree)."""
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv.nvim"
 

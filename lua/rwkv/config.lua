@@ -1,83 +1,36 @@
 -- rwkv.nvim: one typed, validated configuration.
 --
--- Editor-side options live at the top level; engine options live in `engine` and are
--- passed verbatim to Python (rwkv_engine.pipeline.config.EngineConfig.from_dict), which
--- fills in its own defaults. setup() checks them first against the table generated from
+-- Editor-side options live at the top level; their defaults and checks derive from one
+-- schema, rwkv.editor_options. Engine options live in `engine` and are passed verbatim to
+-- Python (rwkv_engine.pipeline.config.EngineConfig.from_dict), which fills in its own
+-- defaults. setup() checks them first against the table generated from
 -- that schema (rwkv.engine_options), so a bad engine option fails here, in the engine's
 -- words, before anything is sent. Defaults: doc/rwkv.txt (`:help rwkv-options`).
 local M = {}
 
----@class rwkv.Keymaps
----@field accept string|false        accept the whole suggestion
----@field accept_line string|false   accept one line
----@field accept_word string|false   accept one word
----@field dismiss string|false
----@field next string|false          next candidate
----@field prev string|false          previous candidate
----@field trigger string|false       request a suggestion now (ignores max_line_suffix)
----@field pick string|false          format with %d (1..9): accept candidate N
+---@alias rwkv.Config table<string, any> the options of setup(): rwkv.editor_options + engine
 
----@class rwkv.Config
-M.defaults = {
-  enabled = true, -- suggestions on at start (:RwkvToggle flips it)
-  auto_trigger = true, -- suggest while typing; false = only on the trigger key
-  debounce_ms = 75,
-  filetypes = { -- filetype -> bool; "*" is the fallback
-    ["*"] = true,
-    gitcommit = false,
-    gitrebase = false,
-    help = false,
-    hgcommit = false,
-    svn = false,
-    cvs = false,
-  },
-  notify = true, -- loading / ready notices
-  debug = false, -- log requests (buffer text!) to stdpath("log")/rwkv.log; off: buffer text is never logged
-  ghost = {
-    enabled = true, -- the suggestion as ghost text at the cursor (false: e.g. when a completion menu shows it)
-    annotation = true, -- "(i/n)" after the ghost text when the float is off
-    max_lines = 3, -- most lines of ghost text (the first + virtual lines below it); 0: all
-  },
-  float = {
-    enabled = true, -- the candidate window (shown with 2 or more candidates)
-    max_lines = 3, -- lines shown per candidate
-    max_width = 80,
-    border = "rounded",
-  },
-  keymaps = {
-    accept = "<Tab>",
-    accept_line = "<S-Tab>",
-    accept_word = "<C-Right>",
-    dismiss = "<C-]>",
-    next = "<M-]>",
-    prev = "<M-[>",
-    trigger = "<M-\\>",
-    pick = "<M-%d>",
-  },
-  context = {
-    yank = true, -- yanked text (3+ lines) becomes extra context
-    buf_enter = true, -- lines around the cursor when entering / leaving a buffer
-    save = true, -- lines around the cursor on :write
-    prime_on_idle = true, -- compute queued chunks' states on CursorHold
-  },
-  python = { -- where the Python side runs (:help rwkv-option-python)
-    host = "auto", -- "auto": the plugin's own host when its environment exists, else the manifest; "own" | "manifest"
-    interpreter = "python3", -- the Python that :RwkvBuild makes the environment with
-    -- env = nil,             -- the plugin's virtualenv (nil: stdpath("data")/rwkv.nvim/venv)
-    -- torch_spec = nil,      -- torch requirement for :RwkvBuild (nil: $TORCH_SPEC or "torch==2.13.0")
-    -- torch_index_url = nil, -- extra index for torch, e.g. "https://download.pytorch.org/whl/cu124"
-  },
-  lsp = { -- an in-process language server: completion menus list the candidates (:help rwkv-lsp)
-    enabled = false, -- attach it to the buffers that get suggestions
-    trigger_characters = true, -- true: every printable character; a list of strings; false: none
-  },
-  engine = {}, -- see :help rwkv-engine-options; nil keys use the engine's defaults
-}
+-- Editor options (types, defaults, ranges, docs): rwkv.editor_options, one schema that the
+-- defaults and checks below derive from and tools/gen_config.py writes the help from.
+local editor_options = require("rwkv.editor_options")
 
--- the python = {...} keys (env, torch_spec and torch_index_url default to nil) and their types
-M.python_keys = { host = "string", interpreter = "string", env = "string", torch_spec = "string",
-  torch_index_url = "string" }
-M.python_hosts = { "auto", "own", "manifest" }
+--- The defaults of a list of options: groups become tables; optional options stay nil.
+local function defaults_of(options)
+  local out = {}
+  for _, opt in ipairs(options) do
+    if opt.fields then
+      out[opt.name] = defaults_of(opt.fields)
+    else
+      out[opt.name] = vim.deepcopy(opt.default)
+    end
+  end
+  return out
+end
+
+--- Every editor option's default, shaped as setup() takes them (groups as tables);
+--- engine = {}: the engine fills in its own.
+---@type rwkv.Config
+M.defaults = defaults_of(editor_options)
 
 -- Engine options (types, defaults, ranges, docs): generated from the engine's own schema
 -- (rwkv_engine.pipeline.config.EngineConfig) by tools/gen_config.py.
@@ -112,12 +65,78 @@ local function check_range(name, value, lo, hi)
   end
 end
 
-local function check_unknown(prefix, given, known)
+--- The set of the names of `options`.
+local function names_of(options)
+  local names = {}
+  for _, opt in ipairs(options) do
+    names[opt.name] = true
+  end
+  return names
+end
+
+--- Raise on a key of `given` that is not the name of one of `options`.
+local function check_unknown(prefix, given, options)
+  local known = names_of(options)
   for k in pairs(given) do
-    if known[k] == nil then
+    if not known[k] then
       local names = vim.tbl_keys(known)
       table.sort(names)
       fail(("unknown option %s%s (known: %s)"):format(prefix, tostring(k), table.concat(names, ", ")))
+    end
+  end
+end
+
+-- -- editor options: the rules of rwkv.editor_options ------------------------------------
+
+--- Check one value option (`name` is its full name, e.g. "ghost.max_lines").
+local function check_option(name, opt, v)
+  local types = vim.split(opt.type, "|", { plain = true })
+  if v == false and vim.tbl_contains(types, "false") then
+    return -- turned off
+  end
+  types = vim.tbl_filter(function(t)
+    return t ~= "false"
+  end, types)
+  check_type(name, v, table.concat(types, "|"), opt.optional)
+  if v == nil then
+    return
+  end
+  if opt.min then
+    check_range(name, v, opt.min, opt.max)
+  end
+  if opt.integer and v ~= math.floor(v) then
+    fail(("%s = %s must be a whole number"):format(name, tostring(v)))
+  end
+  local broken = (opt.nonempty and v == "")
+    or (opt.contains and type(v) == "string" and not v:find(opt.contains, 1, true))
+  if opt.items and type(v) == "table" then
+    for i, item in pairs(v) do
+      broken = broken or type(i) ~= "number" or type(item) ~= opt.items or item == ""
+    end
+  end
+  if broken then
+    fail(name .. " " .. opt.must)
+  end
+  if opt.choices and not vim.tbl_contains(opt.choices, v) then
+    fail(("%s = %q must be one of %s"):format(name, v, table.concat(opt.choices, ", ")))
+  end
+  if opt.map_of then
+    for key, item in pairs(v) do
+      check_type(("%s[%q]"):format(name, tostring(key)), item, opt.map_of)
+    end
+  end
+end
+
+--- Check a table of options against `options` (a group's fields or the top level).
+local function check_options(prefix, given, options)
+  check_unknown(prefix, given, options)
+  for _, opt in ipairs(options) do
+    local name = prefix .. opt.name
+    if opt.fields then
+      check_type(name, given[opt.name], "table")
+      check_options(name .. ".", given[opt.name], opt.fields)
+    else
+      check_option(name, opt, given[opt.name])
     end
   end
 end
@@ -245,71 +264,7 @@ end
 --- Validate a user table (already merged with defaults). Raises "rwkv.setup: ..." on error.
 ---@param c rwkv.Config
 function M.validate(c)
-  check_unknown("", c, M.defaults)
-  check_type("enabled", c.enabled, "boolean")
-  check_type("auto_trigger", c.auto_trigger, "boolean")
-  check_type("debounce_ms", c.debounce_ms, "number")
-  check_range("debounce_ms", c.debounce_ms, 0, 10000)
-  check_type("notify", c.notify, "boolean")
-  check_type("debug", c.debug, "boolean")
-  check_type("filetypes", c.filetypes, "table")
-  for ft, on in pairs(c.filetypes) do
-    check_type(("filetypes[%q]"):format(tostring(ft)), on, "boolean")
-  end
-  for _, group in ipairs({ "ghost", "float", "keymaps", "context", "python", "lsp", "engine" }) do
-    check_type(group, c[group], "table")
-  end
-  check_unknown("ghost.", c.ghost, M.defaults.ghost)
-  check_type("ghost.enabled", c.ghost.enabled, "boolean")
-  check_type("ghost.annotation", c.ghost.annotation, "boolean")
-  check_type("ghost.max_lines", c.ghost.max_lines, "number")
-  check_range("ghost.max_lines", c.ghost.max_lines, 0, 100)
-  if c.ghost.max_lines ~= math.floor(c.ghost.max_lines) then
-    fail(("ghost.max_lines = %s must be a whole number"):format(tostring(c.ghost.max_lines)))
-  end
-  check_unknown("float.", c.float, M.defaults.float)
-  check_type("float.enabled", c.float.enabled, "boolean")
-  check_type("float.max_lines", c.float.max_lines, "number")
-  check_range("float.max_lines", c.float.max_lines, 1, 50)
-  check_type("float.max_width", c.float.max_width, "number")
-  check_range("float.max_width", c.float.max_width, 10, 500)
-  check_type("float.border", c.float.border, "string|table")
-  check_unknown("keymaps.", c.keymaps, M.defaults.keymaps)
-  for name, lhs in pairs(c.keymaps) do
-    if lhs ~= false then
-      check_type("keymaps." .. name, lhs, "string")
-      if lhs == "" then
-        fail("keymaps." .. name .. " must be a key or false (not an empty string)")
-      end
-    end
-  end
-  if c.keymaps.pick and not c.keymaps.pick:find("%d", 1, true) then
-    fail("keymaps.pick must contain %d (e.g. \"<M-%d>\") or be false")
-  end
-  check_unknown("python.", c.python, M.python_keys)
-  for name, t in pairs(M.python_keys) do
-    check_type("python." .. name, c.python[name], t, true)
-    if c.python[name] == "" then
-      fail("python." .. name .. " must not be empty (nil uses the default)")
-    end
-  end
-  if not vim.tbl_contains(M.python_hosts, c.python.host) then
-    fail(("python.host = %q must be one of %s"):format(c.python.host, table.concat(M.python_hosts, ", ")))
-  end
-  check_unknown("lsp.", c.lsp, M.defaults.lsp)
-  check_type("lsp.enabled", c.lsp.enabled, "boolean")
-  check_type("lsp.trigger_characters", c.lsp.trigger_characters, "boolean|table")
-  if type(c.lsp.trigger_characters) == "table" then
-    for i, ch in pairs(c.lsp.trigger_characters) do
-      if type(i) ~= "number" or type(ch) ~= "string" or ch == "" then
-        fail("lsp.trigger_characters must be true, false or a list of non-empty strings")
-      end
-    end
-  end
-  check_unknown("context.", c.context, M.defaults.context)
-  for name in pairs(M.defaults.context) do
-    check_type("context." .. name, c.context[name], "boolean")
-  end
+  check_options("", c, editor_options)
   validate_engine(c.engine)
 end
 
@@ -322,8 +277,9 @@ function M.apply(opts)
   end
   opts = vim.deepcopy(opts or {})
   -- shorthand: engine options may also be given at the top level (setup({ model = ... }))
+  local editor_names = names_of(editor_options)
   for k, v in pairs(opts) do
-    if engine_options.by_name[k] ~= nil and M.defaults[k] == nil then
+    if engine_options.by_name[k] ~= nil and not editor_names[k] then
       opts.engine = opts.engine or {}
       if type(opts.engine) == "table" and opts.engine[k] == nil then
         opts.engine[k] = v

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distributions, version
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -45,9 +45,15 @@ def _version(dist: str) -> Optional[str]:
 
 def _installed_engine() -> bool:
     """Whether the package is installed in this Python (pip install, editable or not): its
-    distribution's metadata is found. ``python -m`` from the plugin's root imports this
-    checkout's rwkv_engine/ either way."""
-    return _version("rwkv-nvim") is not None
+    distribution's metadata is found on sys.path. The working directory (the plugin's root,
+    first on sys.path under ``python -m``) does not count: an editable install leaves
+    rwkv_nvim.egg-info there, which would make any Python look like it had the package."""
+    here = {os.path.abspath(p) for p in ("", os.getcwd(), str(PACKAGE_DIR.parent))}
+    path = [p for p in sys.path if os.path.abspath(p or ".") not in here]
+    try:
+        return any(True for _ in distributions(name="rwkv-nvim", path=path))
+    except Exception:
+        return False
 
 
 def _torch_build() -> Dict[str, Optional[str]]:

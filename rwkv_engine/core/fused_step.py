@@ -4,7 +4,7 @@
 when the CPU kernels are built: every layer and the head run inside
 ``torch.ops.rwkv_nvim_cpu.decode_step`` instead of ~50 torch ops per layer. The
 unfused torch path (``RWKV7._time_mix`` / ``_channel_mix``) is the reference it is
-tested against (tests/test_cpu_linear.py).
+tested against (tests/core/test_cpu_linear.py).
 
 The kernel takes the weights as one flat list, LAYER_PARAMS tensors per layer in the
 order below (the C++ enum ``Param`` mirrors it), then ln_out.weight, ln_out.bias and the

@@ -12,7 +12,7 @@ A prompt is a list of segments; checkpoint keys form a hash chain over them
 
 Forward pieces span segments and end only at ``prefill_chunk`` tokens, at a
 checkpointed boundary, or (in the tail) after every token. The state after a resumed
-prefill equals the state of a cold prefill of the same tokens (tests/test_prefill.py).
+prefill equals the state of a cold prefill of the same tokens (tests/pipeline/test_prefill.py).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import train_gpu  # noqa: E402

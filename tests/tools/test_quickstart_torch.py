@@ -21,7 +21,7 @@ import pytest
 
 from fake_completion_server import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def quickstart():

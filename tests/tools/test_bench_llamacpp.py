@@ -2,7 +2,7 @@
 
 The end-to-end test is marked ``llamacpp`` (and ``slow``): it uses llama.cpp's CPU tools
 from ~/.cache/rwkv.nvim/llama.cpp, building them when absent (minutes), and skips like
-tests/test_gguf_export.py: without cmake/g++, when the sdist cannot be downloaded, or with
+tests/core/test_gguf_export.py: without cmake/g++, when the sdist cannot be downloaded, or with
 RWKV_LLAMA_CPP_BUILD=0 and no cached build. The KL and Q4_0 helpers are tested without it.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from random_checkpoint import write_checkpoint
+from rwkv_engine.core.random_checkpoint import write_checkpoint
 from llama_build import lc, llama_bins_or_skip
 from llama_build import lc  # noqa: F401  (puts bench/ on sys.path)
 from llamacpp_peer import side_by_side

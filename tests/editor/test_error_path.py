@@ -33,7 +33,7 @@ from rwkv_engine.pipeline.service import CompletionService
 
 from nvim_harness import REPO
 from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
-from random_checkpoint import make_state_dict
+from rwkv_engine.core.random_checkpoint import make_state_dict
 from reliability_helpers import FakeNvim, bridge_module
 
 WAIT = 120.0

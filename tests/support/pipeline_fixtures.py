@@ -23,7 +23,7 @@ def fast_config(tmp_path: Optional[Path] = None, **overrides) -> EngineConfig:
         near_prefix=8, near_suffix=4, ring_n_chunks=4, ring_chunk_size=8, ring_queue=4,
         cache_device_mb=64, cache_host_mb=64, cache_disk_mb=16 if tmp_path else 0,
         cache_dir=str(tmp_path / "cache") if tmp_path else None, prefill_chunk=64,
-        prime_after_ms=0,     # idle priming only when a test asks (tests/test_service.py)
+        prime_after_ms=0,     # idle priming only when a test asks (tests/pipeline/test_service.py)
     )
     opts.update(overrides)
     return EngineConfig(**opts)

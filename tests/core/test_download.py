@@ -2,7 +2,7 @@
 
 huggingface_hub reads HF_ENDPOINT / HF_HOME once, at import, so every network test runs
 the command in a fresh subprocess with its own endpoint and an empty HF_HOME. Each
-subprocess has a hard timeout; the fake hub (tests/fake_hf_server.py) runs in a daemon
+subprocess has a hard timeout; the fake hub (tests/support/fake_hf_server.py) runs in a daemon
 thread of the test process and only listens on 127.0.0.1.
 """
 from __future__ import annotations

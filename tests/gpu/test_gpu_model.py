@@ -1,7 +1,7 @@
 """Model-level GPU tests (skipped without CUDA): the engine on a GPU against fp32 on the CPU.
 
 * Random checkpoints of the official 0.1B (12 x 768) and 1.5B (24 x 2048) shapes, drawn on
-  the GPU (tests/random_checkpoint.py, ``trained_like``: peaked logits like a trained
+  the GPU (rwkv_engine/core/random_checkpoint.py, ``trained_like``: peaked logits like a trained
   model's), run on cuda in fp16 and bf16 and compared with the CPU fp32 reference (the
   pure-torch path) over a batch-4 prefill of 64 tokens (logits of every position) and 32
   decode steps: max relative logit error and top-1 agreement.
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from random_checkpoint import make_state_dict
+from rwkv_engine.core.random_checkpoint import make_state_dict
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import llamacpp_peer as lc  # noqa: E402  (developer tooling of the checkout: bench/llamacpp_peer)
 
 NEEDED = ("llama-server", "llama-bench", "llama-batched-bench")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 CU_SOURCES = sorted(KERNELS.glob("*.cu"))
 HIP_SOURCES = sorted(KERNELS.glob("*.hip"))
 

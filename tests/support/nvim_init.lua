@@ -1,7 +1,7 @@
--- Test init for headless Neovim (tests/nvim_harness.py): the repository on the
+-- Test init for headless Neovim (tests/support/nvim_harness.py): the repository on the
 -- runtimepath, nothing from the user's config, the Python host = the test interpreter.
 -- RWKV_TEST_OPTS (JSON, optional) is passed to require("rwkv").setup().
-local root = vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h")
+local root = vim.fn.fnamemodify(debug.getinfo(1, "S").source:sub(2), ":p:h:h:h")   -- <root>/tests/support/nvim_init.lua
 vim.opt.runtimepath:prepend(root)
 vim.opt.swapfile = false
 vim.opt.shadafile = "NONE"

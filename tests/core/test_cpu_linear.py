@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from random_checkpoint import make_state_dict
+from rwkv_engine.core.random_checkpoint import make_state_dict
 from rwkv_engine.core.checkpoint import infer_shape
 from rwkv_engine.core.linear import (F32Linear, Q8Linear, cpu_ops, dequantize_q8, make_linear,
                                      quantize_activations, quantize_q8)
@@ -203,7 +203,7 @@ def test_narrower_instruction_sets_compute_the_same(tmp_path, flags, isa):
 
     if isa != "scalar" and isa not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip(f"no {isa} on this CPU")
-    src = Path(__file__).resolve().parents[1] / "kernels" / "rwkv7_cpu_linear.cpp"
+    src = Path(__file__).resolve().parents[2] / "kernels" / "rwkv7_cpu_linear.cpp"
     out = subprocess.run([sys.executable, "-c", _ISA_CHECK, str(tmp_path), flags, str(src)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

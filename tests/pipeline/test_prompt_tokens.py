@@ -22,7 +22,7 @@ from rwkv_engine.pipeline.prompt_layout import PromptBuilder
 from pipeline_fixtures import fast_config, make_request
 
 TOK = WorldTokenizer.default()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_canonical(prompt, tok=TOK) -> None:
@@ -41,7 +41,7 @@ def _first_difference(a, b, tok) -> str:
 
 
 def _files():
-    ours = sorted(p for p in (list(ROOT.glob("tests/*.py")) + list(ROOT.glob("lua/rwkv/*.lua"))
+    ours = sorted(p for p in (list(ROOT.glob("tests/*/*.py")) + list(ROOT.glob("lua/rwkv/*.lua"))
                               + list(ROOT.glob("kernels/*.[ch]*")) + list(ROOT.glob("doc/*.txt"))))
     stdlib = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
     std = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)

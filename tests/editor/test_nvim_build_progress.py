@@ -3,7 +3,7 @@
 The build process is replaced by a short script that prints what the quick start prints
 (steps, a long line, a silent step) so that the progress lines can be checked in a
 headless Neovim, driven the way lazy.nvim drives a build function (a coroutine whose
-yields are progress messages; tests/test_nvim_install.py runs the real build):
+yields are progress messages; tests/editor/test_nvim_install.py runs the real build):
 short lines, a silent step named again with its time, one clear last line that is also
 in :messages.
 """

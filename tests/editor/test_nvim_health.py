@@ -119,6 +119,10 @@ def test_unusable_python_gives_one_clean_message_and_health_says_why(nvim_sessio
     ({"keymaps": {"pick": "<M-x>"}}, "keymaps.pick must contain %d"),
     ({"filetypes": {"python": "yes"}}, 'filetypes["python"]: expected boolean, got string'),
     ({"debounce_ms": "fast"}, "debounce_ms: expected number, got string"),
+    ({"debounce_ms": -1}, "debounce_ms = -1 must be in 0..10000"),
+    ({"ghost": {"max_lines": 2.5}}, "ghost.max_lines = 2.5 must be a whole number"),
+    ({"keymaps": {"accept": ""}}, "keymaps.accept must be a key or false (not an empty string)"),
+    ({"float": 1}, "float: expected table, got number"),
 ])
 def test_setup_rejects_bad_options_with_one_line(nvim_session, opts, fragment):
     s = nvim_session(manifest=False)
@@ -127,6 +131,88 @@ def test_setup_rejects_bad_options_with_one_line(nvim_session, opts, fragment):
     msgs = s.messages()
     assert fragment in msgs, msgs
     assert len([line for line in msgs.splitlines() if "rwkv.setup" in line]) == 1
+
+
+def editor_option_cases(options: list) -> list:
+    """(opts, message or None, option) for every option of rwkv.editor_options: a value of a
+    wrong type, the edges of its range, its choices, and the values its own rules reject;
+    None: setup() accepts it. Groups: a non-table and an unknown key inside."""
+    cases = [({"bogus_option": 1}, "unknown option bogus_option (known: ", "")]
+    for group in options:
+        if "fields" in group:
+            g = group["name"]
+            cases += [({g: 12345}, f"{g}: expected table, got number", g),
+                      ({g: {"bogus": 1}}, f"unknown option {g}.bogus (known: ", g)]
+            cases += [({g: {o: v}}, msg, f"{g}.{o}") for o, v, msg in value_option_cases(g + ".", group["fields"])]
+        else:
+            cases += [({o: v}, msg, o) for o, v, msg in value_option_cases("", [group])]
+    return cases
+
+
+def value_option_cases(prefix: str, options: list) -> list:
+    """(name, value, message or None) for value options whose full names start with prefix."""
+    lua_type = {int: "number", float: "number", str: "string", bool: "boolean", list: "table", dict: "table"}
+    out = []
+    for opt in options:
+        name, full = opt["name"], prefix + opt["name"]
+        types = [t for t in opt["type"].split("|") if t != "false"]
+        wrong = next(v for v in (12345, "x", True) if lua_type[type(v)] not in types)
+        out.append((name, wrong, f"{full}: expected {'|'.join(types)}, got {lua_type[type(wrong)]}"))
+        if not opt.get("optional"):
+            out.append((name, opt["default"], None))
+        elif types == ["string"]:
+            out.append((name, "/some/value", None))
+        if "false" in opt["type"].split("|"):
+            out.append((name, False, None))
+        if "min" in opt:
+            lo, hi = opt["min"], opt["max"]
+            out += [(name, lo, None), (name, hi, None),
+                    (name, lo - 1, f"{full} = {lo - 1} must be in {lo}..{hi}"),
+                    (name, hi + 1, f"{full} = {hi + 1} must be in {lo}..{hi}")]
+            if opt.get("integer"):
+                out.append((name, lo + 0.5, f"{full} = {lo + 0.5} must be a whole number"))
+        for choice in opt.get("choices", ()):
+            out.append((name, choice, None))
+        if "choices" in opt:
+            out.append((name, "bogus", f'{full} = "bogus" must be one of {", ".join(opt["choices"])}'))
+        if opt.get("nonempty"):
+            out.append((name, "", f"{full} {opt['must']}"))
+        if "contains" in opt:
+            out += [(name, "<M-x>", f"{full} {opt['must']}"), (name, "<C-" + opt["contains"] + ">", None)]
+        if "items" in opt:
+            out += [(name, [".", "("], None), (name, [1], f"{full} {opt['must']}"),
+                    (name, [""], f"{full} {opt['must']}")]
+        if "map_of" in opt:
+            out += [(name, {"python": False}, None),
+                    (name, {"python": 12345}, f'{full}["python"]: expected {opt["map_of"]}, got number')]
+    return out
+
+
+def test_setup_checks_every_schema_option_with_its_message(nvim_session):
+    """Parity between rwkv.editor_options and what setup() does: every option (groups
+    included) rejects a wrong type, and each rule in its entry rejects and accepts what it
+    says, with the message the schema implies."""
+    s = nvim_session(manifest=False)
+    options = s.lua("return require('rwkv.editor_options')")
+    cases = editor_option_cases(options)
+    got = s.lua("""
+      local out = {}
+      for i, opts in ipairs(...) do
+        local ok, err = pcall(require('rwkv.config').apply, opts)
+        out[i] = ok and vim.NIL or err
+      end
+      return out""", [opts for opts, _, _ in cases])
+    wrong = []
+    for (opts, want, _), err in zip(cases, got):
+        if want is None and err is None:
+            continue
+        if want is None or err is None or not (err == "rwkv.setup: " + want or
+                                                want.endswith("(known: ") and err.startswith("rwkv.setup: " + want)):
+            wrong.append(f"{opts!r}: want {want!r}, got {err!r}")
+    assert not wrong, "\n".join(wrong)
+    names = {f"{g['name']}.{o['name']}" for g in options for o in g.get("fields", ())} | {g["name"] for g in options}
+    assert {name for _, want, name in cases if want} >= names         # every option rejects a value
+    assert {name for _, want, name in cases if not want} >= names - {g["name"] for g in options if "fields" in g}
 
 
 def test_setup_accepts_a_full_valid_table(nvim_session):

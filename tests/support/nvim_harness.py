@@ -3,7 +3,7 @@
 - a temp NVIM_RPLUGIN_MANIFEST and temp XDG dirs (nothing from the user's setup),
 - g:python3_host_prog = this interpreter (so the host imports this checkout's engine),
 - :UpdateRemotePlugins in a first nvim, then
-  pynvim.attach("child", argv=[nvim, "--embed", "--headless", "-u", tests/nvim_init.lua])
+  pynvim.attach("child", argv=[nvim, "--embed", "--headless", "-u", tests/support/nvim_init.lua])
   (`--clean` would skip the manifest; `-u` keeps it).
 
 Use ``start_nvim(tmp_path, opts)`` or the ``nvim_session`` fixture factory; poll with
@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-INIT = REPO / "tests" / "nvim_init.lua"
+REPO = Path(__file__).resolve().parents[2]
+INIT = REPO / "tests" / "support" / "nvim_init.lua"
 DEFAULT_TIMEOUT = float(os.environ.get("RWKV_TEST_TIMEOUT", "60"))
 
 

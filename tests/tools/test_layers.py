@@ -1,4 +1,9 @@
-"""The engine's layers import only downwards: core < pipeline < cli.
+"""The tree's layers import only downwards.
+
+Inside the package: core < pipeline < cli. Around it: the host bridge
+(rplugin/python3/rwkv_nvim) and the developer tooling (bench/, tools/) sit on top of the
+package; the tests' helpers (tests/support) on top of everything. No import cycles
+anywhere in the package, the bridge or the tooling.
 
 Every ``import`` / ``from ... import`` in rwkv_engine/ (module scope and inside functions)
 is resolved to an absolute ``rwkv_engine.<layer>...`` name and checked. The
@@ -9,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ENGINE = Path(__file__).resolve().parent.parent / "rwkv_engine"
+ENGINE = Path(__file__).resolve().parents[2] / "rwkv_engine"
 RANK = {"core": 0, "pipeline": 1, "cli": 2}
 
 
@@ -191,3 +196,70 @@ def test_one_module_says_where_the_caches_are():
         if 'environ.get("XDG_CACHE_HOME")' in text:
             owners.append(str(path.relative_to(ROOT)))
     assert owners == ["rwkv_engine/core/cache_paths.py"], owners
+
+
+# -- the host bridge: thin, on top of the package ---------------------------------------------
+BRIDGE = ROOT / "rplugin" / "python3" / "rwkv_nvim"
+SUPPORT = ROOT / "tests" / "support"
+HEAVY = ("torch", "numpy", "rwkv_engine", "httpx", "huggingface_hub")
+
+
+def module_scope_imports(path: Path):
+    """(line, name) of the imports executed when ``path`` is imported: module level, and
+    inside module-level if/try blocks; not inside functions or classes."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            yield node.lineno, node.module or ""
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                todo.extend(getattr(node, field, []) or [])
+        elif isinstance(node, ast.ExceptHandler):
+            todo.extend(node.body)
+
+
+@pytest.mark.parametrize("path", sorted(BRIDGE.glob("*.py")), ids=lambda p: p.name)
+def test_the_bridge_imports_nothing_heavy_when_loaded(path):
+    """All python3 rplugins share one host process and :UpdateRemotePlugins imports every
+    one: loading ours must not import torch or the engine (they load on first use)."""
+    bad = [f"{path.name}:{line} imports {name}" for line, name in module_scope_imports(path)
+           if name.split(".")[0] in HEAVY]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_bridge_checker_sees_a_module_scope_import(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\ntry:\n    import torch\nexcept ImportError:\n    pass\n"
+                     "def later():\n    import rwkv_engine\n")
+    assert [n for _, n in module_scope_imports(probe)] == ["os", "torch"]
+
+
+def _names_defined_in(folder: Path) -> set:
+    return {p.stem for p in folder.glob("*.py")} | {p.parent.name for p in folder.glob("*/__init__.py")}
+
+
+def test_nothing_below_imports_the_bridge_or_the_tests_helpers():
+    """The package, the bridge and the tooling never import the tests' helpers, and the
+    package and the tooling never import the bridge (the bridge is what Neovim loads)."""
+    support, bad = _names_defined_in(SUPPORT), []
+    bridge = {"rwkv_nvim"}
+    for path in engine_modules():
+        for line, target in imports_of(path):
+            if target.split(".")[0] in support | bridge:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    # bench/first_ghost.py drives headless Neovim exactly as the editor tests do (the
+    # benchmark of the same first session): the one allowed use
+    allowed = {("bench", "first_ghost.py")}
+    for folder in [BRIDGE, *TOOLING.values()]:
+        for path in folder.rglob("*.py"):
+            for target in _tooling_imports(path, ""):
+                top = target.split(".")[0]
+                if top in support and (path.parent.name, path.name) not in allowed:
+                    bad.append(f"{path.relative_to(ROOT)} imports {target}")
+                if top in bridge and folder is not BRIDGE:
+                    bad.append(f"{path.relative_to(ROOT)} imports {target}")
+    assert not bad, "\n".join(bad)

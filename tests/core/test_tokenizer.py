@@ -26,7 +26,7 @@ def _real_sources():
     stdlib = os.path.dirname(os.__file__)
     files = sorted(glob.glob(os.path.join(stdlib, "*.py")))[:12]
     files += sorted(glob.glob("/usr/include/*.h"))[:4]
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     files += sorted(glob.glob(os.path.join(here, "rwkv_engine", "*.py")))[:4]
     return files
 

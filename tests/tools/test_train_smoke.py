@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import corpus  # noqa: E402

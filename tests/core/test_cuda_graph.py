@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from random_checkpoint import make_state_dict
+from rwkv_engine.core.random_checkpoint import make_state_dict
 from rwkv_engine.core import cuda_graph
 from rwkv_engine.core.checkpoint import infer_shape
 from rwkv_engine.core.cuda_graph import GraphDecode, ReplayBackend, bucket_for

@@ -17,11 +17,11 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[gguf]')")
 
-from random_checkpoint import make_state_dict  # noqa: E402
+from rwkv_engine.core.random_checkpoint import make_state_dict  # noqa: E402
 from rwkv_engine.core.gguf_export import export_gguf, token_text  # noqa: E402
 from rwkv_engine.core.tokenizer import WorldTokenizer, _read_world_vocab  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ("def fibonacci(n):\n    if n < 2:\n        return n\n"
           "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\nclass Stack:\n    def __init__(self")
 N_PREDICT = 32

@@ -7,7 +7,7 @@ import torch
 
 import rwkv_engine
 from rwkv_engine.core.checkpoint import CheckpointError
-from random_checkpoint import make_state_dict
+from rwkv_engine.core.random_checkpoint import make_state_dict
 
 
 def _check(path, match):

@@ -18,7 +18,7 @@ import torch
 
 from nvim_harness import REPO, require_nvim, start_nvim
 from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
-from random_checkpoint import make_state_dict
+from rwkv_engine.core.random_checkpoint import make_state_dict
 from reliability_helpers import FakeNvim, SUGGEST, fresh_buffer, host_log_text, live_opts, wait_done
 
 WAIT = 120.0
