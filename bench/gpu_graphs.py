@@ -28,7 +28,6 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))                 # random_checkpoint
 sys.path.insert(0, str(REPO / "bench"))
 
 
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-replay", action="store_true")
     args = ap.parse_args(argv)
-    from gpu_check import ensure_engine, one_line
+    from gpu_check.plumbing import ensure_engine, one_line
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     res["engine_import"] = ensure_engine()
     import torch
 
-    from random_checkpoint import make_state_dict
+    from rwkv_engine.core.random_checkpoint import make_state_dict
     from rwkv_engine.core.checkpoint import infer_shape
     from rwkv_engine.core.cuda_graph import ReplayBackend
     from rwkv_engine.core.model import RWKV7

@@ -35,7 +35,7 @@ default-model-v2.pth`` joins the parts, then evaluate it against v1 with
 ``rwkv-nvim eval --model default-model-v2.pth --files <v1's held-out files>``.
 
 ``--device cpu --tiny`` runs all three on the CPU in about a minute
-(tests/test_gpu_session_cpu.py): the plumbing, proven before device time is spent.
+(tests/tools/test_gpu_session_cpu.py): the plumbing, proven before device time is spent.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ class Session:
     def ensure_engine(self) -> str:
         """``import rwkv_engine`` in the subprocesses loads this checkout (gpu_check's shim)."""
         sys.path.insert(0, str(REPO / "bench"))
-        from gpu_check import ensure_engine
+        from gpu_check.plumbing import ensure_engine
         return ensure_engine()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 SECTIONS = ("environment", "kernel_build", "bandwidth", "pytest_gpu", "accuracy",
             "bench_0.1b", "bench_1.5b", "bench_7.2b", "replay_1.5b", "peer_rwkv", "peer_fla")
@@ -62,7 +62,7 @@ def test_figures_are_sane(report):
     assert S["bandwidth"]["status"] == "ok" and S["bandwidth"]["copy_GBps"] > 0
     pt = S["pytest_gpu"]
     assert pt["status"] == "ok", pt
-    assert "tests/test_gpu_model.py" in pt["files"] and "tests/test_gpu_kernels.py" in pt["files"]
+    assert "tests/gpu/test_gpu_model.py" in pt["files"] and "tests/gpu/test_gpu_kernels.py" in pt["files"]
     assert pt["tests"] > 0 and pt["failed"] == 0 and pt["errors"] == 0
     if not torch.cuda.is_available():
         assert pt["skipped"] == pt["tests"]
