@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-from nvim_harness import nvim_session  # noqa: F401  (fixture)
 from test_nvim_install import LAZY_BUILD
 
 pytestmark = [pytest.mark.nvim]

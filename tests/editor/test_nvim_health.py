@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nvim_harness import REPO, nvim_session, require_nvim  # noqa: F401  (fixture)
+from nvim_harness import REPO, require_nvim
 from reliability_helpers import bridge_module
 
 pytestmark = [pytest.mark.nvim]

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from nvim_harness import REPO, nvim_session, require_nvim  # noqa: F401  (fixture)
+from nvim_harness import REPO, require_nvim
 
 pytestmark = [pytest.mark.nvim]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from nvim_harness import RECORDER, NvimSession, nvim_session, require_nvim, start_nvim  # noqa: F401 (fixture)
+from nvim_harness import RECORDER, NvimSession, require_nvim, start_nvim
 
 pytestmark = [pytest.mark.nvim, pytest.mark.slow]
 

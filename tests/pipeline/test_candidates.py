@@ -12,7 +12,7 @@ from rwkv_engine.core.sampler import SamplingParams
 from rwkv_engine.core.state import State
 from rwkv_engine.tokenizer import WorldTokenizer
 
-from pipeline_fixtures import SOURCE_LINES, completer_factory, make_request, one_torch_thread  # noqa: F401
+from pipeline_fixtures import SOURCE_LINES, make_request
 
 TOK = WorldTokenizer.default()
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, alpha_frequency=0.0, alpha_presence=0.0)

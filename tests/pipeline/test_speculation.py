@@ -7,7 +7,7 @@ window, or the same text in another buffer, keeps it (the state is exactly right
 import pytest
 import torch
 
-from pipeline_fixtures import completer_factory, make_request, one_torch_thread  # noqa: F401
+from pipeline_fixtures import make_request
 
 LINES = []
 for _i in range(40):

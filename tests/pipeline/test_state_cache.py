@@ -14,9 +14,8 @@ from rwkv_engine.core.state import State
 from rwkv_engine.pipeline.state_cache import Snapshot, StateCache, chain_key, partial_keys, root_key
 
 from rwkv_engine.pipeline import state_cache as state_cache_mod
-from pipeline_fixtures import (SOURCE_LINES, cache_reachable_bytes, completer_factory,  # noqa: F401
-                               logical_bytes, make_request, one_torch_thread, reachable_bytes,
-                               snapshot_tensors, type_text)
+from pipeline_fixtures import (SOURCE_LINES, cache_reachable_bytes, logical_bytes, make_request,
+                               reachable_bytes, snapshot_tensors, type_text)
 
 
 def random_snapshot(seed: int, n_tokens: int = 5) -> Snapshot:
@@ -93,7 +92,7 @@ def test_disk_round_trip_is_bit_exact_across_processes(tmp_path):
     d = tmp_path / "states"
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = [{os.path.dirname(__file__)!r}, {os.path.join(os.path.dirname(os.path.dirname(__file__)), "support")!r}]
         from test_state_cache import random_snapshot
         from rwkv_engine.pipeline.state_cache import StateCache
         c = StateCache("model-x", "cpu", 1 << 20, 0, 1 << 20, {str(d)!r})

@@ -6,7 +6,8 @@
   pynvim.attach("child", argv=[nvim, "--embed", "--headless", "-u", tests/support/nvim_init.lua])
   (`--clean` would skip the manifest; `-u` keeps it).
 
-Use ``start_nvim(tmp_path, opts)`` or the ``nvim_session`` fixture factory; poll with
+Use ``start_nvim(tmp_path, opts)`` or the editor tests' ``nvim_session`` fixture factory
+(tests/editor/conftest.py); poll with
 ``session.wait_for(lua_expr)`` rather than sleeping.
 """
 from __future__ import annotations
@@ -167,22 +168,6 @@ def start_nvim(root: Path, opts: Optional[dict] = None, manifest: bool = True,
     session.wait_for("vim.v.vim_did_enter == 1", timeout=30, what="VimEnter")
     return session
 
-
-@pytest.fixture
-def nvim_session(tmp_path):
-    """Factory: ``nvim_session(opts=None, manifest=True, extra_env=None) -> NvimSession``;
-    every session is closed after the test."""
-    sessions = []
-
-    def make(opts: Optional[dict] = None, manifest: bool = True, name: str = "nvim",
-             extra_env: Optional[dict] = None) -> NvimSession:
-        s = start_nvim(tmp_path / f"{name}{len(sessions)}", opts, manifest=manifest, extra_env=extra_env)
-        sessions.append(s)
-        return s
-
-    yield make
-    for s in sessions:
-        s.close()
 
 
 # Lua for the mechanics tests: replace the Python side (remote.call) with a recorder,

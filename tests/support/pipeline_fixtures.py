@@ -58,16 +58,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def completer_factory(tiny_model, tmp_path):
-    """Completer(config) sharing the session's tiny model; fresh cache per call."""
-    from rwkv_engine.pipeline.completer import Completer
-
-    def make(**overrides):
-        return Completer(fast_config(tmp_path, **overrides), model=tiny_model)
-
-    return make
-
 
 class Recorder:
     """Collects a CompletionService's events, partials and results (callbacks run on its worker)."""
