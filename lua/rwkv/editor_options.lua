@@ -64,9 +64,9 @@ return {
         .. "the focus, sits below the cursor line and the ghost text when there is room (else "
         .. "above the cursor line; never over it), so the code above the cursor stays readable, "
         .. "and closes on accept, dismiss, |InsertLeave|, |BufLeave| and |WinLeave|. One at most." },
-    { name = "max_lines", type = "number", default = 3, min = 1, max = 50,
+    { name = "max_lines", type = "number", integer = true, default = 3, min = 1, max = 50,
       doc = "Lines shown per candidate." },
-    { name = "max_width", type = "number", default = 80, min = 10, max = 500,
+    { name = "max_width", type = "number", integer = true, default = 80, min = 10, max = 500,
       doc = "Window width limit in columns." },
     { name = "border", type = "string|table", default = "rounded",
       doc = "A border of |nvim_open_win()|: \"none\", \"single\", \"double\", \"rounded\", \"solid\", "
