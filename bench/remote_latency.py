@@ -12,7 +12,7 @@ lines of a real file character by character with Enter between them, then the cu
 line down and up, three times each) through
 
   * ``local``:  Completer, the in-process engine (fp32, CPU, ``--threads`` torch threads);
-  * ``remote``: RemoteCompleter -> llama-server (bench/llama_cpp.py's cached CPU build,
+  * ``remote``: server_backend (llama-server protocol) -> llama-server (bench/llama_cpp.py's cached CPU build,
     ``-np`` = candidates, ``-t`` = ``--threads``), one after the other (never at once).
 
 Per kind of event: time from the request to the first streamed text (what the ghost text
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         del local
 
     if a.only in (None, "remote"):
-        from rwkv_engine.pipeline.remote_backend import RemoteCompleter
+        from rwkv_engine.pipeline.remote_backend import server_backend
         gguf_path = tmp / "model-f32.gguf"
         export_gguf(ckpt, gguf_path, "f32")
         bins = lc.build(log=lambda m: print(m, file=sys.stderr))
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                        extra=["-np", str(a.candidates)]) as srv:
             cfg = EngineConfig(backend="llama.cpp", url=srv.url, timeout_first_byte_ms=120_000,
                                timeout_total_ms=300_000, **common)
-            remote = RemoteCompleter(cfg)
+            remote = server_backend(cfg)
             ev = session(remote, path, original, a.lines, cfg.n_prefix, cfg.n_suffix)
             results["remote"] = summary(ev)
             results["remote_server"] = {k: remote.server.get(k) for k in ("fim", "ids", "slots")}

@@ -28,11 +28,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..core.errors import one_line
 from ..core.sampler import SamplingParams
 from .candidates import StopRules, decode_candidates, rank_candidates
 from .config import EngineConfig
 from .context_ring import ContextRing
-from .loading import OutOfMemory, free_gpu_memory, load_configured_model, load_on_cpu, out_of_memory_as, say
+from .loading import (OutOfMemory, free_gpu_memory, load_configured_model, load_on_cpu, out_of_memory_as,
+                      precision_of, say)
 from .prefill import Prefiller, ShouldStop
 from .prompt_layout import Prompt, PromptBuilder, to_bytes
 from .speculation import LastRequest, Speculator
@@ -42,7 +44,10 @@ PRIME_NEIGHBOURS = 1       # lines above and below the last request's cursor pri
 
 
 class Completer:
-    """Owns model + state cache + context ring; does one request at a time."""
+    """Owns model + state cache + context ring; does one request at a time. The service's
+    backend (``backend.CompletionBackend``, ``backend.SwitchesModel``) for ``backend = "local"``."""
+
+    primes_neighbours_when_idle = True       # a primed neighbour line re-feeds nothing (module doc)
 
     def __init__(self, config: Optional[EngineConfig] = None, model=None,
                  on_warning: Optional[Callable[[str], None]] = None):
@@ -73,6 +78,38 @@ class Completer:
         """Serve with ``model`` from now on (the same checkpoint in a faster precision):
         the cached states are rebuilt for it as requests come; the ring chunks stay."""
         self._use_model(model)
+
+    def warm_up(self, on_progress: Optional[Callable[[str], None]] = None) -> None:
+        """Build or load the compiled WKV kernel now (``on_progress`` hears about a build)
+        rather than inside the first request. Never raises: without the kernel the torch
+        reference runs, with one warning."""
+        model = self.model
+        if not getattr(model, "use_kernel", False):
+            return
+        prefix = "WKV-7 kernel unavailable, using the slower torch reference: "
+        try:
+            from ..core.kernel_loader import backend_for, get_wkv7, kernel_status, kernels_disabled
+            if kernels_disabled() or model.device.type == "meta":
+                return
+            kernel = get_wkv7(model.device, progress=on_progress)
+            failed = kernel_status().get(backend_for(model.device) or "", "")
+            if kernel is None and failed.startswith("failed"):
+                say(self.on_warning, prefix + failed[len("failed: "):])
+        except Exception as e:                          # never fatal: the reference path works
+            say(self.on_warning, prefix + one_line(e))
+
+    def describe(self) -> dict:
+        """Model name, checkpoint path, device, dtype and precision (``backend.Description``)."""
+        m = self.model
+        prec = precision_of(m)
+        return {"model": self.config.model or "default", "path": str(getattr(m, "path", "") or ""),
+                "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+                "precision": prec["summary"], "precision_why": prec.get("why", "")}
+
+    def close(self) -> None:
+        """Drop the states cached in memory (device and host tiers; the disk tier stays for
+        the next start). ``complete`` still works after, from cold states."""
+        self.cache.clear_memory()
 
     def add_chunk(self, text: str, filename: str = "") -> bool:
         """Queue an extra-context chunk (moved into the ring by ``prime_step``)."""
@@ -246,6 +283,18 @@ class Completer:
                 req = dict(last)
                 req["row"], req["col"] = r, c
                 yield req
+
+
+def local_backend(config: EngineConfig, on_warning: Optional[Callable[[str], None]] = None,
+                  model=None) -> Completer:
+    """The completer the service runs for ``backend = "local"`` (``backend.backend_kind``):
+    without ``model`` the configured one loads now, in fp32 when this CPU's precision is not
+    measured yet (``model.precision["pending"]``: the service measures it in the background
+    and switches the model)."""
+    if model is None:
+        model = load_configured_model(config, on_warning, measure_now=False)
+    return Completer(config, model=model, on_warning=on_warning)
+
 
 def _request_copy(req: dict) -> dict:
     keep = ("id", "buf", "filename", "lines", "first", "row", "col")

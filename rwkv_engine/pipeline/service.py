@@ -13,6 +13,9 @@ thread; every method except ``close`` returns at once. The worker thread
   arrives during priming waits for at most one prefill piece; if priming fails it is
   switched off for this service with one "warning".
 
+The backend (``backend.CompletionBackend``: the local engine or a server) is built by
+the kind ``backend.backend_kind(config)`` picks; the service never asks which one it runs.
+
 Failures: a malformed request (``MalformedRequest``, the caller's fault) only gets
 its one-line message in the result's "error". Every other exception while serving is
 an engine failure: logged with its traceback, emitted as an "error" event, kept as
@@ -31,6 +34,7 @@ from typing import Callable, List, Optional, Tuple
 
 from ..core.checkpoint import CheckpointError
 from ..core.errors import ExplainedError, one_line
+from .backend import CompletionBackend, SwitchesModel, backend_kind
 from .config import EngineConfig
 from .prompt_layout import MalformedRequest
 
@@ -57,8 +61,8 @@ class CompletionService:
         self._prime_failed: Optional[str] = None   # priming raised once: it stays off
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        self._completer = None
-        self._ready_after: Optional[Tuple[str, float]] = None   # a remote server not answering yet
+        self._completer: Optional[CompletionBackend] = None
+        self._ready_after: Optional[float] = None   # load start of a backend whose server did not answer yet
         self._swap = None                     # a model measured faster on this CPU, to switch to
         self._measuring: Optional[threading.Thread] = None     # the background CPU measurement
         self._last_request_end = 0.0          # monotonic; the background measurement waits after it
@@ -162,64 +166,61 @@ class CompletionService:
         return msg
 
     def _load(self) -> None:
-        remote = self.config.backend != "local"         # a server answers: no model here
-        name = f"{self.config.backend} server" if remote else (self.config.model or "default")
+        kind = backend_kind(self.config)                # the one place that looks at the option
+        name = kind.loading_label(self.config)          # "g1-0.1b", "llama.cpp server"
         self._emit("loading", {"model": name})
         t0 = time.perf_counter()
         try:
-            if remote:
-                from .remote_backend import RemoteCompleter
-                self._completer = RemoteCompleter(self.config, on_warning=self._warning)
-                name = self._completer.label            # "llama.cpp server http://host:port"
-                with self._cv:
-                    self._status.update(model=name, device="remote")
-                if not self._server_answers(name, t0):
-                    return                              # "ready" comes with its first answer
-            else:
-                from .completer import Completer
-                from .loading import load_configured_model
-                if self._model is None:     # no CPU verdict yet: fp32 now, measured in the background
-                    self._model = load_configured_model(self.config, self._warning, measure_now=False)
-                self._completer = Completer(self.config, model=self._model, on_warning=self._warning)
+            self._completer = kind.build(self.config, self._warning, self._model)
         except Exception as e:                          # CheckpointError, RuntimeError, OSError...
             with self._cv:
                 self._status["error"] = one_line(e)
             # an unusable model file is the user's to fix: its message says it all
-            # an unusable model file is the user's to fix: its message says it all
             self._failed(e, f"loading {name}", traceback=not isinstance(e, CheckpointError))
             return
-        self._ready(name, t0)
-        if (getattr(self._completer.model, "precision", None) or {}).get("pending"):
+        about = self._completer.describe()
+        name = about["model"]                           # "llama.cpp server http://host:port"
+        with self._cv:
+            self._status.update(model=name, device=about["device"])
+        if not self._warmed_up(name, t0):
+            return                                      # "ready" comes with its first answer
+        self._ready(t0)
+        c = self._completer
+        if isinstance(c, SwitchesModel) and (getattr(c.model, "precision", None) or {}).get("pending"):
             self._measuring = threading.Thread(target=self._precision_in_background, name="rwkv-precision",
                                                daemon=True)
             self._measuring.start()
 
-    def _server_answers(self, name: str, t0: float) -> bool:
-        """A remote backend is "ready" only once its server answered (``detect``); until
-        then the status says why not, and the first request it answers makes it ready."""
+    def _warmed_up(self, name: str, t0: float) -> bool:
+        """``warm_up`` (the kernel built, the server asked what it runs). When it raises (a
+        server that does not answer: refused, DNS, TLS, timeout) the status says why and the
+        first request it answers makes the service "ready"."""
         try:
-            self._completer.detect()
+            self._completer.warm_up(on_progress=lambda msg: self._emit("progress", {"message": msg}))
             return True
-        except Exception as e:                          # RemoteError: refused, DNS, TLS, timeout
+        except Exception as e:
             with self._cv:
                 self._status.update(loaded=False, error=one_line(e))
-            self._ready_after = (name, t0)
-            self._failed(e, f"connecting to {name}", traceback=False)
+            self._ready_after = t0
+            self._failed(e, f"connecting to {name}")
             return False
 
-    def _ready(self, name: str, t0: float) -> None:
-        m = self._completer.model
-        self._warm_kernel(m)
-        from .loading import precision_of
-        prec = precision_of(m)
-        info = {"model": name, "path": str(getattr(m, "path", "") or ""), "device": str(m.device),
-                "dtype": str(m.dtype).replace("torch.", ""), "precision": prec["summary"],
+    def _ready(self, t0: float) -> None:
+        about = self._completer.describe()
+        info = {"model": about["model"], "path": about["path"], "device": about["device"],
+                "dtype": about["dtype"], "precision": about["precision"],
                 "load_ms": round((time.perf_counter() - t0) * 1000, 1)}
         with self._cv:
-            self._status.update(loaded=True, device=info["device"], dtype=info["dtype"], error=None,
-                                path=info["path"], precision=prec["summary"], precision_why=prec["why"],
-                                cache=self._completer.cache_stats())
+            self._status.update(loaded=True, device=about["device"], dtype=about["dtype"], error=None,
+                                path=about["path"], precision=about["precision"],
+                                precision_why=about["precision_why"], cache=self._completer.cache_stats())
         self._emit("ready", info)
+
+    def _describe_status(self) -> None:
+        """Device, dtype and precision as the backend says now (a CPU fallback, a switched model)."""
+        about = self._completer.describe()
+        with self._cv:
+            self._status.update({k: about[k] for k in ("device", "dtype", "precision", "precision_why")})
 
     # -- CPU precision, measured while the editor is idle ---------------------------------
     def _precision_in_background(self) -> None:
@@ -248,7 +249,7 @@ class CompletionService:
             current = self._completer.model
             if verdict is None or verdict["decode"] == current.precision.get("mode"):
                 _, current.precision = cpu_precision_for(self.config, path)   # the cached verdict
-                self._set_precision_status(current)
+                self._describe_status()
                 return
             model = load_configured_model(self.config, self._warning)       # finds it cached
         except MeasurementStopped:
@@ -264,33 +265,8 @@ class CompletionService:
                 self._swap = model
                 self._cv.notify_all()
 
-    def _set_precision_status(self, model) -> None:
-        from .loading import precision_of
-        prec = precision_of(model)
-        with self._cv:
-            self._status.update(dtype=str(model.dtype).replace("torch.", ""), precision=prec["summary"],
-                                precision_why=prec["why"])
-
     def _warning(self, message: str) -> None:
         self._emit("warning", {"message": message})
-
-    def _warm_kernel(self, model) -> None:
-        """Build/load the compiled WKV kernel now (with "progress" events) rather than
-        inside the first request; a failure falls back to the reference silently here
-        (the loader warns once)."""
-        if not getattr(model, "use_kernel", False):
-            return
-        try:
-            from ..core.kernel_loader import backend_for, get_wkv7, kernel_status, kernels_disabled
-            if kernels_disabled() or model.device.type == "meta":
-                return
-            kernel = get_wkv7(model.device, progress=lambda msg: self._emit("progress", {"message": msg}))
-            failed = kernel_status().get(backend_for(model.device) or "", "")
-            if kernel is None and failed.startswith("failed"):
-                self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: "
-                              f"{failed[len('failed: '):]}")
-        except Exception as e:                          # never fatal: the reference path works
-            self._warning(f"WKV-7 kernel unavailable, using the slower torch reference: {one_line(e)}")
 
     def _run(self) -> None:
         try:
@@ -316,19 +292,17 @@ class CompletionService:
                 job, self._pending = self._pending, None
                 swap, self._swap = self._swap, None
             try:
-                if swap is not None and self._completer is not None:
+                if swap is not None and isinstance(self._completer, SwitchesModel):
                     self._completer.switch_model(swap)       # between requests; the ring is kept
-                    self._model = swap
-                    self._set_precision_status(swap)
+                    self._describe_status()
                     with self._cv:               # its states are cold: prime them while idle
                         self._prime_wanted = self._prime_failed is None
                 self._work(chunks, accepts, job)
             except Exception as e:                      # never let the worker die silently
                 self._failed(e, "engine work")
-        close = getattr(self._completer, "close", None)   # a remote backend's HTTP client
-        if close is not None:
+        if self._completer is not None:                 # its HTTP client, its cached states
             try:
-                close()
+                self._completer.close()
             except Exception as e:
                 log.info("rwkv.nvim: closing the backend: %s", one_line(e))
 
@@ -383,17 +357,13 @@ class CompletionService:
             if result.get("stats"):
                 self._status["last"] = result["stats"]
             self._status["cache"] = c.cache_stats()
-            self._status["device"] = str(c.model.device)        # may have fallen back to the CPU
-            self._status["dtype"] = str(c.model.dtype).replace("torch.", "")
-            prec = getattr(c.model, "precision", None)          # a CPU fallback chose its own
-            if isinstance(prec, dict) and prec.get("summary"):
-                self._status.update(precision=prec["summary"], precision_why=prec.get("why", ""))
-        if self.config.prime_after_ms > 0 and self._prime_failed is None and self.config.backend == "local":
+        self._describe_status()                         # the CPU after running out of GPU memory
+        if self.config.prime_after_ms > 0 and self._prime_failed is None and c.primes_neighbours_when_idle:
             with self._cv:              # prime the neighbouring lines once the editor is idle
                 self._prime_at = time.monotonic() + self.config.prime_after_ms / 1000
         if self._ready_after is not None and not result.get("error"):
-            (name, t0), self._ready_after = self._ready_after, None
-            self._ready(name, t0)                       # the server answered at last
+            t0, self._ready_after = self._ready_after, None
+            self._ready(t0)                             # the server answered at last
         if on_done is not None:
             on_done(result)
 

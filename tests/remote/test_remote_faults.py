@@ -1,4 +1,4 @@
-"""Remote backend against a loopback fake server (tests/fake_completion_server.py): the
+"""Remote backend against a loopback fake server (tests/support/fake_completion_server.py): the
 fault matrix (refused, DNS, 4xx, 5xx, malformed / truncated SSE, slow streams and their
 cancellation, a 10 MB answer), OpenAI `n` candidates over SSE, the API key from the
 environment, the SSE reader, the config rule and the :checkhealth probe."""
@@ -18,7 +18,7 @@ import pytest
 from fake_completion_server import ClientGone, FakeServer, free_port, llama_events
 from pipeline_fixtures import Recorder, SOURCE_LINES, make_request
 from rwkv_engine.pipeline.config import EngineConfig
-from rwkv_engine.pipeline.remote_backend import RemoteCompleter, RemoteError, probe, sse_data
+from rwkv_engine.pipeline.remote_backend import RemoteError, ServerBackend, probe, server_backend, sse_data
 
 LINES = SOURCE_LINES[:12]
 
@@ -36,7 +36,7 @@ def request(rid: int = 1, row: int = 9):
     return make_request(LINES, row, rid=rid)
 
 
-def failure(rc: RemoteCompleter, rid: int = 1) -> str:
+def failure(rc: ServerBackend, rid: int = 1) -> str:
     with pytest.raises(RemoteError) as info:
         rc.complete(request(rid))
     msg = str(info.value)
@@ -52,7 +52,7 @@ def srv():
 
 # -- the happy paths ---------------------------------------------------------------------------
 def test_llama_cpp_candidates_stream_and_stats(srv):
-    rc = RemoteCompleter(config(srv.url))
+    rc = server_backend(config(srv.url))
     parts = []
     res = rc.complete(request(7), on_partial=parts.append)
     assert res["id"] == 7
@@ -77,11 +77,11 @@ def test_llama_cpp_candidates_stream_and_stats(srv):
 
 
 def test_greedy_asks_for_one_candidate_and_slots_cap_n_cmpl(srv):
-    rc = RemoteCompleter(config(srv.url, temperature=0.0, candidates=4))
+    rc = server_backend(config(srv.url, temperature=0.0, candidates=4))
     rc.complete(request())
     assert srv.posts("/completion")[-1]["body"]["n_cmpl"] == 1
     srv.routes["/props"] = lambda h, b: h.send_json(200, {"total_slots": 2})
-    rc = RemoteCompleter(config(srv.url, candidates=4))
+    rc = server_backend(config(srv.url, candidates=4))
     rc.complete(request())
     assert srv.posts("/completion")[-1]["body"]["n_cmpl"] == 2
 
@@ -89,7 +89,7 @@ def test_greedy_asks_for_one_candidate_and_slots_cap_n_cmpl(srv):
 def test_openai_n_candidates_over_sse_with_suffix_and_usage(srv):
     srv.routes["/v1/models"] = lambda h, b: h.send_json(200, {"data": [{"id": "qwen-coder"}]})
     srv.texts = ["one()", "two()", "three()"]
-    rc = RemoteCompleter(config(srv.url + "/", backend="openai", candidates=3))
+    rc = server_backend(config(srv.url + "/", backend="openai", candidates=3))
     assert rc.base == srv.url + "/v1"
     parts = []
     res = rc.complete(request(), on_partial=parts.append)
@@ -107,7 +107,7 @@ def test_openai_n_candidates_over_sse_with_suffix_and_usage(srv):
 
 def test_openai_rwkv_model_gets_the_rwkv_prompt(srv):
     srv.routes["/v1/models"] = lambda h, b: h.send_json(200, {"data": [{"id": "rwkv7-g1-1.5b"}]})
-    rc = RemoteCompleter(config(srv.url + "/v1", backend="openai"))
+    rc = server_backend(config(srv.url + "/v1", backend="openai"))
     rc.complete(request())
     body = srv.posts("/v1/completions")[-1]["body"]
     assert "✿middle✿" in body["prompt"] and "suffix" not in body
@@ -119,7 +119,7 @@ def test_infill_model_gets_infill_then_plain_when_refused(tmp_path):
         srv.routes["/infill"] = lambda h, b: h.send_json(501, {"error": {
             "code": 501, "message": "Infill is not supported by this model: prefix token is missing. ",
             "type": "not_supported_error"}})
-        rc = RemoteCompleter(config(srv.url), on_warning=warnings.append)
+        rc = server_backend(config(srv.url), on_warning=warnings.append)
         rc.add_chunk("x = 1\ny = 2\nz = 3\n", "other.py")
         rc.prime_step()                                     # into the ring
         res = rc.complete(request())
@@ -134,7 +134,7 @@ def test_infill_model_gets_infill_then_plain_when_refused(tmp_path):
 
 
 def test_idle_priming_warms_the_server_with_the_new_ring_chunks(srv):
-    rc = RemoteCompleter(config(srv.url))
+    rc = server_backend(config(srv.url))
     rc.add_chunk("alpha = 1\nbeta = 2\ngamma = 3\n", "a.py")
     assert rc.prime_step() is True and rc.prime_step() is False      # no request yet: ring only
     rc.complete(request())
@@ -155,7 +155,7 @@ def test_idle_priming_warms_the_server_with_the_new_ring_chunks(srv):
 # -- faults ----------------------------------------------------------------------------------------
 def test_connection_refused_is_one_message_repeated_fast():
     url = f"http://127.0.0.1:{free_port()}"
-    rc = RemoteCompleter(config(url))
+    rc = server_backend(config(url))
     msg = failure(rc)
     assert msg == f"llama.cpp server {url}: connection refused (is the server running?)"
     t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def test_connection_refused_is_one_message_repeated_fast():
 
 
 def test_dns_failure_names_the_host():
-    rc = RemoteCompleter(config("http://rwkv-nonexistent.invalid:1"))
+    rc = server_backend(config("http://rwkv-nonexistent.invalid:1"))
     msg = failure(rc)
     assert msg.startswith("llama.cpp server http://rwkv-nonexistent.invalid:1: ")
     assert "resolve" in msg or "cannot connect" in msg or "no connection" in msg, msg
@@ -182,7 +182,7 @@ def test_dns_failure_names_the_host():
 ])
 def test_http_errors_are_one_line_and_stable(srv, status, body, want):
     srv.routes["/completion"] = lambda h, b: h.send_json(status, body)
-    rc = RemoteCompleter(config(srv.url))
+    rc = server_backend(config(srv.url))
     msg = failure(rc)
     assert msg == f"llama.cpp server {srv.url}: {want}"
     assert failure(rc, 2) == msg
@@ -190,16 +190,16 @@ def test_http_errors_are_one_line_and_stable(srv, status, body, want):
 
 def test_unauthorized_hints_at_the_api_key(srv):
     srv.routes["/v1/completions"] = lambda h, b: h.send_json(401, {"error": {"message": "Incorrect API key"}})
-    msg = failure(RemoteCompleter(config(srv.url, backend="openai")))
+    msg = failure(server_backend(config(srv.url, backend="openai")))
     assert msg.endswith("HTTP 401 from /v1/completions: Incorrect API key (check the API key: engine option api_key_env)")
 
 
 def test_malformed_sse(srv):
     srv.routes["/completion"] = lambda h, b: h.sse_events([{"index": 0, "content": "a", "stop": False},
                                                           "{not json"])
-    assert failure(RemoteCompleter(config(srv.url))).endswith("malformed answer from /completion (an event is not JSON)")
+    assert failure(server_backend(config(srv.url))).endswith("malformed answer from /completion (an event is not JSON)")
     srv.routes["/completion"] = lambda h, b: h.sse_events([[1, 2]])
-    assert failure(RemoteCompleter(config(srv.url))).endswith("malformed answer from /completion (unexpected JSON)")
+    assert failure(server_backend(config(srv.url))).endswith("malformed answer from /completion (unexpected JSON)")
 
 
 def test_truncated_sse(srv):
@@ -214,7 +214,7 @@ def test_truncated_sse(srv):
         h.close_connection = True
 
     srv.routes["/completion"] = cut_mid_chunk
-    rc = RemoteCompleter(config(srv.url))
+    rc = server_backend(config(srv.url))
     msg = failure(rc)
     assert msg.endswith("the answer from /completion ended early (connection closed)")
     assert failure(rc, 2) == msg
@@ -236,7 +236,7 @@ def test_a_kept_alive_connection_closed_by_the_server_is_retried_once(srv):
         h.sse_events(llama_events(["ok()"]))
 
     srv.routes["/completion"] = once_per_connection
-    rc = RemoteCompleter(config(srv.url, candidates=1))
+    rc = server_backend(config(srv.url, candidates=1))
     for rid in (1, 2, 3):
         assert rc.complete(request(rid))["candidates"][0]["text"] == "ok()"
     assert len(srv.posts("/completion")) == 5 and len(served) == 3
@@ -246,7 +246,7 @@ def test_error_event_inside_the_stream(srv):
     srv.routes["/completion"] = lambda h, b: h.sse_events([
         {"index": 0, "content": "a", "stop": False},
         {"error": {"code": 500, "message": "the context is full", "type": "server_error"}}])
-    assert failure(RemoteCompleter(config(srv.url))).endswith("error from /completion: the context is full")
+    assert failure(server_backend(config(srv.url))).endswith("error from /completion: the context is full")
 
 
 def test_a_10_mb_answer_is_capped(srv):
@@ -262,7 +262,7 @@ def test_a_10_mb_answer_is_capped(srv):
         h.end_chunks()
 
     srv.routes["/completion"] = huge_stream
-    rc = RemoteCompleter(config(srv.url, max_tokens=4096, max_lines=1000, time_budget_ms=60_000))
+    rc = server_backend(config(srv.url, max_tokens=4096, max_lines=1000, time_budget_ms=60_000))
     t0 = time.perf_counter()
     msg = failure(rc)
     assert msg.endswith("answer from /completion larger than 4 MB; stopped reading"), msg
@@ -281,7 +281,7 @@ def _headers_then_wait(h, body):
                          ids=["no-headers", "headers-only"])
 def test_first_byte_timeout(srv, route):
     srv.routes["/completion"] = route
-    rc = RemoteCompleter(config(srv.url, timeout_first_byte_ms=300))
+    rc = server_backend(config(srv.url, timeout_first_byte_ms=300))
     t0 = time.perf_counter()
     msg = failure(rc)
     assert msg.endswith("no answer from /completion within 300 ms (timeout_first_byte_ms)"), msg
@@ -297,7 +297,7 @@ def test_decode_budget_keeps_the_text_so_far(srv):
         h.end_chunks()
 
     srv.routes["/completion"] = slow
-    rc = RemoteCompleter(config(srv.url, candidates=1, time_budget_ms=400, max_tokens=4096, max_lines=1000))
+    rc = server_backend(config(srv.url, candidates=1, time_budget_ms=400, max_tokens=4096, max_lines=1000))
     t0 = time.perf_counter()
     res = rc.complete(request())
     took = time.perf_counter() - t0
@@ -310,7 +310,7 @@ def test_decode_budget_keeps_the_text_so_far(srv):
                          ids=["no-headers", "headers-only"])
 def test_total_timeout(srv, route):
     srv.routes["/completion"] = route
-    rc = RemoteCompleter(config(srv.url, timeout_first_byte_ms=60_000, timeout_total_ms=400))
+    rc = server_backend(config(srv.url, timeout_first_byte_ms=60_000, timeout_total_ms=400))
     t0 = time.perf_counter()
     assert failure(rc).endswith("no answer from /completion within 400 ms (timeout_total_ms)")
     assert time.perf_counter() - t0 < 3
@@ -325,7 +325,7 @@ def test_the_decode_budget_starts_at_the_first_piece_not_at_the_headers(srv):
         h.end_chunks()
 
     srv.routes["/completion"] = slow_prompt
-    rc = RemoteCompleter(config(srv.url, candidates=1, time_budget_ms=300))
+    rc = server_backend(config(srv.url, candidates=1, time_budget_ms=300))
     res = rc.complete(request())
     assert [c["text"] for c in res["candidates"]] == ["done()"]
     assert res["stats"]["ms_prefill"] >= 700           # time to the first piece
@@ -343,7 +343,7 @@ def test_a_superseded_request_releases_a_slow_stream_at_once(srv, where):
         h.wait_or_gone(30.0)                    # then nothing for 30 s
 
     srv.routes["/completion"] = stalls
-    rc = RemoteCompleter(config(srv.url, timeout_first_byte_ms=60_000, timeout_total_ms=60_000))
+    rc = server_backend(config(srv.url, timeout_first_byte_ms=60_000, timeout_total_ms=60_000))
     stop = threading.Event()
     out, times = [], {}
 
@@ -469,7 +469,7 @@ def test_api_key_comes_from_the_env_var_and_is_never_logged(srv, monkeypatch, ca
     secret = "sk-test-5ecret-value"
     monkeypatch.setenv("RWKV_TEST_API_KEY", secret)
     caplog.set_level(logging.DEBUG)
-    rc = RemoteCompleter(config(srv.url, backend="openai", api_key_env="RWKV_TEST_API_KEY"))
+    rc = server_backend(config(srv.url, backend="openai", api_key_env="RWKV_TEST_API_KEY"))
     rc.complete(request())
     for r in srv.requests:
         assert r["headers"].get("Authorization") == f"Bearer {secret}", r["path"]
@@ -480,7 +480,7 @@ def test_api_key_comes_from_the_env_var_and_is_never_logged(srv, monkeypatch, ca
     # the key is never read from the configuration text, and a missing variable says which
     monkeypatch.delenv("RWKV_TEST_API_KEY")
     with pytest.raises(RemoteError, match="the environment variable RWKV_TEST_API_KEY .* is not set"):
-        RemoteCompleter(config(srv.url, backend="openai", api_key_env="RWKV_TEST_API_KEY"))
+        server_backend(config(srv.url, backend="openai", api_key_env="RWKV_TEST_API_KEY"))
 
 
 # -- pieces -------------------------------------------------------------------------------------------
@@ -496,7 +496,7 @@ def test_config_needs_a_url_for_a_server():
     with pytest.raises(ValueError, match=r"^engine option url = None: must be set when backend is 'openai'$"):
         EngineConfig(backend="openai")
     with pytest.raises(ValueError, match="url"):
-        RemoteCompleter(EngineConfig(backend="llama.cpp", url="ftp://x"))
+        server_backend(EngineConfig(backend="llama.cpp", url="ftp://x"))
     assert EngineConfig().backend == "local"
 
 
@@ -509,9 +509,10 @@ def test_probe(srv):
 
 
 @pytest.mark.nvim
-def test_health_server_lua(srv, tmp_path):
+def test_health_server_lua(srv, tmp_path, monkeypatch):
     """lua/rwkv/health_server.lua reports the backend, the server and its model."""
     import sys
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "editor"))
     from test_config_schema import run_lua
     code = r"""
 local calls = {}
@@ -580,6 +581,6 @@ def test_the_remote_backend_runs_without_importing_torch():
         heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         assert not heavy, heavy[:5]
         print("NO_TORCH")
-    """) % str(Path(__file__).resolve().parent)
+    """) % str(Path(__file__).resolve().parents[1] / "support")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "NO_TORCH" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]

@@ -2,13 +2,13 @@
 our exporter from a random checkpoint, served by llama.cpp's CPU build (bench/llama_cpp.py,
 cached in ~/.cache/rwkv.nvim/llama.cpp).
 
-- a request through RemoteCompleter returns candidates (n_cmpl, streamed);
+- a request through the llama-server backend returns candidates (n_cmpl, streamed);
 - greedy candidates equal the local engine's on the same checkpoint (f32 GGUF);
 - the next keystroke re-uses the server's saved state (timings cache_n > 0);
 - in headless Neovim: ghost text from the server, <Tab> accepts it, a killed server gives
   one message and the editor keeps working (marked ``nvim`` too).
 
-Skips like tests/test_gguf_export.py: without a cached build and RWKV_LLAMA_CPP_BUILD=0,
+Skips like tests/core/test_gguf_export.py: without a cached build and RWKV_LLAMA_CPP_BUILD=0,
 without cmake/g++, or when the llama.cpp source cannot be downloaded.
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[gguf]')")
 
 from pipeline_fixtures import SOURCE_LINES, make_request, type_text  # noqa: E402
-from random_checkpoint import make_state_dict  # noqa: E402
+from rwkv_engine.core.random_checkpoint import make_state_dict  # noqa: E402
 from rwkv_engine.pipeline.config import EngineConfig  # noqa: E402
-from rwkv_engine.pipeline.remote_backend import RemoteCompleter, probe  # noqa: E402
+from rwkv_engine.pipeline.remote_backend import probe, server_backend  # noqa: E402
 from llama_build import lc, llama_bins_or_skip  # noqa: E402
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LINES = SOURCE_LINES[:24]
 
 
@@ -70,7 +70,7 @@ def remote_config(url, **kw) -> EngineConfig:
 
 
 def test_candidates_from_llama_server(server):
-    rc = RemoteCompleter(remote_config(server.url))
+    rc = server_backend(remote_config(server.url))
     parts = []
     res = rc.complete(make_request(LINES, 13), on_partial=parts.append)
     assert res["candidates"] and all(c["text"].strip() for c in res["candidates"])
@@ -99,7 +99,7 @@ def test_greedy_candidates_equal_the_local_engine(server, model_files, row, col)
     # the server cannot constrain its first tokens to the healed bytes, so the remote
     # backend does not heal (PromptBuilder(heal=False)): compare with an unhealed local prompt
     local.builder = PromptBuilder(local.config, local.tokenizer, heal=False)
-    remote = RemoteCompleter(remote_config(server.url, **greedy))
+    remote = server_backend(remote_config(server.url, **greedy))
     req = make_request(LINES, row, col=col)
     ours = local.complete(req)
     theirs = remote.complete(req)
@@ -110,7 +110,7 @@ def test_greedy_candidates_equal_the_local_engine(server, model_files, row, col)
 
 
 def test_the_next_keystroke_reuses_the_server_cache(server):
-    rc = RemoteCompleter(remote_config(server.url, candidates=2))
+    rc = server_backend(remote_config(server.url, candidates=2))
     lines, row = list(LINES), 13
     col = len(lines[row])
     lines[row] = lines[row] + "  "
@@ -130,7 +130,7 @@ def test_the_next_keystroke_reuses_the_server_cache(server):
 def test_openai_backend_against_llama_servers_v1(server):
     """llama-server's OpenAI-compatible /v1/completions: `n` candidates over SSE; its model
     list says RWKV vocabulary, so "auto" sends the RWKV prompt (as text)."""
-    rc = RemoteCompleter(remote_config(server.url + "/v1", backend="openai", candidates=3))
+    rc = server_backend(remote_config(server.url + "/v1", backend="openai", candidates=3))
     parts = []
     lines = list(LINES)
     res = rc.complete(make_request(lines, 13), on_partial=parts.append)

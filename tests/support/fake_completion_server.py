@@ -3,7 +3,7 @@ remote backend's fault tests: ``http.server`` in a thread, one route function pe
 
     with FakeServer() as srv:                       # llama-server-like defaults
         srv.routes["/completion"] = lambda h, body: h.send_json(503, {"error": {...}})
-        ... RemoteCompleter(EngineConfig(backend="llama.cpp", url=srv.url)) ...
+        ... server_backend(EngineConfig(backend="llama.cpp", url=srv.url)) ...
         srv.requests      # [{"method", "path", "headers", "body"}] as received
         srv.disconnects   # monotonic times at which a client closed a stream early
 

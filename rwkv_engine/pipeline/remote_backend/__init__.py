@@ -1,24 +1,18 @@
 """Remote backend: the same requests, answered by an existing inference server.
 
-``RemoteCompleter`` has the interface of ``completer.Completer`` (complete, accept,
-add_chunk, prime_step, cache_stats, build_prompt) and is what ``service`` runs when
-``EngineConfig.backend`` is not "local". It loads no model: the prompt is built by the
-same ``PromptBuilder`` (the RWKV World tokenizer only) and sent over HTTP (httpx) to
+It loads no model: the prompt is built by the same ``PromptBuilder`` (the RWKV World
+tokenizer only) and sent over HTTP (httpx, ``http``) to one of two server protocols,
+one module each over a shared base (``server_backend.ServerBackend``):
 
-* ``"llama.cpp"``: llama-server. RWKV models get the local engine's suffix-first FIM
-  prompt on ``/completion`` (as token ids when the server's vocabulary is ours, which
-  ``/tokenize`` tells; else the start token plus the text); models with FIM tokens get
-  ``/infill`` (``input_extra`` = ring chunks, ``input_prefix``, ``input_suffix``,
-  ``prompt`` = the cursor line up to the cursor). Candidates come from ``n_cmpl`` (the
-  prompt is read once and its state copied, at most the server's slot count), streamed
-  with ``timings_per_token`` (cache_n / prompt_n even when the stream is cut short);
-  ``cache_prompt`` lets the server resume from its saved state of the shared prefix (for
-  a recurrent model llama-server keeps states 4 and 4 + n_ubatch tokens before the end of
-  each prompt, so a keystroke on the cursor line costs it about 5 tokens).
-* ``"openai"``: an OpenAI-compatible ``/v1/completions`` (vLLM, SGLang, Ollama, ...):
-  ``prompt`` (+ ``suffix`` in "infill" mode), ``n`` candidates, SSE streaming; an optional
-  field the server refuses (suffix, logprobs, stream_options, top_k, seed) is dropped
-  once and the request repeated.
+* ``llama_server`` (``backend = "llama.cpp"``): llama-server's ``/completion`` (the local
+  engine's suffix-first FIM prompt for RWKV models) and ``/infill`` (models with FIM
+  tokens), ``n_cmpl`` candidates, its prompt cache warmed on idle;
+* ``openai_compat`` (``backend = "openai"``): an OpenAI-compatible ``/v1/completions``
+  (vLLM, SGLang, Ollama, ...), ``n`` candidates over SSE.
+
+``servers.server_backend(config)`` picks the protocol from the option; the service
+builds it through ``backend.backend_kind`` and drives it as a
+``backend.CompletionBackend``, like the local engine.
 
 The prompt puts what changes least first (ring chunks, far prefix) and the cursor line
 last, so a server's prefix cache is reused between keystrokes.
@@ -43,8 +37,12 @@ logged; the API key is read from the environment variable ``api_key_env`` names.
 """
 from __future__ import annotations
 
-from .completer import RemoteCompleter, RemoteModel
 from .http import RemoteError, sse_data
+from .llama_server import LlamaServerBackend
+from .openai_compat import OpenAICompatBackend
 from .probe import probe
+from .server_backend import ServerBackend
+from .servers import SERVER_PROTOCOLS, server_backend
 
-__all__ = ["RemoteCompleter", "RemoteModel", "RemoteError", "sse_data", "probe"]
+__all__ = ["ServerBackend", "LlamaServerBackend", "OpenAICompatBackend", "SERVER_PROTOCOLS", "server_backend",
+           "RemoteError", "sse_data", "probe"]

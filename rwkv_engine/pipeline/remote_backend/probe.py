@@ -7,7 +7,7 @@ from typing import Dict
 
 from ...core.errors import one_line
 from ..config import EngineConfig
-from .completer import RemoteCompleter
+from .servers import server_backend
 
 # -- :checkhealth --------------------------------------------------------------------------------
 def probe(config, timeout_ms: int = 3000) -> dict:
@@ -30,7 +30,7 @@ def probe(config, timeout_ms: int = 3000) -> dict:
                        timeout_total_ms=min(cfg.timeout_total_ms, timeout_ms))
     t0 = time.perf_counter()
     try:
-        rc = RemoteCompleter(fast)
+        rc = server_backend(fast)
     except Exception as e:                              # bad url, missing API key, no httpx
         out["error"] = one_line(e)
         return out

@@ -1,11 +1,20 @@
-"""``RemoteCompleter``: the local ``Completer``'s interface over a llama-server or an
-OpenAI-compatible server (see the package docstring)."""
+"""``ServerBackend``: what both server protocols share (see the package docstring).
+
+The service's interface (``backend.CompletionBackend``), the prompt (the local engine's
+``PromptBuilder`` over the same ring of chunks), the stop rules, the streamed-row choice
+and ranking (``candidate_rules``), reading a streamed answer, the stats, failing fast
+after a failed connect and the fallback from "infill" to "plain". A subclass speaks one
+protocol: where its API lives (``_api_base``), what the server runs (``_detect_server``),
+the request (``_request``, ``_rwkv_prompt``), the answer's events (``_event_pieces``),
+and optionally a simpler request after a refusal (``_simpler_request``) and idle work
+on the server (``_warm_server``).
+"""
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
+from abc import ABC, abstractmethod
 from typing import Callable, List, Optional, Tuple
 
 from ...core.tokenizer import WorldTokenizer
@@ -13,33 +22,23 @@ from ..candidate_rules import Row, StopRules, apply_text_rules, rank_candidates,
 from ..config import EngineConfig
 from ..context_ring import ContextRing
 from ..prompt_layout import FIM_MARK, Prompt, PromptBuilder, clip_bytes, validate_request, window_split
-from .http import (MAX_RESPONSE_BYTES, RETRY_AFTER_S, RWKV_VOCAB_TYPE, TOKENIZE_PROBE, RemoteError, ShouldStop,
-                   _display_url, _error_message, _Http, _httpx, _Superseded, _Watch, _whole_body, sse_data)
+from .http import (MAX_RESPONSE_BYTES, RETRY_AFTER_S, RemoteError, ShouldStop, _display_url, _error_message,
+                   _Http, _httpx, _Superseded, _Watch, _whole_body, sse_data)
 
 log = logging.getLogger("rwkv_engine")
 
-# -- the completer ----------------------------------------------------------------------------
-class RemoteModel:
-    """What the service reads of ``completer.model``: where it runs, no torch."""
-
-    def __init__(self, backend: str, url: str):
-        self.path = url
-        self.backend = backend
-        self.device = "remote"         # :RwkvStatus "device: remote", "ready on remote"
-        self.dtype = "n/a"
-        self.use_kernel = False
-        self.tokenizer = None
+HttpCall = Tuple[str, str, dict]      # (path for messages, full URL, JSON body)
 
 
-class RemoteCompleter:
-    """``Completer``'s interface over a llama-server or an OpenAI-compatible server."""
+class ServerBackend(ABC):
+    """The service's backend over one completion server (one request at a time)."""
 
-    def __init__(self, config: Optional[EngineConfig] = None,
-                 on_warning: Optional[Callable[[str], None]] = None, tokenizer=None):
-        cfg = self.config = config if config is not None else EngineConfig(backend="llama.cpp",
-                                                                             url="http://127.0.0.1:8080")
-        if cfg.backend not in ("llama.cpp", "openai"):
-            raise ValueError(f"engine option backend = {cfg.backend!r}: not a remote backend")
+    option = ""                          # the ``backend`` option value this protocol answers
+    primes_neighbours_when_idle = False  # a server caches the prompts it read, not neighbours
+
+    def __init__(self, config: EngineConfig, on_warning: Optional[Callable[[str], None]] = None,
+                 tokenizer=None):
+        cfg = self.config = config
         self.on_warning = on_warning
         httpx = _httpx()
         try:
@@ -49,33 +48,63 @@ class RemoteCompleter:
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"engine option url = {cfg.url!r}: must be an http:// or https:// address")
         self.display_url = _display_url(url)
-        self.label = f"{cfg.backend} server {self.display_url}"
-        base = str(url.copy_with(query=None, fragment=None)).rstrip("/")
-        if cfg.backend == "openai":
-            if base.endswith("/completions"):
-                base = base[: -len("/completions")]
-            elif not url.path.strip("/"):
-                base += "/v1"
-        elif base.endswith("/v1"):
-            base = base[:-3]
-        self.base = base
+        self.label = f"{self.option} server {self.display_url}"
+        self.base = self._api_base(url, str(url.copy_with(query=None, fragment=None)).rstrip("/"))
         self.http = _Http(cfg, self.label, cfg.timeout_connect_ms, cfg.timeout_first_byte_ms)
-        self.model = RemoteModel(cfg.backend, self.display_url)
         self.tokenizer = tokenizer if tokenizer is not None else WorldTokenizer.default()
         self.ring = ContextRing(cfg.ring_n_chunks, cfg.ring_chunk_size, cfg.ring_queue)
         # no token healing: servers cannot constrain the first tokens to the healed text, so
         # the prompt keeps every token up to the cursor (:checkhealth says so)
         self.builder = PromptBuilder(cfg, self.tokenizer, heal=False)
-        self.server: Optional[dict] = None       # what _detect found out (model, slots, fim, ids)
+        self.server: Optional[dict] = None       # what detect found out (model, slots, fim, ids)
         self.last_stats: dict = {}
         self.last_prime: dict = {}
-        self._dropped: set = set()                # optional request fields the server refused
         self._down: Optional[Tuple[float, str]] = None   # (until, message) after a failed connect
         self._last: Optional[dict] = None         # the last request (prime_step warms its prompt)
-        self._warmed: Optional[tuple] = None
+        self._warmed: Optional[tuple] = None      # token ids of the last prompt the server read
         self._totals = {"requests": 0, "reused_tokens": 0, "prefilled_tokens": 0, "errors": 0}
 
-    # -- Completer's interface -------------------------------------------------------------
+    # -- the protocol's part -----------------------------------------------------------------
+    @abstractmethod
+    def _api_base(self, url, base: str) -> str:
+        """The address the API paths go after: ``base`` is the configured ``url`` (httpx.URL)
+        without query, fragment and trailing "/"."""
+
+    @abstractmethod
+    def _detect_server(self) -> dict:
+        """{"backend", "model", "slots", "fim", "ids", ...} asked of the server."""
+
+    @abstractmethod
+    def _request(self, info: dict, request: dict, prompt: Prompt, n: int, stops: List[str]) -> HttpCall:
+        """The completion request for ``n`` candidates in ``info["fim"]`` mode."""
+
+    @abstractmethod
+    def _rwkv_prompt(self, prompt: Prompt):
+        """The "rwkv" prompt as this protocol sends it."""
+
+    @abstractmethod
+    def _event_pieces(self, obj: dict) -> Optional[List[dict]]:
+        """One event of the answer -> [{index, text, tokens, logprobs, final, reason, timings,
+        usage}]; None when it is not this protocol's event."""
+
+    def _simpler_request(self, message: str) -> bool:
+        """After the HTTP error ``message`` (lower case): whether a simpler request may work
+        (and is set up). Beyond the fallback to "plain", nothing by default."""
+        return False
+
+    def _warm_server(self, should_stop: ShouldStop) -> bool:
+        """Idle work on the server once the ring is settled; True = it did some."""
+        return False
+
+    # -- the service's interface (backend.CompletionBackend) --------------------------------
+    def warm_up(self, on_progress: Optional[Callable[[str], None]] = None) -> None:
+        """Ask the server what it runs (``detect``); raises RemoteError when it does not answer."""
+        self.detect()
+
+    def describe(self) -> dict:
+        return {"model": self.label, "path": self.display_url, "device": "remote", "dtype": "n/a",
+                "precision": "n/a", "precision_why": ""}
+
     def add_chunk(self, text: str, filename: str = "") -> bool:
         return self.ring.add(text, filename)
 
@@ -115,45 +144,33 @@ class RemoteCompleter:
         return out
 
     def prime_step(self, should_stop: ShouldStop = None) -> bool:
-        """Move a queued chunk into the ring; once the ring changed the last request's prompt,
-        warm the server's prompt cache with the new one (llama.cpp, "rwkv" prompts: a request
-        for one token with cache_prompt), so the next keystroke does not wait for the server
-        to read the new chunks. A failure here is not reported (the next request will be)."""
-        promoted = self.ring.promote()
-        if promoted or self._last is None or self.config.backend != "llama.cpp":
-            return promoted
-        if self.server is None or self.server.get("fim") != "rwkv" or self._down is not None:
+        """Move a queued chunk into the ring; once none is left, the protocol's idle work on
+        the server (``_warm_server``). A failure here is not reported (the next request is)."""
+        if self.ring.promote():
+            return True
+        if self._last is None:
             return False
-        try:
-            prompt = self.build_prompt(self._last)
-        except Exception:
-            return False
-        key = tuple(prompt.tokens())
-        if key == self._warmed:
-            return False
-        t0 = time.perf_counter()
-        payload = {"prompt": self._rwkv_prompt(prompt), "n_predict": 1, "cache_prompt": True,
-                   "stream": False, "temperature": 0.0, "n_probs": 0}
+        return self._warm_server(should_stop)
+
+    # -- server facts ----------------------------------------------------------------------
+    def detect(self, should_stop: ShouldStop = None) -> dict:
+        """Model name, slot count, FIM mode and whether our token ids fit (cached)."""
+        if self.server is not None:
+            return self.server
         try:
             with _Watch(self.http, should_stop, None) as watch:
                 try:
-                    res = self.http.post_json(self.base + "/completion", "/completion", payload)
+                    info = self._detect_server()
                 except RemoteError:
-                    if watch.fired:
-                        return False
+                    if watch.fired == "stop":
+                        raise _Superseded() from None
                     raise
         except RemoteError as e:
-            log.debug("rwkv.nvim: warming the server cache failed: %s", e)
-            self._warmed = key                    # do not retry the same prompt at every idle pass
-            return False
-        self._warmed = key
-        timings = (res.get("timings") if isinstance(res, dict) else None) or {}
-        self.last_prime = {"what": "request", "done": True, "reused_tokens": timings.get("cache_n"),
-                           "prefilled_tokens": timings.get("prompt_n"),
-                           "ms": round((time.perf_counter() - t0) * 1000, 2)}
-        return True
+            self._note_failure(e)
+            raise
+        self.server = info
+        return info
 
-    # -- server facts ----------------------------------------------------------------------
     def _fail_fast(self) -> None:
         if self._down is not None:
             until, msg = self._down
@@ -174,25 +191,6 @@ class RemoteCompleter:
         else:
             log.warning("rwkv.nvim: %s", message)
 
-    def detect(self, should_stop: ShouldStop = None) -> dict:
-        """Model name, slot count, FIM mode and whether our token ids fit (cached)."""
-        if self.server is not None:
-            return self.server
-        try:
-            with _Watch(self.http, should_stop, None) as watch:
-                try:
-                    info = (self._detect_llama_cpp() if self.config.backend == "llama.cpp"
-                            else self._detect_openai())
-                except RemoteError:
-                    if watch.fired == "stop":
-                        raise _Superseded() from None
-                    raise
-        except RemoteError as e:
-            self._note_failure(e)
-            raise
-        self.server = info
-        return info
-
     def _optional_json(self, path: str, payload: Optional[dict] = None):
         """GET (or POST ``payload``) ``path``; None when the server answers 4xx/5xx or
         garbage (an endpoint it does not have). Connection failures still raise."""
@@ -205,41 +203,6 @@ class RemoteCompleter:
             if " HTTP " in f" {e}" or "malformed answer" in str(e):
                 return None
             raise
-
-    def _detect_llama_cpp(self) -> dict:
-        cfg = self.config
-        props = self._optional_json("/props") or {}
-        models = self._optional_json("/v1/models") or {}
-        entry = (models.get("data") or [{}])[0] if isinstance(models, dict) else {}
-        meta = (entry.get("meta") if isinstance(entry, dict) else None) or {}
-        name = (cfg.remote_model or props.get("model_alias") or entry.get("id")
-                or os.path.basename(str(props.get("model_path") or "")) or "?")
-        slots = props.get("total_slots")
-        info = {"backend": "llama.cpp", "model": name,
-                "slots": int(slots) if isinstance(slots, int) and slots > 0 else 1,
-                "vocab_type": meta.get("vocab_type"), "n_ctx": meta.get("n_ctx"), "ids": False}
-        rwkv = meta.get("vocab_type") == RWKV_VOCAB_TYPE
-        fim = cfg.fim if cfg.fim != "auto" else ("rwkv" if rwkv else "infill")
-        info["fim"] = fim
-        if fim == "rwkv":
-            tok = self._optional_json("/tokenize", {"content": TOKENIZE_PROBE}) or {}
-            info["ids"] = tok.get("tokens") == self.tokenizer.encode(TOKENIZE_PROBE)
-        return info
-
-    def _detect_openai(self) -> dict:
-        cfg = self.config
-        models = self._optional_json("/models") or {}
-        data = models.get("data") if isinstance(models, dict) else None
-        entries = [m for m in data or [] if isinstance(m, dict) and m.get("id")]
-        ids = [m["id"] for m in entries]
-        name = cfg.remote_model or (ids[0] if ids else None)
-        entry = next((m for m in entries if m["id"] == name), {})
-        rwkv_vocab = (entry.get("meta") or {}).get("vocab_type") == RWKV_VOCAB_TYPE   # llama-server's /v1
-        fim = cfg.fim
-        if fim == "auto":
-            fim = "rwkv" if rwkv_vocab or (name and "rwkv" in name.lower()) else "infill"
-        return {"backend": "openai", "model": name or "?", "models": ids[:8], "slots": None,
-                "fim": fim, "ids": False}
 
     # -- one request -----------------------------------------------------------------------
     def _complete(self, request, prompt: Prompt, on_partial, should_stop, t0) -> Optional[dict]:
@@ -272,28 +235,13 @@ class RemoteCompleter:
             self._warn(f"{self.label} has no fill-in-the-middle for this model: sending the text "
                        f"before the cursor only (engine option fim)")
             return True
-        if self.config.backend == "openai":
-            for field in ("stream_options", "logprobs", "top_k", "seed"):
-                if field in low and field not in self._dropped:
-                    self._dropped.add(field)
-                    return True
-        return False
+        return self._simpler_request(low)
 
     def _sampling(self, stops: List[str]) -> dict:
         cfg = self.config
         return {"temperature": cfg.temperature, "top_p": cfg.top_p,
                 "presence_penalty": cfg.alpha_presence, "frequency_penalty": cfg.alpha_frequency,
                 "stop": stops, "seed": cfg.seed, "stream": True}
-
-    def _rwkv_prompt(self, prompt: Prompt):
-        """llama-server: the token ids (when its vocabulary is ours) or [start token, text];
-        an OpenAI server: the text (its tokenizer adds what the model starts with)."""
-        tokens = prompt.tokens()
-        if self.server and self.server.get("ids"):
-            return tokens
-        start = tokens[:1] if tokens[:1] == [0] else []
-        text = self.tokenizer.decode(tokens[len(start):])
-        return start + [text] if start and self.config.backend == "llama.cpp" else text
 
     def _texts(self, request: dict, prompt: Prompt) -> Tuple[str, str, str]:
         """(lines above the cursor, cursor line up to the cursor, text after the cursor) for
@@ -306,46 +254,6 @@ class RemoteCompleter:
         below = lines[row - first + 1: row - first + 1 + cfg.n_suffix]
         after = prompt.line_suffix + "\n" + "".join(clip_bytes(ln, cfg.max_line_bytes) + "\n" for ln in below)
         return above, prompt.line_prefix, after
-
-    def _request(self, info: dict, request: dict, prompt: Prompt, n: int, stops: List[str]):
-        cfg = self.config
-        fim = info["fim"]
-        if cfg.backend == "llama.cpp":
-            n = min(n, max(1, info.get("slots") or 1))
-            payload = dict(self._sampling(stops), n_predict=cfg.max_tokens, top_k=cfg.top_k,
-                           min_p=0.0, typical_p=1.0, repeat_penalty=1.0, cache_prompt=True,
-                           return_tokens=True, n_probs=1, n_cmpl=n, timings_per_token=True)
-            if fim == "infill":
-                above, middle, after = self._texts(request, prompt)
-                payload.update(input_prefix=above, input_suffix=after, prompt=middle,
-                               input_extra=[{"filename": c.filename or "untitled",
-                                             "text": "".join(ln + "\n" for ln in c.lines)}
-                                            for c in self.ring.chunks])
-                return "/infill", self.base + "/infill", payload
-            if fim == "plain":
-                above, middle, _ = self._texts(request, prompt)
-                payload["prompt"] = above + middle
-            else:
-                payload["prompt"] = self._rwkv_prompt(prompt)
-            return "/completion", self.base + "/completion", payload
-        payload = dict(self._sampling(stops), max_tokens=cfg.max_tokens, n=n, logprobs=1,
-                       stream_options={"include_usage": True})
-        payload["stop"] = stops[:4] or None
-        if cfg.top_k > 0:
-            payload["top_k"] = cfg.top_k
-        if info.get("model") and info["model"] != "?":
-            payload["model"] = info["model"]
-        if fim == "rwkv":
-            payload["prompt"] = self._rwkv_prompt(prompt)
-        else:
-            above, middle, after = self._texts(request, prompt)
-            payload["prompt"] = above + middle
-            if fim == "infill":
-                payload["suffix"] = after
-        for field in self._dropped:
-            payload.pop(field, None)
-        payload = {k: v for k, v in payload.items() if v is not None}
-        return "/v1/completions", self.base + "/completions", payload
 
     def _stream(self, path, url, payload, n, prompt, rules, on_partial, should_stop, t0, info):
         cfg = self.config
@@ -391,7 +299,7 @@ class RemoteCompleter:
                     except ValueError:
                         raise RemoteError(f"{self.label}: malformed answer from {path} "
                                           f"(an event is not JSON)") from None
-                    for piece in _pieces(obj, self.label, path):
+                    for piece in self._pieces(obj, path):
                         if piece.get("usage"):
                             usage = piece["usage"]
                         i = piece.get("index", -1)
@@ -449,6 +357,22 @@ class RemoteCompleter:
         t2 = time.perf_counter()
         return self._result(rows, ranked, prompt, info, timings, usage, t0, t_first or t2, t2)
 
+    def _pieces(self, obj, path: str) -> List[dict]:
+        """One event (or a non-streamed answer, maybe a list of them) -> its pieces;
+        {"error": ...} in a stream is the server's error."""
+        if isinstance(obj, list):
+            out = []
+            for x in obj:
+                out.extend(self._pieces(x, path))
+            return out
+        if isinstance(obj, dict) and obj.get("error"):
+            msg = _error_message(json.dumps(obj).encode())
+            raise RemoteError(f"{self.label}: error from {path}: {msg}")
+        pieces = self._event_pieces(obj) if isinstance(obj, dict) else None
+        if pieces is None:
+            raise RemoteError(f"{self.label}: malformed answer from {path} (unexpected JSON)")
+        return pieces
+
     def _result(self, rows, ranked, prompt, info, timings, usage, t0, t_first, t2) -> dict:
         cached = timings.get("cache_n")
         fed = timings.get("prompt_n")
@@ -471,7 +395,7 @@ class RemoteCompleter:
             "prompt_tokens": (reused + int(fed)) if fed is not None else prompt.n_tokens,
             "fim": prompt.fim if info["fim"] == "rwkv" else info["fim"] == "infill",
             "speculative": False, "stop_reasons": [r.reason for r in rows],
-            "backend": self.config.backend, "server_ms": server_ms, "fim_mode": info["fim"],
+            "backend": self.option, "server_ms": server_ms, "fim_mode": info["fim"],
         }
         self._totals["requests"] += 1
         self._totals["reused_tokens"] += reused
@@ -483,60 +407,6 @@ class RemoteCompleter:
                 "stats": stats}
 
 
-
-_LLAMA_STOP = {"eos": "eos", "word": "stop", "limit": "max_tokens"}
-_OAI_STOP = {"stop": "stop", "length": "max_tokens"}
-
-
-def _pieces(obj, label: str, path: str) -> List[dict]:
-    """One event -> [{index, text, tokens, logprobs, final, reason, timings, usage}].
-
-    llama-server /completion and /infill: {index, content, tokens, stop, stop_type,
-    completion_probabilities, timings}; a non-streamed answer may be a list of those.
-    OpenAI: {choices: [{index, text, logprobs: {token_logprobs}, finish_reason}], usage}.
-    {"error": ...} in a stream is the server's error."""
-    if isinstance(obj, list):
-        out = []
-        for x in obj:
-            out.extend(_pieces(x, label, path))
-        return out
-    if not isinstance(obj, dict):
-        raise RemoteError(f"{label}: malformed answer from {path} (unexpected JSON)")
-    if "error" in obj and obj["error"]:
-        msg = _error_message(json.dumps(obj).encode())
-        raise RemoteError(f"{label}: error from {path}: {msg}")
-    if "choices" in obj:
-        out = []
-        for ch in obj.get("choices") or []:
-            if not isinstance(ch, dict):
-                continue
-            lp = ch.get("logprobs") or {}
-            lps = lp.get("token_logprobs") if isinstance(lp, dict) else None
-            if lps is None and isinstance(lp, dict) and isinstance(lp.get("content"), list):
-                lps = [c.get("logprob") for c in lp["content"] if isinstance(c, dict)]
-            fin = ch.get("finish_reason")
-            out.append({"index": int(ch.get("index") or 0), "text": ch.get("text") or "",
-                        "logprobs": [float(x) for x in lps or [] if isinstance(x, (int, float))],
-                        "final": fin is not None, "reason": _OAI_STOP.get(fin, "stop") if fin else "",
-                        "timings": obj.get("timings") if fin else None})
-        if obj.get("usage"):
-            out.append({"index": -1, "usage": obj["usage"]})
-        return out
-    if "content" in obj or "stop" in obj:
-        probs = obj.get("completion_probabilities") or []
-        lps = [float(p["logprob"]) for p in probs if isinstance(p, dict) and "logprob" in p]
-        toks = obj.get("tokens") or []
-        final = bool(obj.get("stop"))
-        return [{"index": int(obj.get("index") or 0), "text": obj.get("content") or "",
-                 "tokens": [int(t) for t in toks if isinstance(t, int)],
-                 "logprobs": lps, "final": final,
-                 "reason": _LLAMA_STOP.get(obj.get("stop_type"), "eos") if final else "",
-                 "timings": obj.get("timings")}]          # every event with timings_per_token
-    raise RemoteError(f"{label}: malformed answer from {path} (unexpected JSON)")
-
-
 def _request_copy(req: dict) -> dict:
     keep = ("id", "buf", "filename", "lines", "first", "row", "col")
     return {k: (list(req[k]) if k == "lines" else req[k]) for k in keep if k in req}
-
-
