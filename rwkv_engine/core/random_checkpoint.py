@@ -1,4 +1,7 @@
-"""Small random RWKV-7 checkpoints in the official x070 key layout (test fixtures).
+"""Random RWKV-7 checkpoints in the official x070 key layout: the one generator of the
+package and the tooling. ``core.cpu_precision_measure`` times the CPU modes and gates
+their accuracy on one (``trained_like=True``); the tests' fixtures and the benchmarks
+build theirs with it (``write_checkpoint``, or ``python -m rwkv_engine.core.random_checkpoint``).
 
 The values are random but scaled like a trained model's so that logits are not
 degenerate: decays spread over (0, 1), LoRAs small, LayerNorms near identity.

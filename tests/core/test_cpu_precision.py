@@ -14,13 +14,16 @@ import pytest
 import torch
 
 from rwkv_engine.core import cpu_precision as cp
+from rwkv_engine.core import cpu_precision_accuracy as cpa
+from rwkv_engine.core import cpu_precision_cache as cpc
+from rwkv_engine.core import cpu_precision_measure as cpm
 from rwkv_engine.core import model as model_module
 from rwkv_engine.pipeline.config import EngineConfig
 
 SHAPE = (2, 128, 65536)        # the tiny fixture checkpoint's shape
 
 
-CODE_FINGERPRINT = cp._code_fingerprint      # the real one (the fixture below pins it)
+CODE_FINGERPRINT = cpc.code_fingerprint      # the real one (the fixture below pins it)
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV_NVIM_KERNEL_DIR", shared_kernel_dir())
     monkeypatch.delenv(cp.ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(cp, "_code_fingerprint", lambda: "fixed")
+    monkeypatch.setattr(cpc, "code_fingerprint", lambda: "fixed")
     cp.forget()
     yield
     cp.forget()
@@ -93,13 +96,13 @@ def test_a_changed_key_measures_again(fake, monkeypatch, change):
     assert fake.calls == 1
     cp.forget()
     threads, shape = 1, SHAPE
-    ident = cp.cpu_identity()
+    ident = cpc.cpu_identity()
     if change == "code":
-        monkeypatch.setattr(cp, "_code_fingerprint", lambda: "a new kernel")
+        monkeypatch.setattr(cpc, "code_fingerprint", lambda: "a new kernel")
     elif change == "cpu":
-        monkeypatch.setattr(cp, "cpu_identity", lambda: dict(ident, cpu="Another CPU"))
+        monkeypatch.setattr(cpc, "cpu_identity", lambda: dict(ident, cpu="Another CPU"))
     elif change == "flags":
-        monkeypatch.setattr(cp, "cpu_identity", lambda: dict(ident, flags="0123456789abcdef"))
+        monkeypatch.setattr(cpc, "cpu_identity", lambda: dict(ident, flags="0123456789abcdef"))
     elif change == "torch":
         monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
     elif change == "engine":
@@ -116,8 +119,8 @@ def test_a_changed_key_measures_again(fake, monkeypatch, change):
     assert len(json.loads(cp.cache_file().read_text())["verdicts"]) == 2
     # both verdicts are kept: the first key is still answered from the file
     cp.forget()
-    monkeypatch.setattr(cp, "cpu_identity", lambda: ident)
-    monkeypatch.setattr(cp, "_code_fingerprint", lambda: "fixed")
+    monkeypatch.setattr(cpc, "cpu_identity", lambda: ident)
+    monkeypatch.setattr(cpc, "code_fingerprint", lambda: "fixed")
     monkeypatch.setattr(torch, "__version__", torch.__version__.removesuffix(".other"))
     import rwkv_engine
     monkeypatch.setattr(rwkv_engine, "__version__", rwkv_engine.__version__.removesuffix(".dev1"))
@@ -241,16 +244,16 @@ class Broken:
 @pytest.fixture
 def tiny_measurement(monkeypatch):
     """The accuracy checkpoint at the tiny shape, so measuring takes ~a second."""
-    monkeypatch.setattr(cp, "CAP_SHAPE", (2, 128, 4096))
-    monkeypatch.setattr(cp, "TOP1_TOKENS", 128)
-    monkeypatch.setattr(cp, "GATE_TOKENS", 16)
-    monkeypatch.setattr(cp, "ROUNDS", {"decode_1": 2, "decode_8": 1, "prefill_64": 1})
-    monkeypatch.setattr(cp, "MIN_ROUNDS", 1)
+    monkeypatch.setattr(cpm, "CAP_SHAPE", (2, 128, 4096))
+    monkeypatch.setattr(cpa, "TOP1_TOKENS", 128)
+    monkeypatch.setattr(cpa, "GATE_TOKENS", 16)
+    monkeypatch.setattr(cpm, "ROUNDS", {"decode_1": 2, "decode_8": 1, "prefill_64": 1})
+    monkeypatch.setattr(cpm, "MIN_ROUNDS", 1)
 
 
 def test_measuring_a_tiny_model_gives_every_figure_and_rejects_a_broken_mode(tiny_measurement, monkeypatch):
     from rwkv_engine.pipeline.loading import DEFAULT_MODEL
-    real_build, real_time = cp._build, cp._time_modes
+    real_build, real_time = cpm._build, cpm._time_modes
 
     def build(sd, shape, mode, world_ids=None):
         if mode == "nobuild":
@@ -264,8 +267,8 @@ def test_measuring_a_tiny_model_gives_every_figure_and_rejects_a_broken_mode(tin
             figures["broken"] = {k: 0.001 for k in figures["broken"]}
         return figures
 
-    monkeypatch.setattr(cp, "_build", build)
-    monkeypatch.setattr(cp, "_time_modes", time_modes)
+    monkeypatch.setattr(cpm, "_build", build)
+    monkeypatch.setattr(cpm, "_time_modes", time_modes)
     monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "broken", "nobuild"), raising=False)
     said = []
     v = cp.resolve((2, 128, 4096), 1, reference_path=DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None,
@@ -301,11 +304,40 @@ def test_a_real_quantized_mode_is_measured_against_fp32(tiny_measurement, monkey
     assert dec == pre and dec in modes and dec not in rejected
 
 
+def test_timing_stops_at_the_budget_once_the_minimum_rounds_are_done(monkeypatch):
+    """After MIN_ROUNDS, a round starts only while the time since the first round is
+    within TIMING_BUDGET_S (the budget once counted from the last timed call, so it never
+    ended the timing)."""
+    class State:
+        def fork(self, n):
+            return self
+
+    class SlowModel:                                    # every call takes at least 10 ms
+        calls = 0
+
+        def forward(self, tokens, state=None, all_logits=False):
+            SlowModel.calls += 1
+            time.sleep(0.01)
+            return None, State()
+    monkeypatch.setattr(cpm, "ROUNDS", {"decode_1": 6, "decode_8": 4, "prefill_64": 3})
+    monkeypatch.setattr(cpm, "MIN_ROUNDS", 2)
+    monkeypatch.setattr(cpm, "TIMING_BUDGET_S", 0.05)   # two rounds of 3 calls: >= 60 ms
+    figures = cpm._time_modes({"fp32": SlowModel()}, 4096, None)
+    assert SlowModel.calls == 4 + 2 * 3                 # warm-up, then the two minimum rounds
+    assert all(10.0 <= ms < math.inf for ms in figures["fp32"].values())
+
+
 def test_the_random_checkpoint_is_a_valid_x070_model_with_peaked_logits():
-    sd = cp.random_state_dict(2, 128, 4096, seed=3)
-    shape = cp._shape_of(sd)
+    """The measurement's checkpoint is the shared generator's (core.random_checkpoint,
+    trained_like), a valid model of the asked shape whose logits are not flat."""
+    from rwkv_engine.core.random_checkpoint import make_state_dict
+    sd = cpm.measurement_checkpoint(2, 128, 4096, seed=3)
+    shared = make_state_dict(2, 128, 4096, seed=3, trained_like=True)
+    assert all(torch.equal(sd[k], v) for k, v in shared.items())
+    assert sd["vocab.world_ids"].tolist() == list(range(4096))     # a trimmed vocabulary: declared
+    shape = cpm.shape_of(sd)
     assert (shape.n_layer, shape.n_embd, shape.vocab_size) == (2, 128, 4096)
-    m = cp._build(sd, shape, "fp32")
+    m = cpm._build(sd, shape, "fp32")
     logits, _ = m.forward(torch.randint(0, 4096, (1, 8)), all_logits=True)
     top = torch.softmax(logits, -1).max(-1).values
     assert top.mean() > 0.2                      # not flat: top-1 and KL measure precision
