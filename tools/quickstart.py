@@ -248,7 +248,7 @@ def engine_code_digest() -> str:
     are made for this code (cpu_precision's fingerprint covers the same files), so an
     update of the plugin needs both steps again."""
     h = hashlib.sha256()
-    for d, pattern in ((ROOT / "engine" / "core", "*.py"), (ROOT / "kernels", "*")):
+    for d, pattern in ((ROOT / "rwkv_engine" / "core", "*.py"), (ROOT / "kernels", "*")):
         for p in sorted(d.glob(pattern)):
             if p.is_file():
                 h.update(p.name.encode() + b"\0" + p.read_bytes())

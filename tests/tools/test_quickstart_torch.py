@@ -182,3 +182,23 @@ def test_a_build_stamp_is_for_the_code_it_was_made_with(tmp_path, monkeypatch):
     assert qs.done_for_this_cache(stamp, made)
     monkeypatch.setattr(qs, "engine_code_digest", lambda: "another-version")
     assert not qs.done_for_this_cache(stamp, made)
+
+
+def test_the_code_digest_covers_the_engine_core_and_the_kernels(tmp_path, monkeypatch):
+    """After engine/ became rwkv_engine/ the digest still read engine/core: a changed model
+    or measurement module no longer triggered a new build and measurement. It covers
+    the files the precision verdict's fingerprint covers (core/*.py and kernels/)."""
+    import shutil
+    qs = quickstart()
+    shutil.copytree(REPO / "rwkv_engine" / "core", tmp_path / "rwkv_engine" / "core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "kernels", tmp_path / "kernels")
+    monkeypatch.setattr(qs, "ROOT", tmp_path)
+    digests = {qs.engine_code_digest()}
+    with open(tmp_path / "rwkv_engine" / "core" / "model.py", "a") as f:
+        f.write("# changed\n")
+    digests.add(qs.engine_code_digest())
+    with open(tmp_path / "kernels" / "wkv7_cpu.cpp", "a") as f:
+        f.write("// changed\n")
+    digests.add(qs.engine_code_digest())
+    assert len(digests) == 3
