@@ -52,7 +52,7 @@ import corpus  # noqa: E402
 from train_model import ModelConfig, RWKV7Train, export_state_dict  # noqa: E402
 
 NAME = "default-model-v2.pth"
-V1_RECORD = REPO / "engine" / "data" / "default-model.json"
+V1_RECORD = REPO / "rwkv_engine" / "data" / "default-model.json"
 SKIP_DIRS = ("test", "tests", "testing", "idle_test", "__pycache__", "lib2to3", "_vendor", "vendored")
 # (n_layer, n_embd), smallest first; pick_size keeps those inside [min, max] params
 CANDIDATES = ((6, 320), (6, 384), (8, 384), (10, 384), (8, 448), (10, 448), (12, 448), (10, 512), (12, 512))
