@@ -34,9 +34,9 @@ M.options = {
     name = "device",
     type = "string",
     default = "auto",
-    choices = { "auto", "cpu", "cuda" },
-    must = "must be one of auto, cpu, cuda",
-    doc = "\"auto\": CUDA/ROCm when available, else the CPU.",
+    choices = { "auto", "cpu", "cuda", "mps" },
+    must = "must be one of auto, cpu, cuda, mps",
+    doc = "\"auto\": CUDA/ROCm when available, else the CPU. \"mps\": the GPU of an Apple Silicon Mac through torch's MPS backend (fp16, the pure-torch WKV path; not yet run on a Mac); without MPS it falls back to the CPU with one warning, as \"cuda\" does.",
   },
   {
     name = "dtype",

@@ -127,6 +127,14 @@ function M.check()
   end
   if info.torch then
     h.ok("torch " .. tostring(info.torch_version or "(version unknown)"))
+    if c.engine.device == "mps" then
+      if info.apple_silicon then
+        h.ok("engine.device = \"mps\": the Apple GPU through torch's MPS backend (not yet verified on a Mac)")
+      else
+        h.warn("engine.device = \"mps\" needs an Apple Silicon Mac: the model runs on the CPU",
+          { "use device = \"auto\" (CUDA/ROCm when present, else the CPU)" })
+      end
+    end
     if info.torch_cuda and info.torch_cuda ~= vim.NIL then
       h.ok(("torch built with CUDA %s%s"):format(info.torch_cuda, info.nvidia_device and "; an NVIDIA device is present" or "; no NVIDIA device found"))
     elseif info.torch_hip and info.torch_hip ~= vim.NIL then

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import re
 import sys
 from importlib.metadata import PackageNotFoundError, distributions, version
@@ -118,6 +119,7 @@ def host_report(model: str = "", download_dir: Optional[str] = None) -> Dict[str
     out.update(_kernels(out["torch_version"]))
     out["nvidia_device"] = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
     out["rocm_device"] = os.path.exists("/dev/kfd")
+    out["apple_silicon"] = sys.platform == "darwin" and platform.machine() == "arm64"   # MPS
     out.update(_model(model, download_dir or None))
     return out
 

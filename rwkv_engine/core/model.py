@@ -3,7 +3,8 @@
 Shapes: B rows, T tokens, C = n_embd, H = C / 64 heads, N = 64, V vocabulary.
 CPU computes in fp32 with fp32 weights, or (dtype "int8") with weights quantized per
 block of 32 (rwkv_engine/core/linear.py); one-token steps on the CPU run fused in one kernel
-call (rwkv_engine/core/fused_step.py). CUDA keeps weights and activations in fp16 (default) or bf16
+call (rwkv_engine/core/fused_step.py). CUDA (and MPS, Apple's GPU, with the pure-torch WKV
+path: no kernel) keeps weights and activations in fp16 (default) or bf16
 and the WKV state in fp32. ``forward`` never mutates the state it is given.
 """
 from __future__ import annotations
@@ -280,6 +281,8 @@ def load_model(path, device="cpu", dtype=None, use_kernel: bool = True) -> RWKV7
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA/ROCm GPU is available to torch")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' requested but torch has no usable MPS backend here")
     p, sd, shape, world_ids = load_checkpoint(path)
     try:
         return RWKV7(sd, shape, device=dev, dtype=dtype, world_ids=world_ids, path=p,

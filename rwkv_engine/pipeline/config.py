@@ -101,8 +101,10 @@ class EngineConfig:
             '(".pth" optional); or a downloaded model\'s short name such as "g1-0.4b" '
             '(see |:RwkvDownload|).')
     device: str = option(
-        "string", "auto", group=_MODEL, choices=("auto", "cpu", "cuda"),
-        doc='"auto": CUDA/ROCm when available, else the CPU.')
+        "string", "auto", group=_MODEL, choices=("auto", "cpu", "cuda", "mps"),
+        doc='"auto": CUDA/ROCm when available, else the CPU. "mps": the GPU of an Apple Silicon '
+            'Mac through torch\'s MPS backend (fp16, the pure-torch WKV path; not yet run on a '
+            'Mac); without MPS it falls back to the CPU with one warning, as "cuda" does.')
     dtype: str = option(
         "string", "auto", group=_MODEL, choices=("auto", "fp16", "bf16", "fp32", "int8"),
         doc='"auto" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32, int8, ...) that passes '

@@ -44,10 +44,22 @@ def resolve_model_path(config: EngineConfig) -> Path:
 
 
 def pick_device(config: EngineConfig) -> str:
+    """The device ``config.device`` asks for: "auto" is CUDA/ROCm when torch sees a GPU,
+    else the CPU (never MPS: it has not run on a Mac yet, so it is chosen explicitly)."""
     import torch
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
+
+
+def mps_available() -> bool:
+    """torch's MPS backend (Apple Silicon GPU) is built in and usable here."""
+    import torch
+    mps = getattr(torch.backends, "mps", None)
+    try:
+        return bool(mps is not None and mps.is_available())
+    except Exception:                                # an old torch, a broken Metal setup
+        return False
 
 
 def load_configured_model(config: EngineConfig, warn: Warn = None, measure_now: bool = True):
@@ -61,6 +73,10 @@ def load_configured_model(config: EngineConfig, warn: Warn = None, measure_now: 
     device = pick_device(config)
     if device == "cuda" and not torch.cuda.is_available():
         say(warn, "CUDA was requested but torch sees no CUDA/ROCm GPU: running on the CPU (slower)")
+        device = "cpu"
+    elif device == "mps" and not mps_available():
+        say(warn, "MPS was requested but torch has no usable MPS backend here (an Apple Silicon "
+                  "Mac with macOS 12.3+): running on the CPU")
         device = "cpu"
     dtype = None if config.dtype == "auto" else config.dtype
     path = resolve_model_path(config)
@@ -79,7 +95,7 @@ def load_configured_model(config: EngineConfig, warn: Warn = None, measure_now: 
         model = load_model(path, device="cpu", dtype=dtype)
     if model.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.threads, model.shape.n_embd))
-    elif config.cuda_graphs:
+    elif config.cuda_graphs and model.device.type == "cuda":
         model.enable_cuda_graphs().capture_all()   # at load, not on a keystroke; eager on any error
     model.precision = precision or precision_of(model)
     settle_garbage_collector()
@@ -223,3 +239,5 @@ def free_gpu_memory() -> None:
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if mps_available():
+        torch.mps.empty_cache()

@@ -36,6 +36,13 @@ def test_checkhealth_runs_clean_with_a_registered_plugin(nvim_session, tiny_mode
     assert not s.errors_in_messages(), s.messages()
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the warning off Apple Silicon")
+def test_checkhealth_warns_that_mps_needs_an_apple_silicon_mac(nvim_session, tiny_model_path):
+    s = nvim_session({"engine": {"model": str(tiny_model_path), "device": "mps"}})
+    report = checkhealth(s)
+    assert 'WARNING engine.device = "mps" needs an Apple Silicon Mac: the model runs on the CPU' in report, report
+
+
 def test_checkhealth_spells_out_the_fix_when_not_registered(nvim_session, tiny_model_path):
     s = nvim_session({"engine": {"model": str(tiny_model_path)}}, manifest=False)
     report = checkhealth(s)
