@@ -3,9 +3,10 @@
     $XDG_CACHE_HOME/rwkv.nvim, or ~/.cache/rwkv.nvim when XDG_CACHE_HOME is unset or empty
 
 Under it: ``kernels/`` (compiled kernels; $RWKV_NVIM_KERNEL_DIR moves them),
-``cpu-precision.json`` (the CPU precision verdicts), ``states/`` (recurrent states on
-disk), ``llama.cpp/`` (the developer tooling's llama.cpp build). The engine option
-``cache_dir`` replaces the root for the states and the verdicts. tools/quickstart.py,
+``cpu-precision.json`` (the CPU precision verdicts: timing per CPU),
+``model-precision.json`` (the per-model accuracy gate's results, keyed by file identity),
+``states/`` (recurrent states on disk), ``llama.cpp/`` (the developer tooling's llama.cpp
+build). The engine option ``cache_dir`` replaces the root for the states and the verdicts. tools/quickstart.py,
 which runs before the package is installed, keeps a copy of this rule that a test checks.
 """
 from __future__ import annotations

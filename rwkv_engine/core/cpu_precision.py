@@ -22,6 +22,8 @@ phase gets its own fastest passing mode.
 
 A verdict is used only when its key matches (CPU, flags, torch, engine, sources,
 candidates, timing shape, threads); ``RWKV_NVIM_CPU_PRECISION=<mode>`` skips all of it.
+A lossy pick is then checked on the user's own model, once per model file
+(``core.model_precision``, applied by ``pipeline.loading.gated_by_model``).
 """
 from __future__ import annotations
 
@@ -153,16 +155,24 @@ def describe(v: dict) -> str:
         return f"{head} ({ENV})"
     measured, rejected = v.get("measured") or {}, v.get("rejected") or {}
     f = measured.get(mode, {})
-    parts = []
-    if "decode_1" in f:
-        cmp = [f"{m} {measured[m]['decode_1']:.1f} ms" for m in measured
-               if m != mode and "decode_1" in measured[m]]
-        parts.append(f"decode {f['decode_1']:.1f} ms" + (f" vs {', '.join(cmp)}" if cmp else ""))
+    parts = [speed_line(v)] if "decode_1" in f else []
     if "top1" in f and mode != REFERENCE:
         parts.append(f"top-1 {f['top1'] * 100:.1f} %")
     for m, r in rejected.items():
         parts.append(f"{m} rejected: {r}")
     return f"{head} (auto: {'; '.join(parts) or v.get('why', '')})"
+
+
+def speed_line(v: dict, mode: Optional[str] = None) -> str:
+    """"decode 4.0 ms vs fp32 10.0 ms": the 1-row decode step of ``mode`` (default: the
+    verdict's pick) and of the other measured modes ("" when not timed)."""
+    mode = mode or v.get("decode", "?")
+    measured = v.get("measured") or {}
+    f = measured.get(mode, {})
+    if "decode_1" not in f:
+        return ""
+    cmp = [f"{m} {measured[m]['decode_1']:.1f} ms" for m in measured if m != mode and "decode_1" in measured[m]]
+    return f"decode {f['decode_1']:.1f} ms" + (f" vs {', '.join(cmp)}" if cmp else "")
 
 
 def forget() -> None:

@@ -132,21 +132,28 @@ def load_on_cpu(config: EngineConfig, error: BaseException, warn: Warn = None):
 
 # -- CPU precision -------------------------------------------------------------------------
 def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
-                      progress: Optional[Callable[[str], None]] = None, measure_now: bool = True) -> tuple:
+                      progress: Optional[Callable[[str], None]] = None, measure_now: bool = True,
+                      pause=None) -> tuple:
     """(dtype for ``load_model`` on the CPU, precision record) for ``config``: an explicit
     CPU mode as configured; ``"auto"`` (and a GPU-only dtype, once the model falls back to
     the CPU) the mode ``core.cpu_precision`` chose for this CPU by measurement (cached per
-    CPU, measured on first use; ``progress`` hears about it). A failed measurement is not
-    fatal: fp32, with one ``warn``. ``measure_now=False`` and no verdict yet: fp32 and
-    ``"pending": True`` in the record. The record (``precision_of``'s keys) is what status
-    shows: {"mode", "source": "config" | "auto" | "env", "summary", "why"}."""
+    CPU, measured on first use; ``progress`` hears about it), once this model passed the
+    accuracy gate of that mode (``core.model_precision``, cached per model file; see
+    ``gated_by_model``). A failed measurement is not fatal: fp32, with one ``warn``.
+    ``measure_now=False`` and no verdict (or no gate result) yet: fp32 and ``"pending":
+    True`` in the record. ``pause``: called between the measurement's steps (the service's
+    background thread; it may raise MeasurementStopped, which passes through). The record
+    (``precision_of``'s keys) is what status shows: {"mode", "source": "config" | "auto" |
+    "env", "summary", "why"} (+ "model_check": the gate's result)."""
     from ..core import cpu_precision as cp
     modes = cp.candidates()
     if config.dtype != "auto" and config.dtype in modes:
         return config.dtype, {"mode": config.dtype, "source": "config",
                               "summary": f"{config.dtype} (engine.dtype)", "why": "engine.dtype"}
     try:
-        verdict = resolve_cpu_precision(config, path, progress=progress, measure_now=measure_now)
+        verdict = resolve_cpu_precision(config, path, progress=progress, measure_now=measure_now, pause=pause)
+    except cp.MeasurementStopped:
+        raise
     except Exception as e:                        # CheckpointError: load_model names the file
         if not isinstance(e, CheckpointError):
             log.warning("rwkv.nvim: CPU precision measurement failed", exc_info=True)
@@ -157,8 +164,53 @@ def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
         return cp.REFERENCE, pending_precision()
     mode = verdict["decode"]     # the model runs one dtype today: decode and prefill agree (see choose)
     source = "env" if verdict.get("source") == "env" else "auto"
-    return mode, {"mode": mode, "source": source, "summary": cp.describe(verdict),
-                  "why": verdict.get("why", ""), "measured": verdict.get("measured", {})}
+    record = {"mode": mode, "source": source, "summary": cp.describe(verdict),
+              "why": verdict.get("why", ""), "measured": verdict.get("measured", {})}
+    if source == "auto" and mode != cp.REFERENCE:
+        return gated_by_model(config, path, verdict, record, warn, progress, measure_now, pause)
+    return mode, record
+
+
+def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict, warn: Warn = None,
+                   progress: Optional[Callable[[str], None]] = None, measure_now: bool = True,
+                   pause=None) -> tuple:
+    """(dtype, record) once the lossy mode this CPU's ``verdict`` picked is checked on the
+    model at ``path`` (``core.model_precision.check``: top-1 and KL against fp32 on real
+    code, cached per model file): the mode when it passes; fp32 with the reason when it
+    fails or cannot be checked (the fp32 reference does not fit in memory); fp32 and
+    ``"pending"`` with ``measure_now=False`` and no cached result."""
+    from ..core import cpu_precision as cp
+    from ..core import model_precision as mp
+    mode = verdict["decode"]
+
+    def step(msg: str) -> None:
+        if pause is not None:
+            pause()
+        if progress is not None:
+            progress(msg)
+    try:
+        result = mp.check(checkpoint_file(path), mode, cache_dir=config.resolved_cache_dir(), step=step,
+                          measure_now=measure_now)
+    except cp.MeasurementStopped:
+        raise
+    except Exception as e:
+        log.warning("rwkv.nvim: the model precision check failed", exc_info=True)
+        say(warn, f"could not check {mode} on this model ({one_line(e, 120)}): running fp32")
+        return cp.REFERENCE, dict(record, mode=cp.REFERENCE, summary=f"{cp.REFERENCE} (auto: {mode} not checked "
+                                  f"on this model: {one_line(e, 80)})", why=one_line(e, 160))
+    summary = mp.summary(cp.speed_line(verdict) or verdict.get("why", ""), mode, result)
+    if result is None:
+        return cp.REFERENCE, dict(record, mode=cp.REFERENCE, pending=True, summary=summary,
+                                  why=f"this CPU prefers {mode}; checking it on this model first")
+    why = f"{record['why']}; this model: {result['why']}"
+    return (mode if result["passed"] else cp.REFERENCE), dict(
+        record, mode=mode if result["passed"] else cp.REFERENCE, summary=summary, why=why, model_check=result)
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The file ``path`` names (``.pth`` optional, as ``load_model`` reads it)."""
+    p = Path(path)
+    return p if p.is_file() or not Path(str(p) + ".pth").is_file() else Path(str(p) + ".pth")
 
 
 def pending_precision() -> dict:

@@ -224,11 +224,14 @@ class CompletionService:
 
     # -- CPU precision, measured while the editor is idle ---------------------------------
     def _precision_in_background(self) -> None:
-        """``dtype = "auto"`` on a CPU without a cached verdict: the model serves in fp32
-        (safe everywhere) while this thread measures (``core.cpu_precision``, ~10-20 s of
-        CPU), stepping only while no request waits or runs and none finished within
+        """``dtype = "auto"`` on a CPU without a cached verdict, or a model not yet checked
+        in the mode this CPU's verdict picked: the model serves in fp32 (safe everywhere)
+        while this thread measures the CPU (``core.cpu_precision``, ~10-20 s of CPU), then
+        checks the picked lossy mode on this model (``core.model_precision``, ~1 s at
+        0.1B), stepping only while no request waits or runs and none finished within
         ``IDLE_BEFORE_MEASURING_S``; then the worker switches to the chosen mode between
-        requests (``_swap``). Status says "measuring ... in the background" until then."""
+        requests (``_swap``), or keeps fp32 when this model fails the gate. Status says
+        "measuring this CPU" / "checking this model ... in the background" until then."""
         from ..core.cpu_precision import MeasurementStopped
         from .loading import cpu_precision_for, load_configured_model, resolve_cpu_precision
 
@@ -245,13 +248,18 @@ class CompletionService:
 
         try:
             path = getattr(self._completer.model, "path", None)
-            verdict = resolve_cpu_precision(self.config, path, pause=pause)
+            resolve_cpu_precision(self.config, path, pause=pause)          # this CPU's verdict, cached
             current = self._completer.model
-            if verdict is None or verdict["decode"] == current.precision.get("mode"):
-                _, current.precision = cpu_precision_for(self.config, path)   # the cached verdict
+            mode, record = cpu_precision_for(self.config, path, measure_now=False)
+            if record.get("pending"):                # a lossy pick, not checked on this model yet
+                current.precision = record
+                self._describe_status()              # "... checking this model in the background"
+                mode, record = cpu_precision_for(self.config, path, self._warning, pause=pause)
+            if mode == current.precision.get("mode"):
+                current.precision = record           # fp32 stays: chosen, or this model failed the gate
                 self._describe_status()
                 return
-            model = load_configured_model(self.config, self._warning)       # finds it cached
+            model = load_configured_model(self.config, self._warning)       # finds both cached
         except MeasurementStopped:
             return
         except Exception as e:                      # never fatal: fp32 stays, status says why

@@ -18,6 +18,7 @@ from rwkv_engine.core import cpu_precision_accuracy as cpa
 from rwkv_engine.core import cpu_precision_cache as cpc
 from rwkv_engine.core import cpu_precision_measure as cpm
 from rwkv_engine.core import model as model_module
+from rwkv_engine.core import model_precision as mp
 from rwkv_engine.pipeline.config import EngineConfig
 
 SHAPE = (2, 128, 65536)        # the tiny fixture checkpoint's shape
@@ -67,12 +68,37 @@ class FakeMeasure:
         return ({m: dict(self.figures[m]) for m in modes}, dict(self.rejected))
 
 
+class FakeModelGate:
+    """Replaces model_precision.measure (the per-model gate): fixed figures, counts calls."""
+
+    def __init__(self, top1=0.996, kl=0.0004, tokens=512):
+        self.figures, self.calls = {"top1": top1, "kl": kl, "tokens": tokens}, 0
+        self.gate: Optional[threading.Event] = None
+        self.started = threading.Event()
+
+    def __call__(self, path, mode, step=None):
+        self.calls += 1
+        self.started.set()
+        for _ in range(2):
+            if step is not None:
+                step(f"checking {mode} (fake)")
+            if self.gate is not None:
+                assert self.gate.wait(60)
+        return dict(self.figures)
+
+
 @pytest.fixture
 def fake(monkeypatch):
     f = FakeMeasure()
     monkeypatch.setattr(cp, "measure", f)
     monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8"), raising=False)
+    f.model_gate = FakeModelGate()
+    monkeypatch.setattr(mp, "measure", f.model_gate)
     return f
+
+
+INT8_SUMMARY = ("int8 (auto: this CPU: decode 4.0 ms vs fp32 10.0 ms; "
+                "this model: top-1 99.6 %, KL 0.0004 over 512 tokens)")
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -350,7 +376,7 @@ def test_auto_on_the_cpu_loads_the_chosen_mode_and_records_why(fake, tiny_model_
                                            cache_dir=str(tmp_path / "c")))
     assert m.quant == "int8" and fake.calls == 1
     assert m.precision["mode"] == "int8" and m.precision["source"] == "auto"
-    assert m.precision["summary"] == "int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)"
+    assert m.precision["summary"] == INT8_SUMMARY and fake.model_gate.calls == 1
     assert (tmp_path / "c" / "cpu-precision.json").is_file()      # cache_dir holds it too
     # an explicit mode is not measured
     m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu", dtype="fp32"))
@@ -468,7 +494,7 @@ def test_rwkv_nvim_info_shows_and_remeasures_the_precision(fake, tiny_model_path
     assert "precision          not measured yet on this CPU" in out and fake.calls == 0
     assert main(["info", str(tiny_model_path), "--cache-dir", cache, "--measure-precision"]) == 0
     out = capsys.readouterr().out
-    assert "precision          int8 (auto: decode 4.0 ms vs fp32 10.0 ms; top-1 99.5 %)" in out
+    assert f"precision          {INT8_SUMMARY}" in out and fake.model_gate.calls == 1
     assert "chosen" in out and fake.calls == 1
     cp.forget()
     assert main(["info", str(tiny_model_path), "--cache-dir", cache, "--json"]) == 0
