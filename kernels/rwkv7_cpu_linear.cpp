@@ -11,16 +11,16 @@
 // inner loop multiplies int16 activation pairs with sign-extended int8 weight pairs
 // (AVX512-VNNI vpdpwssd, or vpmaddwd on AVX512BW / AVX2): 32 multiply-adds per
 // instruction and row, so 8 rows cost little more than one weight stream.
-// Built with -march=native by rwkv_engine/core/kernel_loader.py: the preprocessor picks the
-// widest path this CPU has.
+// The arithmetic of every path (x86: chosen when compiling with -march=native; aarch64:
+// NEON, or SDOT when the core has dotprod, chosen at run time) is in rwkv7_cpu_q8.h.
 
 #include "rwkv7_cpu_linear.h"
+#include "rwkv7_cpu_q8.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,176 +28,32 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace rwkv_cpu {
 namespace {
-
-constexpr int64_t kPairs = kBlock / 2;  // 16 input pairs per block
-constexpr float kActMax = 32767.f;
 
 // xq [M, I] int16, xs [M, I/32] fp32: per row and block, scale = max|x| / 32767.
 void quantize_rows(const float* x, int64_t M, int64_t I, int16_t* xq, float* xs) {
   const int64_t NB = I / kBlock;
   at::parallel_for(0, M, M >= 16 ? 4 : M, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < NB; ++b) {
-        const float* xb = x + m * I + b * kBlock;
-        float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-        for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float scale = amax / kActMax;
-        const float inv = amax > 0.f ? kActMax / amax : 0.f;
-        int16_t* qb = xq + m * I + b * kBlock;
-#pragma omp simd
-        for (int64_t j = 0; j < kBlock; ++j) qb[j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
-        xs[m * NB + b] = scale;
-      }
-    }
+    for (int64_t m = begin; m < end; ++m) q8_quantize_row(x + m * I, I, xq + m * I, xs + m * NB);
   });
 }
 
 struct Scratch {  // per thread: quantized activations of the current call
   std::vector<int16_t> xq;
   std::vector<float> xs;
+  std::vector<int8_t> xh, xl;  // the SDOT path's split of xq
 };
 
-Scratch& scratch(int64_t M, int64_t I) {
+Scratch& scratch(int64_t M, int64_t I, bool split) {
   thread_local Scratch s;
   if (static_cast<int64_t>(s.xq.size()) < M * I) s.xq.resize(M * I);
   if (static_cast<int64_t>(s.xs.size()) < M * (I / kBlock)) s.xs.resize(M * (I / kBlock));
+  if (split && static_cast<int64_t>(s.xh.size()) < M * I) {
+    s.xh.resize(M * I);
+    s.xl.resize(M * I);
+  }
   return s;
-}
-
-inline int32_t load_pair(const int16_t* p) {  // two int16 as one 32-bit lane
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-#if defined(__AVX512BW__)
-constexpr int64_t kMaxRows = 8;
-const char* const kIsa =
-#if defined(__AVX512VNNI__)
-    "avx512-vnni";
-#else
-    "avx512bw";
-#endif
-
-// One tile (16 outputs) for R rows: y[r, 0:16] over all NB blocks.
-template <int R>
-void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const int8_t* wt,
-             const uint16_t* st, float* y, int64_t O, bool accumulate) {
-  __m512 accf[R];
-  for (int r = 0; r < R; ++r) accf[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < NB; ++b) {
-    const int8_t* wb = wt + b * kTileBlockBytes;
-    const int16_t* xb = xq + b * kBlock;
-    if constexpr (R >= 4) {  // compute-heavy rows: fetch 4 blocks (2 KiB) ahead meanwhile
-      for (int64_t line = 0; line < kTileBlockBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * kTileBlockBytes + line), _MM_HINT_T0);
-    }
-    // S independent sums per row for few rows (pairs g, g + S, ...), so one row's chain
-    // of dependent multiply-adds does not wait on the instruction latency
-    constexpr int S = R == 1 ? 4 : (R == 2 ? 2 : 1);
-    __m512i acci[R][S];
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < S; ++u) acci[r][u] = _mm512_setzero_si512();
-#pragma GCC unroll 16
-    for (int64_t g = 0; g < kPairs; ++g) {
-      // 32 int8 = 16 outputs x (q[o, 2g], q[o, 2g + 1]) -> 16 lanes of int16 pairs
-      const __m512i w = _mm512_cvtepi8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 32)));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512i xv = _mm512_set1_epi32(load_pair(xb + r * I + 2 * g));
-        __m512i& acc = acci[r][g % S];
-#if defined(__AVX512VNNI__)
-        acc = _mm512_dpwssd_epi32(acc, w, xv);
-#else
-        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
-#endif
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int u = 1; u < S; ++u) acci[r][0] = _mm512_add_epi32(acci[r][0], acci[r][u]);
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * kTile)));
-    for (int r = 0; r < R; ++r)
-      accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[r][0]),
-                                _mm512_mul_ps(s, _mm512_set1_ps(xs[r * NB + b])), accf[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float* yr = y + r * O;
-    if (accumulate) accf[r] = _mm512_add_ps(accf[r], _mm512_loadu_ps(yr));
-    _mm512_storeu_ps(yr, accf[r]);
-  }
-}
-#elif defined(__AVX2__)
-constexpr int64_t kMaxRows = 4;
-const char* const kIsa = "avx2";
-
-template <int R>
-void q8_tile(const int16_t* xq, const float* xs, int64_t I, int64_t NB, const int8_t* wt,
-             const uint16_t* st, float* y, int64_t O, bool accumulate) {
-  __m256 lo[R], hi[R];  // outputs 0-7 and 8-15 of the tile
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < NB; ++b) {
-    const int8_t* wb = wt + b * kTileBlockBytes;
-    const int16_t* xb = xq + b * kBlock;
-    __m256i ilo[R], ihi[R];
-    for (int r = 0; r < R; ++r) ilo[r] = ihi[r] = _mm256_setzero_si256();
-#pragma GCC unroll 16
-    for (int64_t g = 0; g < kPairs; ++g) {
-      const __m256i wl = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + g * 32)));
-      const __m256i wh = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + g * 32 + 16)));
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m256i xv = _mm256_set1_epi32(load_pair(xb + r * I + 2 * g));
-        ilo[r] = _mm256_add_epi32(ilo[r], _mm256_madd_epi16(wl, xv));
-        ihi[r] = _mm256_add_epi32(ihi[r], _mm256_madd_epi16(wh, xv));
-      }
-    }
-    const __m256 sl = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + b * kTile)));
-    const __m256 sh = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + b * kTile + 8)));
-    for (int r = 0; r < R; ++r) {
-      const __m256 xsb = _mm256_set1_ps(xs[r * NB + b]);
-      lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ilo[r]), _mm256_mul_ps(sl, xsb), lo[r]);
-      hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ihi[r]), _mm256_mul_ps(sh, xsb), hi[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float* yr = y + r * O;
-    if (accumulate) {
-      lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(yr));
-      hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(yr + 8));
-    }
-    _mm256_storeu_ps(yr, lo[r]);
-    _mm256_storeu_ps(yr + 8, hi[r]);
-  }
-}
-#else
-constexpr int64_t kMaxRows = 1;
-const char* const kIsa = "scalar";
-#endif
-
-inline float half_to_float(uint16_t bits) { return c10::detail::fp16_ieee_to_fp32_value(bits); }
-
-// One output o of the packed layout for one row (the scalar path and the reference).
-float q8_dot_scalar(const int16_t* xq, const float* xs, int64_t NB, const int8_t* wq,
-                    const uint16_t* ws, int64_t o) {
-  const int64_t tile = o / kTile, lane = o % kTile;
-  float sum = 0.f;
-  for (int64_t b = 0; b < NB; ++b) {
-    const int8_t* wb = wq + (tile * NB + b) * kTileBlockBytes;
-    int32_t dot = 0;
-    for (int64_t g = 0; g < kPairs; ++g)
-      for (int64_t p = 0; p < 2; ++p)
-        dot += static_cast<int32_t>(wb[g * 32 + lane * 2 + p]) * xq[b * kBlock + 2 * g + p];
-    sum += static_cast<float>(dot) * (half_to_float(ws[(tile * NB + b) * kTile + lane]) * xs[b]);
-  }
-  return sum;
 }
 
 void check_q8_shapes(int64_t I, int64_t O) {
@@ -207,49 +63,23 @@ void check_q8_shapes(int64_t I, int64_t O) {
 
 }  // namespace
 
-const char* q8_isa() { return kIsa; }
+const char* q8_isa() { return q8_path_name(q8_active_path()); }
 
 void q8_linear(const float* x, int64_t M, int64_t I, const int8_t* wq, const uint16_t* ws,
                int64_t O, float* y, bool accumulate) {
   check_q8_shapes(I, O);
   const int64_t NB = I / kBlock, tiles = O / kTile;
-  Scratch& s = scratch(M, I);
+  const Q8Path path = q8_active_path();  // the widest this build and CPU run (or RWKV_NVIM_Q8_ISA's)
+  const bool split = q8_path_splits(path);
+  Scratch& s = scratch(M, I, split);
   quantize_rows(x, M, I, s.xq.data(), s.xs.data());
-  const int16_t* xq = s.xq.data();
-  const float* xs = s.xs.data();
+  if (split) q8_split_activations(s.xq.data(), M * I, s.xh.data(), s.xl.data());
+  const Q8Rows rows{s.xq.data(), s.xs.data(), split ? s.xh.data() : nullptr,
+                    split ? s.xl.data() : nullptr, M, I};
   // ~4 KiB of weights per tile-block row; aim for tasks of >= ~64 KiB of weights
   const int64_t grain = std::max<int64_t>(1, 128 / NB);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int8_t* wt = wq + t * NB * kTileBlockBytes;
-      const uint16_t* st = ws + t * NB * kTile;
-#if defined(__AVX512BW__) || defined(__AVX2__)
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, M - m0);
-        const int16_t* xr = xq + m0 * I;
-        const float* sr = xs + m0 * NB;
-        float* yr = y + m0 * O + t * kTile;
-        switch (rows) {
-          case 1: q8_tile<1>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-          case 2: q8_tile<2>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-          case 3: q8_tile<3>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-          case 4: q8_tile<4>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-#if defined(__AVX512BW__)
-          case 5: q8_tile<5>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-          case 6: q8_tile<6>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-          case 7: q8_tile<7>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-          default: q8_tile<8>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-#endif
-        }
-      }
-#else
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t o = t * kTile; o < (t + 1) * kTile; ++o) {
-          const float v = q8_dot_scalar(xq + m * I, xs + m * NB, NB, wq, ws, o);
-          y[m * O + o] = accumulate ? y[m * O + o] + v : v;
-        }
-#endif
-    }
+    q8_tiles(path, rows, wq, ws, O, y, accumulate, begin, end);
   });
 }
 
@@ -260,11 +90,7 @@ void q8_linear_reference(const float* x, int64_t M, int64_t I, const int8_t* wq,
   std::vector<int16_t> xq(M * I);
   std::vector<float> xs(M * NB);
   quantize_rows(x, M, I, xq.data(), xs.data());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t o = 0; o < O; ++o) {
-      const float v = q8_dot_scalar(xq.data() + m * I, xs.data() + m * NB, NB, wq, ws, o);
-      y[m * O + o] = accumulate ? y[m * O + o] + v : v;
-    }
+  q8_tiles_scalar(Q8Rows{xq.data(), xs.data(), nullptr, nullptr, M, I}, wq, ws, O, y, accumulate, 0, O / kTile);
 }
 
 namespace {

@@ -13,6 +13,7 @@
 // Activations are quantized per row and block of 32 to int16 (scale = max|x| / 32767),
 // so a block's dot product is exact in int32 (|sum| <= 32 * 32767 * 127 < 2^31); the
 // fp32 result is sum_b ws[o, b] * xs[m, b] * dot_b. O % 16 == 0 and I % 32 == 0.
+// The arithmetic of every instruction-set path is in rwkv7_cpu_q8.h (no torch).
 //
 // f32 weights ("fp32" mode): W [O, I] fp32 row-major.
 #pragma once
@@ -37,8 +38,9 @@ void q8_linear_reference(const float* x, int64_t M, int64_t I, const int8_t* wq,
 void f32_linear(const float* x, int64_t M, int64_t I, const float* W, int64_t O, float* y,
                 bool accumulate);
 
-// The instruction set the q8 product was compiled for ("avx512-vnni", "avx512bw",
-// "avx2", "scalar").
+// The instruction-set path the q8 product runs ("avx512-vnni", "avx512bw", "avx2":
+// compiled in; "neon-dotprod", "neon": picked at run time on aarch64; "scalar"), see
+// rwkv7_cpu_q8.h.
 const char* q8_isa();
 
 }  // namespace rwkv_cpu

@@ -116,9 +116,12 @@ void for_each_row(int64_t B, const Fn& fn) {
   });
 }
 
-using rwkv_cpu::sigmoid_fast;
-using rwkv_cpu::softplus_fast;
-using rwkv_cpu::tanh_fast;
+// the transcendental loops (rwkv7_cpu_math.h: NEON on aarch64, vectorized scalar loops elsewhere)
+using rwkv_cpu::decay_array;
+using rwkv_cpu::sigmoid_array;
+using rwkv_cpu::sigmoid_bias_array;
+using rwkv_cpu::tanh_array;
+using rwkv_cpu::value_mix_array;
 
 struct Buffers {  // per call: B rows of each activation
   std::vector<float> h, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, nb, y, v_first, t1, t2, hid;
@@ -162,26 +165,20 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
   // decay: w = -softplus(-(w0 + tanh(xw W1^T) W2^T)) - 0.5
   const Linear w1 = linear(q[LIN_W1], q[LIN_W1 + 1], C, "w1", C);  // LoRA down: width <= C
   w1.apply(bf.xw.data(), B, bf.t1.data(), false);
-  for (int64_t i = 0; i < B * w1.O; ++i) bf.t1[i] = tanh_fast(bf.t1[i]);
+  tanh_array(bf.t1.data(), B * w1.O);
   linear(q[LIN_W2], q[LIN_W2 + 1], w1.O, "w2").apply(bf.t1.data(), B, bf.w.data(), false);
   const float* w0 = vec(q[W0], C, "w0");
-  for_each_row(B, [&](int64_t r) {
-    float* w = bf.w.data() + r * C;
-    for (int64_t c = 0; c < C; ++c) w[c] = -softplus_fast(-(w0[c] + w[c])) - 0.5f;
-  });
+  for_each_row(B, [&](int64_t r) { decay_array(bf.w.data() + r * C, w0, C); });
   // in-context learning rate: a = sigmoid(a0 + (xa A1^T) A2^T)
   const Linear a1 = linear(q[LIN_A1], q[LIN_A1 + 1], C, "a1", C);  // LoRA down: width <= C
   a1.apply(bf.xa.data(), B, bf.t1.data(), false);
   linear(q[LIN_A2], q[LIN_A2 + 1], a1.O, "a2").apply(bf.t1.data(), B, bf.a.data(), false);
   const float* a0 = vec(q[A0], C, "a0");
-  for_each_row(B, [&](int64_t r) {
-    float* a = bf.a.data() + r * C;
-    for (int64_t c = 0; c < C; ++c) a[c] = sigmoid_fast(a0[c] + a[c]);
-  });
+  for_each_row(B, [&](int64_t r) { sigmoid_bias_array(bf.a.data() + r * C, a0, C); });
   // output gate: g = sigmoid(xg G1^T) G2^T
   const Linear g1 = linear(q[LIN_G1], q[LIN_G1 + 1], C, "g1", C);  // LoRA down: width <= C
   g1.apply(bf.xg.data(), B, bf.t1.data(), false);
-  for (int64_t i = 0; i < B * g1.O; ++i) bf.t1[i] = sigmoid_fast(bf.t1[i]);
+  sigmoid_array(bf.t1.data(), B * g1.O);
   linear(q[LIN_G2], q[LIN_G2 + 1], g1.O, "g2").apply(bf.t1.data(), B, bf.g.data(), false);
   // kk = normalize(k * k_k) per head; k = k * (1 + (a - 1) * k_a)
   {
@@ -211,9 +208,7 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
     linear(q[LIN_V2], q[LIN_V2 + 1], v1.O, "v2").apply(bf.t1.data(), B, bf.t2.data(), false);
     const float* v0 = vec(q[V0], C, "v0");
     for_each_row(B, [&](int64_t r) {
-      float* v = bf.v.data() + r * C;
-      const float *vf = bf.v_first.data() + r * C, *t = bf.t2.data() + r * C;
-      for (int64_t c = 0; c < C; ++c) v[c] += (vf[c] - v[c]) * sigmoid_fast(v0[c] + t[c]);
+      value_mix_array(bf.v.data() + r * C, bf.v_first.data() + r * C, bf.t2.data() + r * C, v0, C);
     });
   } else {
     std::copy(bf.v.begin(), bf.v.begin() + n, bf.v_first.begin());

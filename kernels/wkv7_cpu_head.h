@@ -5,11 +5,20 @@
 //   sa[i]    = sum_j S[i, j] * a[j]                   (old S)
 //   S[i, j]  = S[i, j] * decay[j] + sa[i] * b[j] + v[i] * k[j]
 //   y[i]     = sum_j S[i, j] * r[j]                   (new S)
+// Each layout has its scalar reference (`*_scalar`: plain loops the x86 build
+// vectorizes by itself) and, on aarch64, a NEON twin (`*_neon`: the same sums in the
+// same j order with FMA); wkv7_head_rows / wkv7_head_cols pick one when compiling.
+// No torch here: kernels/tests/cpu_kernels_check.cpp compares the two.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define RWKV_CPU_NEON_WKV 1
+#endif
 
 namespace rwkv_cpu {
 
@@ -62,6 +71,75 @@ inline void wkv7_head_rows_impl(int64_t T, int64_t row_stride, const float* S_in
   }
 }
 
+__attribute__((noinline)) inline void wkv7_head_rows_scalar(int64_t T, int64_t row_stride,
+                                                            const float* S_in, float* S_out,
+                                                            const float* r, const float* w,
+                                                            const float* k, const float* v,
+                                                            const float* a, const float* b, float* y) {
+  if (S_in == S_out)
+    wkv7_head_rows_impl<true>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
+  else
+    wkv7_head_rows_impl<false>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
+}
+
+#if defined(RWKV_CPU_NEON_WKV)
+// The row layout with NEON: per row i, sa and y as four 4-lane partial sums.
+template <bool kInPlace>
+inline void wkv7_head_rows_neon_impl(int64_t T, int64_t row_stride, const float* S_in, float* S_out,
+                                     const float* __restrict__ r, const float* __restrict__ w,
+                                     const float* __restrict__ k, const float* __restrict__ v,
+                                     const float* __restrict__ a, const float* __restrict__ b,
+                                     float* __restrict__ y) {
+  alignas(16) float decay[kHeadSize];
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t off = t * row_stride;
+    const float* rt = r + off;
+    const float* kt = k + off;
+    const float* at_ = a + off;
+    const float* bt = b + off;
+    const float* wt = w + off;
+    const float* src = (kInPlace || t > 0) ? S_out : S_in;
+    for (int64_t j = 0; j < kHeadSize; ++j) decay[j] = std::exp(-std::exp(wt[j]));
+    for (int64_t i = 0; i < kHeadSize; ++i) {
+      const float* row = src + i * kHeadSize;  // S[i, :] before the step
+      float* dst = S_out + i * kHeadSize;      // S[i, :] after it (may be row)
+      float32x4_t p[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+      for (int64_t j = 0; j < kHeadSize; j += 16)
+        for (int q = 0; q < 4; ++q) p[q] = vfmaq_f32(p[q], vld1q_f32(row + j + 4 * q), vld1q_f32(at_ + j + 4 * q));
+      const float sa = vaddvq_f32(vaddq_f32(vaddq_f32(p[0], p[1]), vaddq_f32(p[2], p[3])));
+      const float vi = v[off + i];
+      float32x4_t o[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+      for (int64_t j = 0; j < kHeadSize; j += 16)
+        for (int q = 0; q < 4; ++q) {
+          const int64_t jj = j + 4 * q;
+          float32x4_t s = vmulq_f32(vld1q_f32(row + jj), vld1q_f32(decay + jj));
+          s = vfmaq_n_f32(s, vld1q_f32(bt + jj), sa);
+          s = vfmaq_n_f32(s, vld1q_f32(kt + jj), vi);
+          vst1q_f32(dst + jj, s);
+          o[q] = vfmaq_f32(o[q], s, vld1q_f32(rt + jj));
+        }
+      y[off + i] = vaddvq_f32(vaddq_f32(vaddq_f32(o[0], o[1]), vaddq_f32(o[2], o[3])));
+    }
+  }
+}
+
+__attribute__((noinline)) inline void wkv7_head_rows_neon(int64_t T, int64_t row_stride,
+                                                          const float* S_in, float* S_out,
+                                                          const float* r, const float* w,
+                                                          const float* k, const float* v,
+                                                          const float* a, const float* b, float* y) {
+  if (S_in == S_out)
+    wkv7_head_rows_neon_impl<true>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
+  else
+    wkv7_head_rows_neon_impl<false>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
+}
+
+inline void wkv7_head_rows(int64_t T, int64_t row_stride, const float* S_in, float* S_out,
+                           const float* r, const float* w, const float* k, const float* v,
+                           const float* a, const float* b, float* y) {
+  wkv7_head_rows_neon(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
+}
+#else
 __attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stride,
                                                      const float* S_in, float* S_out,
                                                      const float* r, const float* w,
@@ -72,12 +150,13 @@ __attribute__((noinline)) inline void wkv7_head_rows(int64_t T, int64_t row_stri
   else
     wkv7_head_rows_impl<false>(T, row_stride, S_in, S_out, r, w, k, v, a, b, y);
 }
+#endif
 
 // Same result, for prefill: keeps a transposed copy ST[key j][value i] so that
 // both mat-vecs (S a and S r) become vertical sums over 64-wide value vectors
 // (no horizontal reductions); ~2x faster per step, but the two 16 KiB
 // transpositions only pay off beyond a few steps.
-inline void wkv7_head_cols(int64_t T, int64_t row_stride, float* __restrict__ S,
+inline void wkv7_head_cols_scalar(int64_t T, int64_t row_stride, float* __restrict__ S,
                     const float* __restrict__ r, const float* __restrict__ w,
                     const float* __restrict__ k, const float* __restrict__ v,
                     const float* __restrict__ a, const float* __restrict__ b,
@@ -115,5 +194,63 @@ inline void wkv7_head_cols(int64_t T, int64_t row_stride, float* __restrict__ S,
   for (int64_t i = 0; i < kHeadSize; ++i)
     for (int64_t j = 0; j < kHeadSize; ++j) S[i * kHeadSize + j] = ST[j * kHeadSize + i];
 }
+
+#if defined(RWKV_CPU_NEON_WKV)
+// The column layout with NEON: each chunk of 16 values i keeps its sa, v and y sums in
+// registers over all 64 keys j (the chunks are independent).
+inline void wkv7_head_cols_neon(int64_t T, int64_t row_stride, float* __restrict__ S,
+                                const float* __restrict__ r, const float* __restrict__ w,
+                                const float* __restrict__ k, const float* __restrict__ v,
+                                const float* __restrict__ a, const float* __restrict__ b,
+                                float* __restrict__ y) {
+  alignas(16) float ST[kHeadSize * kHeadSize];  // ST[j * 64 + i] = S[i, j]
+  for (int64_t i = 0; i < kHeadSize; ++i)
+    for (int64_t j = 0; j < kHeadSize; ++j) ST[j * kHeadSize + i] = S[i * kHeadSize + j];
+  alignas(16) float decay[kHeadSize];
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t off = t * row_stride;
+    const float* at_ = a + off;
+    const float* bt = b + off;
+    const float* kt = k + off;
+    const float* rt = r + off;
+    for (int64_t j = 0; j < kHeadSize; ++j) decay[j] = std::exp(-std::exp(w[off + j]));
+    for (int64_t i0 = 0; i0 < kHeadSize; i0 += 16) {
+      float32x4_t sa[4], vv[4], out[4];
+      for (int q = 0; q < 4; ++q) {
+        sa[q] = out[q] = vdupq_n_f32(0.f);
+        vv[q] = vld1q_f32(v + off + i0 + 4 * q);
+      }
+      for (int64_t j = 0; j < kHeadSize; ++j) {  // sa = S a  (old S)
+        const float* col = ST + j * kHeadSize + i0;
+        for (int q = 0; q < 4; ++q) sa[q] = vfmaq_n_f32(sa[q], vld1q_f32(col + 4 * q), at_[j]);
+      }
+      for (int64_t j = 0; j < kHeadSize; ++j) {  // S = S diag(decay) + sa b^T + v k^T ; out = S r
+        float* col = ST + j * kHeadSize + i0;
+        const float dj = decay[j], bj = bt[j], kj = kt[j], rj = rt[j];
+        for (int q = 0; q < 4; ++q) {
+          float32x4_t s = vmulq_n_f32(vld1q_f32(col + 4 * q), dj);
+          s = vfmaq_n_f32(s, sa[q], bj);
+          s = vfmaq_n_f32(s, vv[q], kj);
+          vst1q_f32(col + 4 * q, s);
+          out[q] = vfmaq_n_f32(out[q], s, rj);
+        }
+      }
+      for (int q = 0; q < 4; ++q) vst1q_f32(y + off + i0 + 4 * q, out[q]);
+    }
+  }
+  for (int64_t i = 0; i < kHeadSize; ++i)
+    for (int64_t j = 0; j < kHeadSize; ++j) S[i * kHeadSize + j] = ST[j * kHeadSize + i];
+}
+
+inline void wkv7_head_cols(int64_t T, int64_t row_stride, float* S, const float* r, const float* w,
+                           const float* k, const float* v, const float* a, const float* b, float* y) {
+  wkv7_head_cols_neon(T, row_stride, S, r, w, k, v, a, b, y);
+}
+#else
+inline void wkv7_head_cols(int64_t T, int64_t row_stride, float* S, const float* r, const float* w,
+                           const float* k, const float* v, const float* a, const float* b, float* y) {
+  wkv7_head_cols_scalar(T, row_stride, S, r, w, k, v, a, b, y);
+}
+#endif
 
 }  // namespace rwkv_cpu

@@ -1,6 +1,8 @@
-"""`rwkv-nvim info [MODEL]`: shape, vocabulary and state size of a checkpoint, and the
+"""`rwkv-nvim info [MODEL]`: shape, vocabulary and state size of a checkpoint, the
 weight precision ``dtype = "auto"`` runs it with on this CPU (``--measure-precision``
-measures it now and rewrites the cached verdict)."""
+measures it now and rewrites the cached verdict, then checks the picked mode on this model:
+``core.model_precision``), and the instruction-set path of the CPU
+kernels' q8 product (``cpu_kernels  q8: avx2``; builds the CPU kernel if needed)."""
 from __future__ import annotations
 
 import json
@@ -39,19 +41,41 @@ def run(args) -> int:
     if verdict is None:
         info["precision"] = ("not measured yet on this CPU (measured when the plugin first loads a model, "
                              "or: rwkv-nvim info --measure-precision)")
-    else:
-        from ..core.cpu_precision import describe
-        info["precision"] = describe(verdict)
+    model_check = None
+    if verdict is not None:
+        info["precision"], model_check = model_precision_line(config, path, verdict, args.measure_precision,
+                                                              progress)
+    info["cpu_kernels"] = cpu_kernels_line(progress)
     if args.json:
         if verdict is not None:
             info["precision_verdict"] = verdict
+        if model_check is not None:
+            info["precision_model_check"] = model_check
         print(json.dumps(info))
     else:
         for k, v in info.items():
             print(f"{k:18} {v}")
         if verdict is not None and verdict.get("measured"):
             print(precision_table(verdict))
+        if model_check is not None:
+            state = "passes" if model_check["passed"] else "fails"
+            print(f"{'':18} this model, {model_check['mode']} vs fp32 on real code: {model_check['why']}: {state}")
     return 0
+
+
+def cpu_kernels_line(progress=None) -> str:
+    """"q8: <path>" (avx512-vnni, avx2, neon-dotprod, neon, scalar), or why there is none."""
+    import warnings
+
+    from ..core import kernel_loader as kl
+    if kl.kernels_disabled():
+        return "q8: none (RWKV_NVIM_NO_KERNEL is set: the torch code runs)"
+    with warnings.catch_warnings():  # the failure is said here, once
+        warnings.simplefilter("ignore", RuntimeWarning)
+        isa = kl.cpu_isa(progress)
+    if isa is None:
+        return f"q8: none (CPU kernel unavailable: {kl.kernel_status().get('cpu', '?')})"
+    return f"q8: {isa}"
 
 
 def precision_verdict(config, path, remeasure: bool, progress=None):
@@ -62,6 +86,19 @@ def precision_verdict(config, path, remeasure: bool, progress=None):
     if remeasure:
         cp.forget()
     return resolve_cpu_precision(config, path, progress=progress, remeasure=remeasure, measure_now=remeasure)
+
+
+def model_precision_line(config, path, verdict: dict, measure: bool, progress=None):
+    """(the precision line, the model gate's result or None): the CPU verdict's mode once
+    this model passed its gate (``core.model_precision``; checked now with ``measure``)."""
+    from ..pipeline.loading import cpu_precision_for
+    _, record = cpu_precision_for(config, path, progress=progress, measure_now=measure)
+    if record.get("pending"):
+        mode = verdict.get("decode", "?")
+        return (f"fp32 (auto: this CPU prefers {mode}; not checked on this model yet: checked when the plugin "
+                f"first loads it, or: rwkv-nvim info --measure-precision)"), None
+    check = record.get("model_check")
+    return record["summary"], ({k: v for k, v in check.items() if k != "key"} if check else None)
 
 
 def precision_table(verdict: dict) -> str:

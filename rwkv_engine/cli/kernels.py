@@ -6,6 +6,9 @@ once: the CPU kernel (C++, about 10 s on a small machine) always, the CUDA/HIP k
 when torch sees a GPU and the matching compiler (nvcc / hipcc) exists. Each line says
 where the kernel lives and how long it took; a kernel that cannot be built is reported
 with the reason (the engine then uses the slower pure-torch code, same results).
+The CPU line also names the q8 product's instruction-set path (``q8: avx2``,
+``q8: neon-dotprod``, ...) and where the kernels' threads come from; a build that runs on
+one thread (macOS without libomp) says so.
 Exit status: 0 when every kernel tried is ready, 1 otherwise.
 """
 from __future__ import annotations
@@ -17,7 +20,8 @@ import shutil
 import time
 import warnings
 
-from ..core.kernel_loader import backend_for, get_wkv7, kernel_status, kernels_disabled
+from ..core.kernel_loader import (backend_for, cpu_isa, cpu_threads_note, get_cpu_ops, get_wkv7,
+                                  kernel_status, kernels_disabled)
 
 COMPILER = {"cuda": "nvcc", "hip": "hipcc"}
 
@@ -67,6 +71,22 @@ def _targets(choice: str, say) -> list:
     return out
 
 
+def _cpu_paths(say) -> dict:
+    """The CPU kernel's instruction-set path and threads, said in one line."""
+    import torch
+
+    isa = cpu_isa()
+    note = cpu_threads_note()
+    ops = get_cpu_ops()
+    threads = int(ops.parallel_threads()) if ops is not None else 1
+    wanted = torch.get_num_threads()
+    line = f"cpu: q8: {isa}; threads: {threads} of {wanted} ({note})"
+    if threads < wanted and wanted > 1:
+        line += " - the CPU kernels run on fewer threads than torch's"
+    say(line)
+    return {"q8": isa, "threads": threads, "torch_threads": wanted, "threads_note": note}
+
+
 def run(args: argparse.Namespace) -> int:
     lines: list = []
 
@@ -100,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"{backend}: ready in {seconds:.1f} s: {kernel.build_dir}")
         result[backend] = {"ready": True, "built": bool(kernel.build_seconds), "dir": str(kernel.build_dir),
                            "seconds": round(seconds, 2)}
+        if backend == "cpu":
+            result[backend].update(_cpu_paths(say))
     if args.json:
         print(json.dumps({"disabled": False, "kernels": result, "messages": lines}))
     return 0 if ok else 1

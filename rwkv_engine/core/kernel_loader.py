@@ -14,19 +14,22 @@ Sources (repository ``kernels/``):
     cpu:  wkv7_cpu.cpp                      -> torch.ops.rwkv_nvim_wkv7_cpu.wkv7_
           rwkv7_cpu_linear.cpp              -> torch.ops.rwkv_nvim_cpu.q8_linear, f32_linear, ...
           rwkv7_cpu_step.cpp                -> torch.ops.rwkv_nvim_cpu.decode_step
-          (headers wkv7_cpu_head.h, rwkv7_cpu_linear.h, rwkv7_cpu_math.h)
+          (headers wkv7_cpu_head.h, rwkv7_cpu_linear.h, rwkv7_cpu_math.h, rwkv7_cpu_q8.h:
+          the arithmetic, without torch; kernels/tests/cpu_kernels_check.cpp tests it)
 
 Cache directory: ``$RWKV_NVIM_KERNEL_DIR/<torch version>-<backend>`` or, by default,
 ``$XDG_CACHE_HOME/rwkv.nvim/kernels/<torch version>-<backend>`` (``~/.cache`` when
 XDG_CACHE_HOME is unset); directories created here are mode 0700. GPU builds target
 only the visible GPUs' architectures, named in the directory (``...-cuda-8.0``);
-the CPU build is tuned for the build machine (-march=native), so its directory
-name carries the machine type and a short hash of the CPU model.
+the CPU build is tuned for the build machine (-march=native on x86-64), so its directory
+name carries the machine type and a short hash of the CPU model. Compiler flags per
+platform (x86-64 / aarch64, Linux / macOS and its libomp): ``cpu_build_flags``.
 
 Environment:
     RWKV_NVIM_NO_KERNEL=1        never use a compiled kernel (always the reference)
     RWKV_NVIM_KERNEL_DIR=PATH    root of the kernel cache
     RWKV_NVIM_KERNEL_VERBOSE=1   show the compiler command lines and output
+    RWKV_NVIM_Q8_ISA=NAME        run a narrower q8 path than the best ("neon", "scalar")
 
 Importing this module imports neither torch.utils.cpp_extension nor a compiler;
 torch itself is imported on the first ``get_wkv7`` call.
@@ -76,20 +79,89 @@ class KernelSpec:
     extra_ldflags: tuple[str, ...] = ()
 
 
-def _cpu_cflags() -> tuple[str, ...]:
-    flags = ["-O3", "-fopenmp-simd"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append("-march=native")
-    flags.extend(_cpu_openmp())
-    return tuple(flags)
+@dataclass(frozen=True)
+class CpuBuildFlags:
+    """How the CPU kernels are compiled and linked on this platform, and what that means
+    for their threads (``rwkv-nvim kernels`` prints ``note``)."""
+
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    threads: bool  # False: the kernels' at::parallel_for loops run on one thread
+    note: str      # one line: where the threads come from, or why there is only one
 
 
-def _cpu_openmp() -> tuple[str, ...]:
-    """``at::parallel_for`` is a header template built on ``#pragma omp parallel``: without
-    -fopenmp the kernels' loops silently run on one thread. On Linux the library links
-    ``libgomp.so.1``, which resolves to the copy torch has already loaded (torch/lib), so
-    the kernels share torch's thread pool and ``torch.set_num_threads``."""
-    return ("-fopenmp",) if platform.system() == "Linux" else ()
+# Where Homebrew keeps libomp (Apple silicon, Intel); tests replace these.
+MACOS_LIBOMP_PREFIXES = ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp")
+
+
+def _torch_dir() -> Path:
+    """The installed torch package (its include/ and lib/)."""
+    import torch
+
+    return Path(torch.__file__).resolve().parent
+
+
+def _torch_parallel_backend(torch_dir: Path) -> str:
+    """"openmp" or "native": what at::parallel_for is built on in this torch (ATen/Config.h)."""
+    try:
+        text = (torch_dir / "include" / "ATen" / "Config.h").read_text(errors="replace")
+    except OSError:
+        return "openmp"
+    return "native" if re.search(r"#define\s+AT_PARALLEL_NATIVE\s+1", text) else "openmp"
+
+
+def _macos_openmp(torch_dir: Path) -> tuple[Optional[Path], Optional[Path]]:
+    """(directory with omp.h, directory with libomp.dylib) for Apple clang, either None.
+    The library is torch's own copy (torch/lib/libomp.dylib, in the macOS wheels) when it
+    has one: a second libomp in the process aborts ("OMP: Error #15"). The header comes
+    from torch/include (bundled since torch 2.3), else $OMP_PREFIX, conda's llvm-openmp
+    or Homebrew's libomp."""
+    prefixes = [torch_dir]
+    for var in ("OMP_PREFIX", "CONDA_PREFIX"):
+        if os.environ.get(var):
+            prefixes.append(Path(os.environ[var]))
+    prefixes.extend(Path(p) for p in MACOS_LIBOMP_PREFIXES)
+    include = next((p / "include" for p in prefixes if (p / "include" / "omp.h").is_file()), None)
+    lib = next((p / "lib" for p in prefixes if (p / "lib" / "libomp.dylib").is_file()), None)
+    return include, lib
+
+
+def cpu_build_flags(system: Optional[str] = None, machine: Optional[str] = None) -> CpuBuildFlags:
+    """The CPU kernels' compiler and linker flags for ``system`` / ``machine`` (default:
+    this one's ``platform.system()`` / ``platform.machine()``).
+
+    x86-64: ``-march=native`` (the q8 product's AVX512/AVX2 path is picked when compiling).
+    aarch64 / arm64: no -march: NEON is in every core, and the dotprod (SDOT) path is
+    compiled with a target attribute and picked at run time, so one build serves both.
+    Threads: ``at::parallel_for`` is a header template built on ``#pragma omp parallel``;
+    without OpenMP the kernels' loops run on one thread, which is said, never silent.
+    Linux: ``-fopenmp``; the library links ``libgomp.so.1``, which resolves to the copy
+    torch has already loaded, so the kernels share torch's threads. macOS: Apple clang
+    has no ``-fopenmp``: ``-Xpreprocessor -fopenmp`` with omp.h and torch's own
+    libomp.dylib (see ``_macos_openmp``); none found: one thread.
+    """
+    system = system if system is not None else platform.system()
+    machine = (machine if machine is not None else platform.machine()).lower()
+    cflags: tuple[str, ...] = ("-O3", "-fopenmp-simd")
+    if machine in ("x86_64", "amd64"):
+        cflags += ("-march=native",)
+    if system == "Linux":
+        return CpuBuildFlags(cflags + ("-fopenmp",), ("-fopenmp",), True, "OpenMP (-fopenmp, torch's libgomp)")
+    if system == "Darwin":
+        torch_dir = _torch_dir()
+        if _torch_parallel_backend(torch_dir) == "native":
+            return CpuBuildFlags(cflags, (), True, "torch's native thread pool (this torch is built without OpenMP)")
+        include, lib = _macos_openmp(torch_dir)
+        if include is not None and lib is not None:
+            return CpuBuildFlags(cflags + ("-Xpreprocessor", "-fopenmp", f"-I{include}"),
+                                 (f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"), True,
+                                 f"OpenMP (-Xpreprocessor -fopenmp, {lib / 'libomp.dylib'})")
+        missing = " and ".join(name for name, found in (("omp.h", include), ("libomp.dylib", lib)) if found is None)
+        return CpuBuildFlags(cflags, (), False,
+                             f"ONE thread: no {missing} found (looked in torch/, $OMP_PREFIX, $CONDA_PREFIX, "
+                             f"{', '.join(MACOS_LIBOMP_PREFIXES)}); `brew install libomp` and rebuild "
+                             "(rwkv-nvim kernels) for all cores")
+    return CpuBuildFlags(cflags, (), False, f"ONE thread: no OpenMP flags known for {system or 'this system'}")
 
 
 def kernel_spec(backend: str) -> KernelSpec:
@@ -101,9 +173,11 @@ def kernel_spec(backend: str) -> KernelSpec:
         return KernelSpec("hip", ("wkv7_hip.hip", "wkv7_binding.cpp"), "rwkv_nvim_wkv7_gpu",
                           ("-O3",), ("-O3",), True)
     if backend == "cpu":
+        flags = cpu_build_flags()
         return KernelSpec("cpu", ("wkv7_cpu.cpp", "rwkv7_cpu_linear.cpp", "rwkv7_cpu_step.cpp"),
-                          "rwkv_nvim_wkv7_cpu", _cpu_cflags(), (), False,
-                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h", "rwkv7_cpu_math.h"), _cpu_openmp())
+                          "rwkv_nvim_wkv7_cpu", flags.cflags, (), False,
+                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h", "rwkv7_cpu_math.h", "rwkv7_cpu_q8.h"),
+                          flags.ldflags)
     raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
 
 
@@ -391,12 +465,28 @@ def get_wkv7(device, progress: Optional[ProgressFn] = None) -> Optional[WKV7Kern
 
 def get_cpu_ops(progress: Optional[ProgressFn] = None):
     """``torch.ops.rwkv_nvim_cpu`` (q8_linear, q8_linear_reference, f32_linear, q8_isa,
-    decode_step), built with the CPU WKV-7 kernel; None when that kernel is unavailable."""
+    parallel_threads, decode_step), built with the CPU WKV-7 kernel; None when that kernel
+    is unavailable."""
     if get_wkv7("cpu", progress) is None:
         return None
     import torch
 
     return torch.ops.rwkv_nvim_cpu
+
+
+def cpu_isa(progress: Optional[ProgressFn] = None) -> Optional[str]:
+    """The instruction-set path of the CPU q8 product in use: "avx512-vnni", "avx512bw",
+    "avx2" (x86, compiled in), "neon-dotprod", "neon" (aarch64, picked at run time;
+    RWKV_NVIM_Q8_ISA may narrow it) or "scalar"; None without the CPU kernel (builds it
+    on first use, like ``get_wkv7``)."""
+    ops = get_cpu_ops(progress)
+    return None if ops is None else str(ops.q8_isa())
+
+
+def cpu_threads_note() -> str:
+    """One line: how the CPU kernels get their threads on this platform, or why they run on
+    one (``cpu_build_flags().note``, for ``rwkv-nvim kernels``)."""
+    return cpu_build_flags().note
 
 
 def kernel_status() -> dict[str, str]:
