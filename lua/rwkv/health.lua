@@ -191,7 +191,9 @@ function M.check()
   if backend ~= "local" then
     -- reported above
   elseif st.loaded then
-    h.ok(("loaded on %s"):format(tostring(st.device)))
+    local py = require("rwkv.host").status()
+    local isa = type(py.cpu_kernels) == "string" and py.cpu_kernels ~= "" and ("; CPU kernels " .. py.cpu_kernels) or ""
+    h.ok(("loaded on %s%s"):format(tostring(st.device), isa))
   elseif st.loading then
     h.info("loading …")
   elseif not st.error then

@@ -393,6 +393,9 @@ function M.status_lines()
     if precision then
       add("precision: %s", precision)
     end
+    if type(py.cpu_kernels) == "string" and py.cpu_kernels ~= "" then
+      add("cpu kernels: %s", py.cpu_kernels) -- the instruction-set path in use ("q8: avx2")
+    end
   end
   local err = py.error or st.error
   local last_err = newer_error(engine.last_error, py.last_error)

@@ -32,6 +32,7 @@ class Description(TypedDict):
     dtype: str            # "float32", "n/a" for a server
     precision: str        # one-line summary: "int8 (auto: ...)", "n/a"
     precision_why: str    # why that precision ("" when there is nothing to say)
+    cpu_kernels: str      # the CPU kernels' instruction-set path ("q8: avx2"), "" when none runs
 
 
 @runtime_checkable

@@ -33,8 +33,8 @@ from ..core.sampler import SamplingParams
 from .candidates import StopRules, decode_candidates, rank_candidates
 from .config import EngineConfig
 from .context_ring import ContextRing
-from .loading import (OutOfMemory, free_gpu_memory, load_configured_model, load_on_cpu, out_of_memory_as,
-                      precision_of, say)
+from .loading import (OutOfMemory, cpu_kernels_in_use, free_gpu_memory, load_configured_model, load_on_cpu,
+                      out_of_memory_as, precision_of, say)
 from .prefill import Prefiller, ShouldStop
 from .prompt_layout import Prompt, PromptBuilder, to_bytes
 from .speculation import LastRequest, Speculator
@@ -104,7 +104,8 @@ class Completer:
         prec = precision_of(m)
         return {"model": self.config.model or "default", "path": str(getattr(m, "path", "") or ""),
                 "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
-                "precision": prec["summary"], "precision_why": prec.get("why", "")}
+                "precision": prec["summary"], "precision_why": prec.get("why", ""),
+                "cpu_kernels": cpu_kernels_in_use(m)}
 
     def close(self) -> None:
         """Drop the states cached in memory (device and host tiers; the disk tier stays for

@@ -251,6 +251,23 @@ def precision_of(model) -> dict:
             else f"{mode} ({where})", "why": ""}
 
 
+def cpu_kernels_in_use(model) -> str:
+    """"q8: <instruction-set path>" of the CPU kernels a CPU model runs ("q8: avx2",
+    "q8: neon-dotprod", "q8: scalar"); "" on a GPU, for a model without the compiled
+    kernel (``use_kernel=False``, RWKV_NVIM_NO_KERNEL) or when the kernel did not build.
+    Never builds: a CPU model built the kernel when it loaded."""
+    if getattr(getattr(model, "device", None), "type", "") != "cpu" or not getattr(model, "use_kernel", False):
+        return ""
+    from ..core.kernel_loader import cpu_isa, kernels_disabled, kernel_status
+    if kernels_disabled() or not kernel_status().get("cpu", "").startswith("ready"):
+        return ""
+    try:
+        isa = cpu_isa()
+    except Exception:                               # an older build without q8_isa
+        return ""
+    return f"q8: {isa}" if isa else ""
+
+
 def cpu_threads(configured: int, n_embd: int) -> int:
     """Torch CPU threads: the configured number, else 1 for small models (per-op overhead
     dominates and a second thread only competes with the editor), else up to 8 cores."""

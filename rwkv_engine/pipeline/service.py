@@ -68,7 +68,7 @@ class CompletionService:
         self._last_request_end = 0.0          # monotonic; the background measurement waits after it
         self._ids = itertools.count(1)
         self._status = {"loaded": False, "model": self.config.model or "default", "device": "",
-                        "dtype": "", "precision": "", "precision_why": "",
+                        "dtype": "", "precision": "", "precision_why": "", "cpu_kernels": "",
                         "error": None, "cache": {}, "last": {},
                         "last_error": None}     # {"message", "time"} of the last engine failure
         # request accounting (status()["load"]): at most one request computes at a time
@@ -213,14 +213,16 @@ class CompletionService:
         with self._cv:
             self._status.update(loaded=True, device=about["device"], dtype=about["dtype"], error=None,
                                 path=about["path"], precision=about["precision"],
-                                precision_why=about["precision_why"], cache=self._completer.cache_stats())
+                                precision_why=about["precision_why"], cpu_kernels=about["cpu_kernels"],
+                                cache=self._completer.cache_stats())
         self._emit("ready", info)
 
     def _describe_status(self) -> None:
         """Device, dtype and precision as the backend says now (a CPU fallback, a switched model)."""
         about = self._completer.describe()
         with self._cv:
-            self._status.update({k: about[k] for k in ("device", "dtype", "precision", "precision_why")})
+            self._status.update({k: about[k] for k in ("device", "dtype", "precision", "precision_why",
+                                                       "cpu_kernels")})
 
     # -- CPU precision, measured while the editor is idle ---------------------------------
     def _precision_in_background(self) -> None:

@@ -21,7 +21,7 @@ SUGGEST = "require('rwkv.suggest')"
 FAKE_STATUS = r"""
 require('rwkv.host').status = function()
   return { loaded = true, model = 'fake', device = 'cpu', dtype = 'float32', error = vim.NIL,
-           last_error = vim.NIL, last = _G.PY_LAST or {},
+           last_error = vim.NIL, last = _G.PY_LAST or {}, cpu_kernels = _G.PY_ISA or '',
            cache = { host = { bytes = 12345678, budget = 536870912, entries = 17 },
                      device = { bytes = 0, budget = 268435456, entries = 0 },
                      disk = { bytes = 2345678, budget = 1073741824, entries = 3 },
@@ -64,6 +64,12 @@ def test_status_counts_the_candidates_on_screen(ui):
     assert [ln for ln in lines if ln.startswith("last request:")], lines  # nothing shown: the last one
     assert not [ln for ln in lines if "dtype" in ln], lines  # one precision line, no dtype beside it
     assert "precision: fp32 weights" in lines, lines
+    assert not [ln for ln in lines if ln.startswith("cpu kernels")], lines   # none reported: no line
+    ui.lua("_G.PY_ISA = 'q8: avx2'")
+    try:
+        assert "cpu kernels: q8: avx2" in ui.lua("return require('rwkv').status_lines()")
+    finally:
+        ui.lua("_G.PY_ISA = nil")
 
 
 def test_status_wraps_between_words(ui):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import threading
 from pathlib import Path
 
@@ -67,11 +68,13 @@ def test_the_local_engine_and_the_servers_are_backends(tiny_model, tmp_path):
             about = b.describe()
             assert sorted(about) == sorted(Description.__annotations__)
             assert all(isinstance(v, str) for v in about.values()), about
-        assert local.describe() == {"model": "default", "path": str(tiny_model.path), "device": "cpu",
-                                    "dtype": "float32", "precision": "float32", "precision_why": ""}
+        about = local.describe()
+        assert re.fullmatch(r"q8: (avx512-vnni|avx512bw|avx2|neon-dotprod|neon|scalar)", about.pop("cpu_kernels"))
+        assert about == {"model": "default", "path": str(tiny_model.path), "device": "cpu",
+                         "dtype": "float32", "precision": "float32", "precision_why": ""}
         assert servers[1].describe() == {"model": "openai server http://127.0.0.1:9", "path": "http://127.0.0.1:9",
                                          "device": "remote", "dtype": "n/a", "precision": "n/a",
-                                         "precision_why": ""}
+                                         "precision_why": "", "cpu_kernels": ""}
     finally:
         for s in servers:
             s.close()
@@ -168,7 +171,7 @@ class EchoBackend:
 
     def describe(self) -> dict:
         return {"model": "echo model", "path": "echo://here", "device": "echo-device", "dtype": "text",
-                "precision": "exact", "precision_why": "it repeats the line"}
+                "precision": "exact", "precision_why": "it repeats the line", "cpu_kernels": ""}
 
     def close(self) -> None:
         self.closed = True

@@ -1,6 +1,7 @@
 """CompletionService: worker thread, latest request wins, events, chunks, priming, accept."""
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -36,6 +37,8 @@ def test_ready_event_then_a_result_with_stats(service):
     assert [k for k, _ in rec.events] == ["loading", "ready"]
     ready = rec.events[1][1]
     assert ready["device"] == "cpu" and ready["dtype"] == "float32" and "load_ms" in ready
+    # :RwkvStatus and :checkhealth name the CPU kernels' instruction-set path in use
+    assert re.fullmatch(r"q8: (avx512-vnni|avx512bw|avx2|neon-dotprod|neon|scalar)", svc.status()["cpu_kernels"])
     rid = svc.submit(make_request(SOURCE_LINES[:12], 9, rid=7), rec.on_partial, rec.on_done)
     assert rid == 7 and rec.finished.wait(WAIT)
     (res,) = rec.done

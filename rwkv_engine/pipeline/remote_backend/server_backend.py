@@ -103,7 +103,7 @@ class ServerBackend(ABC):
 
     def describe(self) -> dict:
         return {"model": self.label, "path": self.display_url, "device": "remote", "dtype": "n/a",
-                "precision": "n/a", "precision_why": ""}
+                "precision": "n/a", "precision_why": "", "cpu_kernels": ""}
 
     def add_chunk(self, text: str, filename: str = "") -> bool:
         return self.ring.add(text, filename)
