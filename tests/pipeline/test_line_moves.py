@@ -16,8 +16,7 @@ import pytest
 from rwkv_engine.pipeline import completer as completer_mod
 
 from pipeline_fixtures import (SOURCE_LINES, CountingModel, flat, assert_logits_close, assert_states_close,  # noqa: F401
-                               cold_forward, completer_factory, greedy_tokens, make_request,
-                               one_torch_thread, record_prefills)
+                               cold_forward, greedy_tokens, make_request, record_prefills)
 
 GREEDY = dict(temperature=0.0, top_p=1.0, candidates=1, max_tokens=4, tail_checkpoints=4)
 ROW = 30            # "    return y + 7": a non-blank line with lines above and below

@@ -18,8 +18,7 @@ from rwkv_engine.pipeline.prompt_layout import CK_MEM, CK_NONE, CK_PERSIST, Segm
 from rwkv_engine.pipeline.state_cache import Snapshot, StateCache, chain_key
 
 from pipeline_fixtures import (SOURCE_LINES, CountingModel, flat, assert_logits_close, assert_states_close,  # noqa: F401
-                               cold_forward, completer_factory, greedy_tokens, make_request,
-                               one_torch_thread, record_prefills, type_text)
+                               cold_forward, greedy_tokens, make_request, record_prefills, type_text)
 
 
 # -- helpers ----------------------------------------------------------------------------------

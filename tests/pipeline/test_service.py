@@ -8,7 +8,7 @@ import pytest
 
 from rwkv_engine.pipeline.service import CompletionService
 
-from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request, one_torch_thread  # noqa: F401
+from pipeline_fixtures import Recorder, SOURCE_LINES, fast_config, make_request
 
 WAIT = 60.0   # generous: the machine may be busy; tests never assert on time
 
