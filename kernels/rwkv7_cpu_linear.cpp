@@ -4,6 +4,8 @@
 //   torch.ops.rwkv_nvim_cpu.q8_linear_reference(...)   (scalar loops, the test oracle)
 //   torch.ops.rwkv_nvim_cpu.f32_linear(x [M, I] f32, W [O, I] f32) -> y [M, O] f32
 //   torch.ops.rwkv_nvim_cpu.q8_isa() -> str
+//   torch.ops.rwkv_nvim_cpu.q4_linear(x [M, I] f32, wq uint8, ws f16) -> y [M, O] f32
+//   torch.ops.rwkv_nvim_cpu.q4_linear_reference(...), q4_isa() -> str  (rwkv7_cpu_q4.h)
 //
 // Why our own: one-token decode streams every weight once per step, so it is a
 // memory-bandwidth problem at 1 row and should stay one at 8 rows. torch's CPU
@@ -15,6 +17,7 @@
 // NEON, or SDOT when the core has dotprod, chosen at run time) is in rwkv7_cpu_q8.h.
 
 #include "rwkv7_cpu_linear.h"
+#include "rwkv7_cpu_q4.h"
 #include "rwkv7_cpu_q8.h"
 
 #include <ATen/Parallel.h>
@@ -43,6 +46,7 @@ struct Scratch {  // per thread: quantized activations of the current call
   std::vector<int16_t> xq;
   std::vector<float> xs;
   std::vector<int8_t> xh, xl;  // the SDOT path's split of xq
+  std::vector<int32_t> xsum;   // q4: per row and block, the sum of xq
 };
 
 Scratch& scratch(int64_t M, int64_t I, bool split) {
@@ -91,6 +95,37 @@ void q8_linear_reference(const float* x, int64_t M, int64_t I, const int8_t* wq,
   std::vector<float> xs(M * NB);
   quantize_rows(x, M, I, xq.data(), xs.data());
   q8_tiles_scalar(Q8Rows{xq.data(), xs.data(), nullptr, nullptr, M, I}, wq, ws, O, y, accumulate, 0, O / kTile);
+}
+
+const char* q4_isa() { return q4_path_name(q4_active_path()); }
+
+void q4_linear(const float* x, int64_t M, int64_t I, const uint8_t* wq, const uint16_t* ws,
+               int64_t O, float* y, bool accumulate) {
+  check_q8_shapes(I, O);
+  const int64_t NB = I / kBlock, tiles = O / kTile;
+  const Q4Path path = q4_active_path();
+  Scratch& s = scratch(M, I, false);
+  quantize_rows(x, M, I, s.xq.data(), s.xs.data());
+  if (static_cast<int64_t>(s.xsum.size()) < M * NB) s.xsum.resize(M * NB);
+  for (int64_t m = 0; m < M; ++m) q4_block_sums(s.xq.data() + m * I, I, s.xsum.data() + m * NB);
+  const Q8Rows rows{s.xq.data(), s.xs.data(), nullptr, nullptr, M, I};
+  const int32_t* xsum = s.xsum.data();
+  // ~2 KiB of weights per tile-block row; tasks of >= ~64 KiB of weights
+  const int64_t grain = std::max<int64_t>(1, 256 / NB);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    q4_tiles(path, rows, xsum, wq, ws, O, y, accumulate, begin, end);
+  });
+}
+
+void q4_linear_reference(const float* x, int64_t M, int64_t I, const uint8_t* wq,
+                         const uint16_t* ws, int64_t O, float* y, bool accumulate) {
+  check_q8_shapes(I, O);
+  const int64_t NB = I / kBlock;
+  std::vector<int16_t> xq(M * I);
+  std::vector<float> xs(M * NB);
+  quantize_rows(x, M, I, xq.data(), xs.data());
+  q4_tiles_scalar(Q8Rows{xq.data(), xs.data(), nullptr, nullptr, M, I}, wq, ws, O, y, accumulate, 0,
+                  O / kTile);
 }
 
 namespace {
@@ -199,6 +234,38 @@ at::Tensor q8_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, con
   return y;
 }
 
+// wq [O/16, I/32, 256] uint8, ws [O/16, I/32, 16] fp16 -> (I, O)
+std::pair<int64_t, int64_t> q4_dims(const at::Tensor& wq, const at::Tensor& ws) {
+  TORCH_CHECK(wq.dim() == 3 && wq.size(2) == rwkv_cpu::kQ4TileBlockBytes && wq.scalar_type() == at::kByte &&
+                  wq.is_contiguous(),
+              "q4 linear: wq must be contiguous uint8 [O/16, I/32, 256], got ", wq.sizes());
+  TORCH_CHECK(ws.dim() == 3 && ws.size(0) == wq.size(0) && ws.size(1) == wq.size(1) &&
+                  ws.size(2) == rwkv_cpu::kTile && ws.scalar_type() == at::kHalf && ws.is_contiguous(),
+              "q4 linear: ws must be contiguous float16 [O/16, I/32, 16], got ", ws.sizes());
+  return {wq.size(1) * rwkv_cpu::kBlock, wq.size(0) * rwkv_cpu::kTile};
+}
+
+at::Tensor q4_linear_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
+  const auto [I, O] = q4_dims(wq, ws);
+  check_x(x, I, "q4_linear");
+  at::Tensor y = at::empty({x.size(0), O}, x.options());
+  if (x.size(0) > 0)
+    rwkv_cpu::q4_linear(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
+                        reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
+  return y;
+}
+
+at::Tensor q4_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
+  const auto [I, O] = q4_dims(wq, ws);
+  check_x(x, I, "q4_linear_reference");
+  at::Tensor y = at::empty({x.size(0), O}, x.options());
+  rwkv_cpu::q4_linear_reference(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
+                                reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
+  return y;
+}
+
+std::string q4_isa_op() { return rwkv_cpu::q4_isa(); }
+
 at::Tensor f32_linear_op(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(),
               "f32_linear: W must be contiguous float32 [O, I], got ", w.sizes());
@@ -231,6 +298,9 @@ TORCH_LIBRARY(rwkv_nvim_cpu, m) {
   m.def("q8_linear_reference(Tensor x, Tensor wq, Tensor ws) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   m.def("q8_isa() -> str", &q8_isa_op);
+  m.def("q4_linear(Tensor x, Tensor wq, Tensor ws) -> Tensor");
+  m.def("q4_linear_reference(Tensor x, Tensor wq, Tensor ws) -> Tensor");
+  m.def("q4_isa() -> str", &q4_isa_op);
   m.def("parallel_threads() -> int", &parallel_threads_op);
 }
 
@@ -238,4 +308,6 @@ TORCH_LIBRARY_IMPL(rwkv_nvim_cpu, CPU, m) {
   m.impl("q8_linear", &q8_linear_op);
   m.impl("q8_linear_reference", &q8_linear_reference_op);
   m.impl("f32_linear", &f32_linear_op);
+  m.impl("q4_linear", &q4_linear_op);
+  m.impl("q4_linear_reference", &q4_linear_reference_op);
 }

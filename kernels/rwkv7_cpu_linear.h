@@ -34,6 +34,15 @@ void q8_linear(const float* x, int64_t M, int64_t I, const int8_t* wq, const uin
 void q8_linear_reference(const float* x, int64_t M, int64_t I, const int8_t* wq,
                          const uint16_t* ws, int64_t O, float* y, bool accumulate);
 
+// y[M, O] (=, or +=) x[M, I] W^T, W as packed q4 (wq [O/16, I/32, 256] nibbles, ws as
+// for q8; layout in rwkv7_cpu_q4.h). Parallel over tiles.
+void q4_linear(const float* x, int64_t M, int64_t I, const uint8_t* wq, const uint16_t* ws,
+               int64_t O, float* y, bool accumulate);
+
+// The scalar reference of q4_linear.
+void q4_linear_reference(const float* x, int64_t M, int64_t I, const uint8_t* wq,
+                         const uint16_t* ws, int64_t O, float* y, bool accumulate);
+
 // y[M, O] (=, or +=) x[M, I] W^T with W [O, I] fp32. Parallel over outputs.
 void f32_linear(const float* x, int64_t M, int64_t I, const float* W, int64_t O, float* y,
                 bool accumulate);
@@ -42,5 +51,8 @@ void f32_linear(const float* x, int64_t M, int64_t I, const float* W, int64_t O,
 // compiled in; "neon-dotprod", "neon": picked at run time on aarch64; "scalar"), see
 // rwkv7_cpu_q8.h.
 const char* q8_isa();
+
+// The path of the q4 product ("avx2" or "scalar"), see rwkv7_cpu_q4.h.
+const char* q4_isa();
 
 }  // namespace rwkv_cpu

@@ -10,7 +10,8 @@
 // state_in / state_out: per layer (att_x [B, C], wkv [B, H, 64, 64], ffn_x [B, C]), all
 // f32 contiguous; state_in is only read, state_out (allocated by the caller) written.
 // A linear is a pair (A, B): A int8 = packed q8 weights with B its scales (see
-// rwkv7_cpu_linear.h), A f32 = W [O, I] (B unused). LoRA matrices come as [out, in].
+// rwkv7_cpu_linear.h), A uint8 = packed q4 weights with B its scales (rwkv7_cpu_q4.h),
+// A f32 = W [O, I] (B unused). LoRA matrices come as [out, in].
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -49,6 +50,7 @@ enum Param : int64_t {
 
 struct Linear {
   const int8_t* wq = nullptr;  // q8: packed weights
+  const uint8_t* w4 = nullptr;  // q4: packed weights (scales in ws)
   const uint16_t* ws = nullptr;  // q8: scales (fp16 bits)
   const float* w = nullptr;    // f32: W [O, I]
   int64_t O = 0, I = 0;
@@ -56,6 +58,8 @@ struct Linear {
   void apply(const float* x, int64_t M, float* y, bool accumulate) const {
     if (wq != nullptr)
       rwkv_cpu::q8_linear(x, M, I, wq, ws, O, y, accumulate);
+    else if (w4 != nullptr)
+      rwkv_cpu::q4_linear(x, M, I, w4, ws, O, y, accumulate);
     else
       rwkv_cpu::f32_linear(x, M, I, w, O, y, accumulate);
   }
@@ -69,6 +73,15 @@ Linear linear(const at::Tensor& a, const at::Tensor& b, int64_t in, const char* 
     TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && b.scalar_type() == at::kHalf && b.is_contiguous(),
                 "decode_step: ", what, " q8 weights must be [O/16, I/32, 512] int8 + [O/16, I/32, 16] f16");
     l.wq = a.data_ptr<int8_t>();
+    l.ws = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
+    l.O = a.size(0) * rwkv_cpu::kTile;
+    l.I = a.size(1) * rwkv_cpu::kBlock;
+  } else if (a.scalar_type() == at::kByte) {
+    TORCH_CHECK(a.dim() == 3 && a.size(2) == rwkv_cpu::kTileBlockBytes / 2 && b.dim() == 3 &&
+                    b.scalar_type() == at::kHalf && b.is_contiguous() && b.size(0) == a.size(0) &&
+                    b.size(1) == a.size(1),
+                "decode_step: ", what, " q4 weights must be [O/16, I/32, 256] uint8 + [O/16, I/32, 16] f16");
+    l.w4 = a.data_ptr<uint8_t>();
     l.ws = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
     l.O = a.size(0) * rwkv_cpu::kTile;
     l.I = a.size(1) * rwkv_cpu::kBlock;

@@ -1,5 +1,5 @@
 // Checks every instruction-set path of the CPU kernels against its scalar reference, on
-// random inputs, without torch: the q8 product (rwkv7_cpu_q8.h), the fused step's
+// random inputs, without torch: the q8 and q4 products (rwkv7_cpu_q8.h, rwkv7_cpu_q4.h), the fused step's
 // transcendental loops (rwkv7_cpu_math.h) and the WKV head (wkv7_cpu_head.h).
 //
 //   c++ -std=c++17 -O2 -march=native kernels/tests/cpu_kernels_check.cpp -o check && ./check
@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../rwkv7_cpu_math.h"
+#include "../rwkv7_cpu_q4.h"
 #include "../rwkv7_cpu_q8.h"
 #include "../wkv7_cpu_head.h"
 
@@ -216,6 +217,64 @@ void check_q8() {
         std::printf("info q8 real data %s: %" PRId64 " of %" PRId64 " outputs differ from scalar in any bit\n",
                     name.c_str(), mismatches[p], compared[p]);
       }
+    }
+  }
+}
+
+// q4: random packed nibbles (every byte is valid), activations as the q8 kinds 0-3; the
+// best path against the scalar one (bit for bit with power-of-two scales) and fp64.
+void check_q4() {
+  const Q4Path paths[] = {Q4Path::kScalar, q4_best_path()};
+  const int64_t shapes[][2] = {{16, 32}, {48, 96}, {256, 1024}, {320, 64}};
+  const int64_t rows[] = {1, 2, 3, 4, 5, 8, 9};
+  for (int kind = 0; kind < 4; ++kind) {
+    int64_t mismatches = 0, compared = 0;
+    double worst = 0.0, worst_double = 0.0;
+    for (const auto& shape : shapes)
+      for (int64_t M : rows) {
+        const int64_t O = shape[0], I = shape[1], NB = I / kBlock;
+        Q8Case c = make_q8_case(M, I, O, kind);
+        std::vector<uint8_t> wq(O * I / 2);
+        for (auto& b : wq) b = uint8_t(kind == 2 ? (rand_int(0, 1) ? 0x00 : 0xFF) : rand_int(0, 255));
+        std::vector<int32_t> xsum(M * NB);
+        for (int64_t m = 0; m < M; ++m) q4_block_sums(c.xq.data() + m * I, I, xsum.data() + m * NB);
+        std::vector<double> exact(M * O, 0.0);
+        double scale = 1e-30;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t o = 0; o < O; ++o) {
+            for (int64_t b = 0; b < NB; ++b) {
+              const uint8_t* wb = wq.data() + ((o / kTile) * NB + b) * kQ4TileBlockBytes;
+              int64_t dot = 0;
+              for (int64_t j = 0; j < kBlock; ++j) dot += int64_t(q4_weight(wb, o % kTile, j)) * c.xq[m * I + b * kBlock + j];
+              exact[m * O + o] += double(dot) * half_to_float(c.ws[((o / kTile) * NB + b) * kTile + o % kTile]) * c.xs[m * NB + b];
+            }
+            scale = std::max(scale, std::fabs(exact[m * O + o]));
+          }
+        for (bool accumulate : {false, true}) {
+          std::vector<float> ys[2];
+          for (int p = 0; p < 2; ++p) {
+            ys[p] = accumulate ? c.y0 : std::vector<float>(M * O, -1.f);
+            const int64_t tiles = O / kTile, mid = tiles / 2;  // two ranges, as two threads
+            q4_tiles(paths[p], c.rows(), xsum.data(), wq.data(), c.ws.data(), O, ys[p].data(), accumulate, 0, mid);
+            q4_tiles(paths[p], c.rows(), xsum.data(), wq.data(), c.ws.data(), O, ys[p].data(), accumulate, mid, tiles);
+          }
+          for (int64_t i = 0; i < M * O; ++i) {
+            ++compared;
+            if (std::memcmp(&ys[0][i], &ys[1][i], 4) != 0) ++mismatches;
+            worst = std::max(worst, std::fabs(double(ys[1][i]) - ys[0][i]) / scale);
+            const double want = exact[i] + (accumulate ? c.y0[i] : 0.0);
+            worst_double = std::max(worst_double, std::fabs(double(ys[1][i]) - want) / scale);
+            worst_double = std::max(worst_double, std::fabs(double(ys[0][i]) - want) / scale);
+          }
+        }
+      }
+    const char* name = q4_path_name(q4_best_path());
+    if (kind < 3) {
+      report(mismatches == 0, "q4 bit-exact vs scalar (kind " + std::to_string(kind) + ")", name,
+             double(mismatches), ("mismatches/" + std::to_string(compared)).c_str());
+    } else {
+      report(worst <= 1e-5, "q4 vs scalar: real data", name, worst, "max_rel_err");
+      report(worst_double <= 1e-5, "q4 vs fp64: real data", name, worst_double, "max_rel_err");
     }
   }
 }
@@ -473,6 +532,7 @@ int main(int argc, char** argv) {
   check_q8_choice(expect, expect_active);
   check_half_to_float();
   check_q8();
+  check_q4();
   check_math();
   check_wkv();
   if (g_failures == 0) {

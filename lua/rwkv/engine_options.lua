@@ -42,9 +42,9 @@ M.options = {
     name = "dtype",
     type = "string",
     default = "auto",
-    choices = { "auto", "fp16", "bf16", "fp32", "int8" },
-    must = "must be one of auto, fp16, bf16, fp32, int8",
-    doc = "\"auto\" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32, int8, ...) that passes an accuracy gate (top-1 agreement >= 99 % with fp32 on real code), measured once per CPU by the build (:RwkvBuild, the quick start; ~10-20 s) and cached in cache_dir/cpu-precision.json. Without a cached verdict the model serves in fp32 at once and the CPU is measured in the background between requests, then the engine switches; :RwkvStatus and `rwkv-nvim info` say what was chosen and why, `rwkv-nvim info --measure-precision` measures again, $RWKV_NVIM_CPU_PRECISION=<mode> skips it. \"int8\" (CPU only) stores the matrices as int8 with one scale per 32 weights (1.1 bytes per weight) and runs them with the plugin's own AVX512-VNNI/AVX2 kernels. A dtype that is not a CPU mode (fp16) counts as \"auto\" on the CPU.",
+    choices = { "auto", "fp16", "bf16", "fp32", "int8", "q4" },
+    must = "must be one of auto, fp16, bf16, fp32, int8, q4",
+    doc = "\"auto\" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32 or int8) that passes an accuracy gate (top-1 agreement >= 99 % with fp32 on real code), timed once per CPU by the build (:RwkvBuild, the quick start; ~10-20 s) and cached in cache_dir/cpu-precision.json. Without a cached verdict the model serves in fp32 at once and the CPU is measured in the background between requests, then the engine switches; the first load of each model checks that mode on the model itself (in the background; cached in cache_dir/model-precision.json). :RwkvStatus and `rwkv-nvim info` say what was chosen and why, `rwkv-nvim info --measure-precision` measures again, $RWKV_NVIM_CPU_PRECISION=<mode> skips it. \"int8\" (CPU only) stores the matrices as int8 with one scale per 32 weights (1.1 bytes per weight) and runs them with the plugin's own AVX512-VNNI/AVX2 kernels. \"q4\" (CPU only) stores the big matrices in 4 bits with one scale per 32 weights (0.56 bytes per weight; head and LoRAs int8): faster batch-1 decode (~1.3x int8), less accurate (KL to fp32 0.016 on the bundled model vs 0.0001 for int8); only chosen explicitly, never by \"auto\". A dtype that is not a CPU mode (fp16) counts as \"auto\" on the CPU.",
   },
   {
     name = "threads",

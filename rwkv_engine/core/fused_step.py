@@ -8,8 +8,8 @@ tested against (tests/core/test_cpu_linear.py).
 
 The kernel takes the weights as one flat list, LAYER_PARAMS tensors per layer in the
 order below (the C++ enum ``Param`` mirrors it), then ln_out.weight, ln_out.bias and the
-head's (A, B) pair; a product is a pair (A, B): packed q8 weights and their scales, or
-an fp32 W [O, I] and an empty tensor.
+head's (A, B) pair; a product is a pair (A, B): packed q8 (int8) or q4 (uint8) weights
+and their scales, or an fp32 W [O, I] and an empty tensor.
 """
 from __future__ import annotations
 

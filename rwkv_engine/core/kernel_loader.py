@@ -176,7 +176,8 @@ def kernel_spec(backend: str) -> KernelSpec:
         flags = cpu_build_flags()
         return KernelSpec("cpu", ("wkv7_cpu.cpp", "rwkv7_cpu_linear.cpp", "rwkv7_cpu_step.cpp"),
                           "rwkv_nvim_wkv7_cpu", flags.cflags, (), False,
-                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h", "rwkv7_cpu_math.h", "rwkv7_cpu_q8.h"),
+                          ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h", "rwkv7_cpu_math.h", "rwkv7_cpu_q8.h",
+                           "rwkv7_cpu_q4.h"),
                           flags.ldflags)
     raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
 
