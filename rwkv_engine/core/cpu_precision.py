@@ -58,11 +58,17 @@ _memo: Dict[str, dict] = {}    # key (JSON) -> verdict, for this process
 EXPLICIT_ONLY = ("q4",)
 
 
-def candidates() -> Tuple[str, ...]:
-    """The CPU modes ``auto`` chooses from, fp32 first (the reference): what the model
-    offers (``model.cpu_modes()``) less ``EXPLICIT_ONLY``."""
+def cpu_modes() -> Tuple[str, ...]:
+    """Every CPU mode the model offers (``model.cpu_modes()``): what an explicit ``dtype``
+    or ``RWKV_NVIM_CPU_PRECISION`` may name."""
     from . import model as model_module
-    modes = tuple(m for m in model_module.cpu_modes() if m not in EXPLICIT_ONLY)
+    return tuple(model_module.cpu_modes())
+
+
+def candidates() -> Tuple[str, ...]:
+    """The CPU modes ``auto`` chooses from, fp32 first (the reference): ``cpu_modes()``
+    less ``EXPLICIT_ONLY``."""
+    modes = tuple(m for m in cpu_modes() if m not in EXPLICIT_ONLY)
     return (REFERENCE,) + tuple(m for m in modes if m != REFERENCE) if REFERENCE in modes else modes
 
 
@@ -124,10 +130,10 @@ def resolve(shape: Sequence[int], threads: int, cache_dir=None, reference_path=N
     modes = candidates()
     forced = override()
     if forced is not None and not remeasure:
-        if forced in modes:
+        if forced in cpu_modes():
             return {"decode": forced, "prefill": forced, "source": "env", "measured": {},
                     "why": f"{ENV}={forced}", "key": {}, "time": time.time()}
-        log.warning("rwkv.nvim: %s=%r is not a CPU mode (%s): ignored", ENV, forced, ", ".join(modes))
+        log.warning("rwkv.nvim: %s=%r is not a CPU mode (%s): ignored", ENV, forced, ", ".join(cpu_modes()))
     tshape = timing_shape(*shape)
     key = cache_key(tshape, threads, modes)
     text = key_text(key)

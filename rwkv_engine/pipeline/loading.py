@@ -146,8 +146,7 @@ def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
     (``precision_of``'s keys) is what status shows: {"mode", "source": "config" | "auto" |
     "env", "summary", "why"} (+ "model_check": the gate's result)."""
     from ..core import cpu_precision as cp
-    modes = cp.candidates()
-    if config.dtype != "auto" and config.dtype in modes:
+    if config.dtype != "auto" and config.dtype in cp.cpu_modes():
         return config.dtype, {"mode": config.dtype, "source": "config",
                               "summary": f"{config.dtype} (engine.dtype)", "why": "engine.dtype"}
     try:
@@ -230,7 +229,7 @@ def resolve_cpu_precision(config: EngineConfig, path: Optional[Path] = None,
     ``measure_now=False`` None instead)."""
     from ..core import cpu_precision as cp
     from ..core.checkpoint import load_checkpoint
-    if cp.override() is not None and not remeasure and cp.override() in cp.candidates():
+    if cp.override() is not None and not remeasure and cp.override() in cp.cpu_modes():
         return cp.resolve((0, 0, 0), 1)             # no checkpoint read for the override
     _, sd, shape, _ = load_checkpoint(path if path is not None else resolve_model_path(config))
     del sd

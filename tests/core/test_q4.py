@@ -205,3 +205,17 @@ def test_q4_default_model_stays_near_fp32_on_real_code():
 
 KL_Q4_DEFAULT = 0.040
 TOP1_Q4_DEFAULT = 0.876
+
+
+def test_an_explicit_q4_is_loaded_as_q4_though_auto_never_picks_it(tiny_model_path, monkeypatch):
+    """dtype = "q4" (and RWKV_NVIM_CPU_PRECISION=q4) load q4 weights: when q4 left auto's
+    candidates, an explicit q4 fell through to "auto" and ran fp32 (bench --dtype q4 too)."""
+    from rwkv_engine.core import cpu_precision as cp
+    from rwkv_engine.pipeline.config import EngineConfig
+    from rwkv_engine.pipeline.loading import load_configured_model
+    monkeypatch.delenv(cp.ENV, raising=False)
+    model = load_configured_model(EngineConfig(model=str(tiny_model_path), dtype="q4"))
+    assert model.quant == "q4" and model.precision["source"] == "config"
+    monkeypatch.setenv(cp.ENV, "q4")
+    model = load_configured_model(EngineConfig(model=str(tiny_model_path)))
+    assert model.quant == "q4" and model.precision["source"] == "env"
