@@ -15,12 +15,11 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .cache_paths import cache_root
-from .private_fs import make_private_dir
+from .private_fs import write_private_json
 
 CACHE_NAME = "cpu-precision.json"
 FORMAT = "rwkv.nvim cpu-precision 1"
@@ -141,20 +140,8 @@ def store(verdict: dict, cache_dir=None) -> Path:
     """Write ``verdict`` into the cache file (replacing one with the same key), 0600 in a
     0700 directory, atomically. Raises OSError when the place is not writable."""
     path = cache_file(cache_dir)
-    make_private_dir(path.parent)
     want = key_text(verdict["key"])
     kept = [v for v in _read_verdicts(path) if key_text(v["key"]) != want]
     kept = sorted(kept, key=lambda v: v.get("time", 0))[-(KEEP - 1):] + [verdict]
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"format": FORMAT, "verdicts": kept}, fh, indent=1)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_private_json(path, {"format": FORMAT, "verdicts": kept})
     return path

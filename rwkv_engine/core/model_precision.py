@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -32,7 +30,7 @@ from .cpu_precision_accuracy import REFERENCE, TOP1_MIN, logit_error, real_code_
 from .cpu_precision_cache import code_fingerprint, default_cache_dir
 from .cpu_precision_measure import MeasurementStopped
 from .errors import one_line
-from .private_fs import make_private_dir
+from .private_fs import write_private_json
 
 CACHE_NAME = "model-precision.json"
 FORMAT = "rwkv.nvim model-precision 1"
@@ -102,22 +100,10 @@ def store(result: dict, cache_dir=None) -> Path:
     """Write ``result`` (replacing one with the same key), 0600 in a 0700 directory,
     atomically; OSError when the place is not writable."""
     path = cache_file(cache_dir)
-    make_private_dir(path.parent)
     want = _key_text(result["key"])
     kept = [r for r in _read(path) if _key_text(r["key"]) != want]
     kept = sorted(kept, key=lambda r: r.get("time", 0))[-(KEEP - 1):] + [result]
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"format": FORMAT, "results": kept}, fh, indent=1)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_private_json(path, {"format": FORMAT, "results": kept})
     return path
 
 

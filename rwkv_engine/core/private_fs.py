@@ -1,7 +1,9 @@
 """Private on-disk places (state cache, kernel builds): directories 0700, files 0600."""
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -31,3 +33,23 @@ def make_tree_private(root: Path) -> None:
             path = os.path.join(dirpath, f)
             if not os.path.islink(path):
                 os.chmod(path, 0o600)
+
+
+def write_private_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path``: 0600 in a 0700 directory, atomically (a temp file
+    beside it, then rename: a reader never sees half a file). OSError when the place is
+    not writable."""
+    path = Path(path)
+    make_private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
