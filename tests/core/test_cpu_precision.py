@@ -19,6 +19,7 @@ from rwkv_engine.core import cpu_precision_cache as cpc
 from rwkv_engine.core import cpu_precision_measure as cpm
 from rwkv_engine.core import model as model_module
 from rwkv_engine.core import model_precision as mp
+from precision_fakes import FakeModelGate
 from rwkv_engine.pipeline.config import EngineConfig
 
 SHAPE = (2, 128, 65536)        # the tiny fixture checkpoint's shape
@@ -66,25 +67,6 @@ class FakeMeasure:
         if progress is not None:
             progress("measuring (fake)")
         return ({m: dict(self.figures[m]) for m in modes}, dict(self.rejected))
-
-
-class FakeModelGate:
-    """Replaces model_precision.measure (the per-model gate): fixed figures, counts calls."""
-
-    def __init__(self, top1=0.996, kl=0.0004, tokens=512):
-        self.figures, self.calls = {"top1": top1, "kl": kl, "tokens": tokens}, 0
-        self.gate: Optional[threading.Event] = None
-        self.started = threading.Event()
-
-    def __call__(self, path, mode, step=None):
-        self.calls += 1
-        self.started.set()
-        for _ in range(2):
-            if step is not None:
-                step(f"checking {mode} (fake)")
-            if self.gate is not None:
-                assert self.gate.wait(60)
-        return dict(self.figures)
 
 
 @pytest.fixture

@@ -12,42 +12,16 @@ from pathlib import Path
 import pytest
 
 from rwkv_engine.core import cpu_precision as cp
-from rwkv_engine.core import cpu_precision_cache as cpc
-from rwkv_engine.core import model as model_module
 from rwkv_engine.core import model_precision as mp
+from precision_fakes import TIMING_FIGURES, FakeModelGate, isolate_precision
 from rwkv_engine.pipeline.config import EngineConfig
-
-FIGURES = {"fp32": {"decode_1": 10.0, "decode_8": 20.0, "prefill_64": 100.0, "top1": 1.0},
-           "int8": {"decode_1": 4.0, "decode_8": 8.0, "prefill_64": 60.0, "top1": 0.995}}
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    from nvim_harness import shared_kernel_dir
-    monkeypatch.setenv("RWKV_NVIM_KERNEL_DIR", shared_kernel_dir())
-    monkeypatch.delenv(cp.ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(cpc, "code_fingerprint", lambda: "fixed")
-    monkeypatch.setattr(mp, "code_fingerprint", lambda: "fixed")
-    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8"), raising=False)
-    cp.forget()
+    isolate_precision(tmp_path, monkeypatch)
     yield
     cp.forget()
-
-
-class Gate:
-    """Replaces mp.measure: fixed figures, counts calls."""
-
-    def __init__(self, top1=0.996, kl=0.0004, tokens=512, error=None):
-        self.figures, self.error, self.calls = {"top1": top1, "kl": kl, "tokens": tokens}, error, 0
-
-    def __call__(self, path, mode, step=None):
-        self.calls += 1
-        if step is not None:
-            step("checking (fake)")
-        if self.error is not None:
-            raise self.error
-        return dict(self.figures)
 
 
 @pytest.fixture
@@ -57,13 +31,13 @@ def cpu_int8(monkeypatch):
 
     def measure(modes, shape, reference_path=None, progress=None, seed=0, threads=None, pause=None):
         calls.append(1)
-        return {m: dict(FIGURES[m]) for m in modes}, {}
+        return {m: dict(TIMING_FIGURES[m]) for m in modes}, {}
     monkeypatch.setattr(cp, "measure", measure)
     return calls
 
 
-def gate(monkeypatch, **kw) -> Gate:
-    g = Gate(**kw)
+def gate(monkeypatch, **kw) -> FakeModelGate:
+    g = FakeModelGate(**kw)
     monkeypatch.setattr(mp, "measure", g)
     return g
 

@@ -7,57 +7,26 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Optional
 
 import pytest
 
 from rwkv_engine.core import cpu_precision as cp
-from rwkv_engine.core import cpu_precision_cache as cpc
-from rwkv_engine.core import model as model_module
 from rwkv_engine.core import model_precision as mp
-
-FIGURES = {"fp32": {"decode_1": 10.0, "decode_8": 20.0, "prefill_64": 100.0, "top1": 1.0},
-           "int8": {"decode_1": 4.0, "decode_8": 8.0, "prefill_64": 60.0, "top1": 0.995}}
+from precision_fakes import TIMING_FIGURES, FakeModelGate, isolate_precision
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    from nvim_harness import shared_kernel_dir
-    monkeypatch.setenv("RWKV_NVIM_KERNEL_DIR", shared_kernel_dir())
-    monkeypatch.delenv(cp.ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(cpc, "code_fingerprint", lambda: "fixed")
-    monkeypatch.setattr(mp, "code_fingerprint", lambda: "fixed")
-    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8"), raising=False)
-    cp.forget()
+    isolate_precision(tmp_path, monkeypatch)
     yield
     cp.forget()
-
-
-class Gate:
-    """Replaces mp.measure: fixed figures; held on ``release`` when set; counts calls."""
-
-    def __init__(self, top1=0.996, kl=0.0004, tokens=512):
-        self.figures, self.calls = {"top1": top1, "kl": kl, "tokens": tokens}, 0
-        self.release: Optional[threading.Event] = None
-        self.started = threading.Event()
-
-    def __call__(self, path, mode, step=None):
-        self.calls += 1
-        self.started.set()
-        for _ in range(2):
-            if step is not None:
-                step("checking (fake)")
-            if self.release is not None:
-                assert self.release.wait(60)
-        return dict(self.figures)
 
 
 @pytest.fixture
 def cpu_measured(monkeypatch, tmp_path):
     """This CPU measured already (int8 preferred), cached where fast_config puts the cache."""
     def measure(modes, shape, reference_path=None, progress=None, seed=0, threads=None, pause=None):
-        return {m: dict(FIGURES[m]) for m in modes}, {}
+        return {m: dict(TIMING_FIGURES[m]) for m in modes}, {}
     monkeypatch.setattr(cp, "measure", measure)
     cp.resolve((2, 128, 65536), 1, cache_dir=tmp_path / "cache")
 
@@ -89,7 +58,7 @@ def _service(tmp_path, tiny_model_path, busy=False):
 def test_fp32_serves_while_this_model_is_checked_then_int8_when_it_passes(cpu_measured, monkeypatch,
                                                                           tiny_model_path, tmp_path):
     from pipeline_fixtures import SOURCE_LINES, make_request
-    g = Gate()
+    g = FakeModelGate()
     g.release = threading.Event()
     monkeypatch.setattr(mp, "measure", g)
     svc, rec = _service(tmp_path, tiny_model_path)
@@ -117,7 +86,7 @@ def test_fp32_serves_while_this_model_is_checked_then_int8_when_it_passes(cpu_me
 
 
 def test_a_model_failing_the_gate_stays_fp32_with_the_reason(cpu_measured, monkeypatch, tiny_model_path, tmp_path):
-    g = Gate(top1=0.96)
+    g = FakeModelGate(top1=0.96)
     monkeypatch.setattr(mp, "measure", g)
     svc, _ = _service(tmp_path, tiny_model_path)
     try:
@@ -138,7 +107,7 @@ def test_a_model_failing_the_gate_stays_fp32_with_the_reason(cpu_measured, monke
 
 def test_closing_stops_a_held_model_check(cpu_measured, monkeypatch, tiny_model_path, tmp_path):
     from rwkv_engine.pipeline import service as service_module
-    g = Gate()
+    g = FakeModelGate()
     monkeypatch.setattr(mp, "measure", g)
     monkeypatch.setattr(service_module, "IDLE_BEFORE_MEASURING_S", 30.0)
     svc, _ = _service(tmp_path, tiny_model_path, busy=True)
@@ -154,7 +123,7 @@ def test_closing_stops_a_held_model_check(cpu_measured, monkeypatch, tiny_model_
 def test_rwkv_nvim_info_says_what_this_model_runs_and_why(cpu_measured, monkeypatch, tiny_model_path, tmp_path,
                                                           capsys):
     from rwkv_engine.cli import main
-    g = Gate(top1=0.96)
+    g = FakeModelGate(top1=0.96)
     monkeypatch.setattr(mp, "measure", g)
     cache = str(tmp_path / "cache")
     assert main(["info", str(tiny_model_path), "--cache-dir", cache]) == 0
