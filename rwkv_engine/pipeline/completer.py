@@ -70,6 +70,7 @@ class Completer:
         self.prefiller = Prefiller(model, self.cache, self.config.prefill_chunk)
         self.speculator = Speculator(self.prefiller)
         self._last: Optional[LastRequest] = None
+        self._cpu_kernels = cpu_kernels_in_use(model)   # a fact of this model: not asked per request
         self._direction = 1                       # last line move: +1 down, -1 up
         self.rows = self.config.candidates        # candidates decoded together (lowered on OOM)
 
@@ -105,7 +106,7 @@ class Completer:
         return {"model": self.config.model or "default", "path": str(getattr(m, "path", "") or ""),
                 "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
                 "precision": prec["summary"], "precision_why": prec.get("why", ""),
-                "cpu_kernels": cpu_kernels_in_use(m)}
+                "cpu_kernels": self._cpu_kernels}
 
     def close(self) -> None:
         """Drop the states cached in memory (device and host tiers; the disk tier stays for
