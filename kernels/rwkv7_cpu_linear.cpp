@@ -6,6 +6,8 @@
 //   torch.ops.rwkv_nvim_cpu.q8_isa() -> str
 //   torch.ops.rwkv_nvim_cpu.q4_linear(x [M, I] f32, wq uint8, ws f16) -> y [M, O] f32
 //   torch.ops.rwkv_nvim_cpu.q4_linear_reference(...), q4_isa() -> str  (rwkv7_cpu_q4.h)
+//   torch.ops.rwkv_nvim_cpu.q4a8_linear(x, wq uint8, ws f16) -> y [M, O] f32: the q4
+//   weights with 8-bit activations; q4a8_linear_reference(...), q4a8_isa() (rwkv7_cpu_q4a8.h)
 //
 // Why our own: one-token decode streams every weight once per step, so it is a
 // memory-bandwidth problem at 1 row and should stay one at 8 rows. torch's CPU
@@ -18,6 +20,7 @@
 
 #include "rwkv7_cpu_linear.h"
 #include "rwkv7_cpu_q4.h"
+#include "rwkv7_cpu_q4a8.h"
 #include "rwkv7_cpu_q8.h"
 
 #include <ATen/Parallel.h>
@@ -46,7 +49,8 @@ struct Scratch {  // per thread: quantized activations of the current call
   std::vector<int16_t> xq;
   std::vector<float> xs;
   std::vector<int8_t> xh, xl;  // the SDOT path's split of xq
-  std::vector<int32_t> xsum;   // q4: per row and block, the sum of xq
+  std::vector<int32_t> xsum;   // q4, q4a8: per row and block, the sum of xq (or xq8)
+  std::vector<int8_t> xq8, xp8;  // q4a8: int8 activations, in input and in nibble order
 };
 
 Scratch& scratch(int64_t M, int64_t I, bool split) {
@@ -126,6 +130,51 @@ void q4_linear_reference(const float* x, int64_t M, int64_t I, const uint8_t* wq
   quantize_rows(x, M, I, xq.data(), xs.data());
   q4_tiles_scalar(Q8Rows{xq.data(), xs.data(), nullptr, nullptr, M, I}, wq, ws, O, y, accumulate, 0,
                   O / kTile);
+}
+
+const char* q4a8_isa() { return q4a8_path_name(q4a8_active_path()); }
+
+namespace {
+// int8 activations of M rows (input order; also nibble order when `interleave`).
+A8Rows quantize_rows_a8(const float* x, int64_t M, int64_t I, bool interleave, std::vector<int8_t>& xq,
+                        std::vector<int8_t>& xp, std::vector<float>& xs, std::vector<int32_t>& xsum) {
+  const int64_t NB = I / kBlock;
+  if (static_cast<int64_t>(xq.size()) < M * I) xq.resize(M * I);
+  if (interleave && static_cast<int64_t>(xp.size()) < M * I) xp.resize(M * I);
+  if (static_cast<int64_t>(xs.size()) < M * NB) xs.resize(M * NB);
+  if (static_cast<int64_t>(xsum.size()) < M * NB) xsum.resize(M * NB);
+  at::parallel_for(0, M, M >= 16 ? 4 : M, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      a8_quantize_row(x + m * I, I, xq.data() + m * I, xs.data() + m * NB, xsum.data() + m * NB);
+      if (interleave) a8_interleave_row(xq.data() + m * I, I, xp.data() + m * I);
+    }
+  });
+  return A8Rows{xq.data(), interleave ? xp.data() : nullptr, xs.data(), xsum.data(), M, I};
+}
+}  // namespace
+
+void q4a8_linear(const float* x, int64_t M, int64_t I, const uint8_t* wq, const uint16_t* ws,
+                 int64_t O, float* y, bool accumulate) {
+  check_q8_shapes(I, O);
+  const int64_t NB = I / kBlock, tiles = O / kTile;
+  const Q4A8Path path = q4a8_active_path();
+  Scratch& s = scratch(0, I, false);
+  const A8Rows rows = quantize_rows_a8(x, M, I, q4a8_path_interleaves(path), s.xq8, s.xp8, s.xs, s.xsum);
+  // ~2 KiB of weights per tile-block row; tasks of >= ~64 KiB of weights
+  const int64_t grain = std::max<int64_t>(1, 256 / NB);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    q4a8_tiles(path, rows, wq, ws, O, y, accumulate, begin, end);
+  });
+}
+
+void q4a8_linear_reference(const float* x, int64_t M, int64_t I, const uint8_t* wq,
+                           const uint16_t* ws, int64_t O, float* y, bool accumulate) {
+  check_q8_shapes(I, O);
+  std::vector<int8_t> xq, xp;
+  std::vector<float> xs;
+  std::vector<int32_t> xsum;
+  const A8Rows rows = quantize_rows_a8(x, M, I, false, xq, xp, xs, xsum);
+  q4a8_tiles_scalar(rows, wq, ws, O, y, accumulate, 0, O / kTile);
 }
 
 namespace {
@@ -266,6 +315,28 @@ at::Tensor q4_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, con
 
 std::string q4_isa_op() { return rwkv_cpu::q4_isa(); }
 
+at::Tensor q4a8_linear_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
+  const auto [I, O] = q4_dims(wq, ws);
+  check_x(x, I, "q4a8_linear");
+  at::Tensor y = at::empty({x.size(0), O}, x.options());
+  if (x.size(0) > 0)
+    rwkv_cpu::q4a8_linear(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
+                          reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
+  return y;
+}
+
+at::Tensor q4a8_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
+  const auto [I, O] = q4_dims(wq, ws);
+  check_x(x, I, "q4a8_linear_reference");
+  at::Tensor y = at::empty({x.size(0), O}, x.options());
+  rwkv_cpu::q4a8_linear_reference(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
+                                  reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O,
+                                  y.data_ptr<float>(), false);
+  return y;
+}
+
+std::string q4a8_isa_op() { return rwkv_cpu::q4a8_isa(); }
+
 at::Tensor f32_linear_op(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(),
               "f32_linear: W must be contiguous float32 [O, I], got ", w.sizes());
@@ -301,6 +372,9 @@ TORCH_LIBRARY(rwkv_nvim_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor wq, Tensor ws) -> Tensor");
   m.def("q4_linear_reference(Tensor x, Tensor wq, Tensor ws) -> Tensor");
   m.def("q4_isa() -> str", &q4_isa_op);
+  m.def("q4a8_linear(Tensor x, Tensor wq, Tensor ws) -> Tensor");
+  m.def("q4a8_linear_reference(Tensor x, Tensor wq, Tensor ws) -> Tensor");
+  m.def("q4a8_isa() -> str", &q4a8_isa_op);
   m.def("parallel_threads() -> int", &parallel_threads_op);
 }
 
@@ -310,4 +384,6 @@ TORCH_LIBRARY_IMPL(rwkv_nvim_cpu, CPU, m) {
   m.impl("f32_linear", &f32_linear_op);
   m.impl("q4_linear", &q4_linear_op);
   m.impl("q4_linear_reference", &q4_linear_reference_op);
+  m.impl("q4a8_linear", &q4a8_linear_op);
+  m.impl("q4a8_linear_reference", &q4a8_linear_reference_op);
 }

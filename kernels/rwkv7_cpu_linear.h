@@ -43,6 +43,14 @@ void q4_linear(const float* x, int64_t M, int64_t I, const uint8_t* wq, const ui
 void q4_linear_reference(const float* x, int64_t M, int64_t I, const uint8_t* wq,
                          const uint16_t* ws, int64_t O, float* y, bool accumulate);
 
+// q4_linear with 8-bit activations (int8 per row and block of 32; rwkv7_cpu_q4a8.h).
+void q4a8_linear(const float* x, int64_t M, int64_t I, const uint8_t* wq, const uint16_t* ws,
+                 int64_t O, float* y, bool accumulate);
+
+// The scalar reference of q4a8_linear.
+void q4a8_linear_reference(const float* x, int64_t M, int64_t I, const uint8_t* wq,
+                           const uint16_t* ws, int64_t O, float* y, bool accumulate);
+
 // y[M, O] (=, or +=) x[M, I] W^T with W [O, I] fp32. Parallel over outputs.
 void f32_linear(const float* x, int64_t M, int64_t I, const float* W, int64_t O, float* y,
                 bool accumulate);
@@ -54,5 +62,8 @@ const char* q8_isa();
 
 // The path of the q4 product ("avx2" or "scalar"), see rwkv7_cpu_q4.h.
 const char* q4_isa();
+
+// The path of the q4a8 product ("avx2", "neon-dotprod" or "scalar"), see rwkv7_cpu_q4a8.h.
+const char* q4a8_isa();
 
 }  // namespace rwkv_cpu

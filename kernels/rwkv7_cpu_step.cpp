@@ -4,14 +4,16 @@
 // it is tested against), for B rows of one token each:
 //
 //   decode_step(x [B, C] f32 (embeddings, ln0 folded in), params (LAYER_PARAMS per layer,
-//               then ln_out.w, ln_out.b, head A, head B), state_in, state_out, n_head)
+//               then ln_out.w, ln_out.b, head A, head B), state_in, state_out, n_head,
+//               q4_a8 = false)
 //     -> logits [B, V] f32
 //
 // state_in / state_out: per layer (att_x [B, C], wkv [B, H, 64, 64], ffn_x [B, C]), all
 // f32 contiguous; state_in is only read, state_out (allocated by the caller) written.
 // A linear is a pair (A, B): A int8 = packed q8 weights with B its scales (see
 // rwkv7_cpu_linear.h), A uint8 = packed q4 weights with B its scales (rwkv7_cpu_q4.h),
-// A f32 = W [O, I] (B unused). LoRA matrices come as [out, in].
+// A f32 = W [O, I] (B unused). LoRA matrices come as [out, in]. q4_a8: the q4 products
+// take 8-bit activations (rwkv7_cpu_q4a8.h; the "q4a8" mode), the q8 ones stay int16.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -51,6 +53,7 @@ enum Param : int64_t {
 struct Linear {
   const int8_t* wq = nullptr;  // q8: packed weights
   const uint8_t* w4 = nullptr;  // q4: packed weights (scales in ws)
+  bool a8 = false;             // q4: with 8-bit activations (q4a8_linear)
   const uint16_t* ws = nullptr;  // q8: scales (fp16 bits)
   const float* w = nullptr;    // f32: W [O, I]
   int64_t O = 0, I = 0;
@@ -58,6 +61,8 @@ struct Linear {
   void apply(const float* x, int64_t M, float* y, bool accumulate) const {
     if (wq != nullptr)
       rwkv_cpu::q8_linear(x, M, I, wq, ws, O, y, accumulate);
+    else if (w4 != nullptr && a8)
+      rwkv_cpu::q4a8_linear(x, M, I, w4, ws, O, y, accumulate);
     else if (w4 != nullptr)
       rwkv_cpu::q4_linear(x, M, I, w4, ws, O, y, accumulate);
     else
@@ -65,7 +70,8 @@ struct Linear {
   }
 };
 
-Linear linear(const at::Tensor& a, const at::Tensor& b, int64_t in, const char* what,
+// q4_a8: the call's q4 products take 8-bit activations ("q4a8" mode).
+Linear linear(bool q4_a8, const at::Tensor& a, const at::Tensor& b, int64_t in, const char* what,
               int64_t max_out = -1) {
   Linear l;
   TORCH_CHECK(a.is_contiguous() && a.device().is_cpu(), "decode_step: ", what, " must be contiguous on the CPU");
@@ -82,6 +88,7 @@ Linear linear(const at::Tensor& a, const at::Tensor& b, int64_t in, const char* 
                     b.size(1) == a.size(1),
                 "decode_step: ", what, " q4 weights must be [O/16, I/32, 256] uint8 + [O/16, I/32, 16] f16");
     l.w4 = a.data_ptr<uint8_t>();
+    l.a8 = q4_a8;
     l.ws = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
     l.O = a.size(0) * rwkv_cpu::kTile;
     l.I = a.size(1) * rwkv_cpu::kBlock;
@@ -136,7 +143,8 @@ using rwkv_cpu::sigmoid_bias_array;
 using rwkv_cpu::tanh_array;
 using rwkv_cpu::value_mix_array;
 
-struct Buffers {  // per call: B rows of each activation
+struct Buffers {  // per call: B rows of each activation, and whether q4 products take 8-bit ones
+  bool q4_a8 = false;
   std::vector<float> h, xr, xw, xk, xv, xa, xg, r, k, v, w, a, g, kk, nb, y, v_first, t1, t2, hid;
   void resize(int64_t B, int64_t C, int64_t F) {  // LoRA widths (t1) are below C
     for (auto* buf : {&h, &xr, &xw, &xk, &xv, &xa, &xg, &r, &k, &v, &w, &a, &g, &kk, &nb, &y, &v_first, &t1, &t2})
@@ -172,27 +180,27 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
       bf.xg[i] = h[i] + d * mg[c];
     }
   }
-  linear(q[LIN_R], q[LIN_R + 1], C, "receptance").apply(bf.xr.data(), B, bf.r.data(), false);
-  linear(q[LIN_K], q[LIN_K + 1], C, "key").apply(bf.xk.data(), B, bf.k.data(), false);
-  linear(q[LIN_V], q[LIN_V + 1], C, "value").apply(bf.xv.data(), B, bf.v.data(), false);
+  linear(bf.q4_a8, q[LIN_R], q[LIN_R + 1], C, "receptance").apply(bf.xr.data(), B, bf.r.data(), false);
+  linear(bf.q4_a8, q[LIN_K], q[LIN_K + 1], C, "key").apply(bf.xk.data(), B, bf.k.data(), false);
+  linear(bf.q4_a8, q[LIN_V], q[LIN_V + 1], C, "value").apply(bf.xv.data(), B, bf.v.data(), false);
   // decay: w = -softplus(-(w0 + tanh(xw W1^T) W2^T)) - 0.5
-  const Linear w1 = linear(q[LIN_W1], q[LIN_W1 + 1], C, "w1", C);  // LoRA down: width <= C
+  const Linear w1 = linear(bf.q4_a8, q[LIN_W1], q[LIN_W1 + 1], C, "w1", C);  // LoRA down: width <= C
   w1.apply(bf.xw.data(), B, bf.t1.data(), false);
   tanh_array(bf.t1.data(), B * w1.O);
-  linear(q[LIN_W2], q[LIN_W2 + 1], w1.O, "w2").apply(bf.t1.data(), B, bf.w.data(), false);
+  linear(bf.q4_a8, q[LIN_W2], q[LIN_W2 + 1], w1.O, "w2").apply(bf.t1.data(), B, bf.w.data(), false);
   const float* w0 = vec(q[W0], C, "w0");
   for_each_row(B, [&](int64_t r) { decay_array(bf.w.data() + r * C, w0, C); });
   // in-context learning rate: a = sigmoid(a0 + (xa A1^T) A2^T)
-  const Linear a1 = linear(q[LIN_A1], q[LIN_A1 + 1], C, "a1", C);  // LoRA down: width <= C
+  const Linear a1 = linear(bf.q4_a8, q[LIN_A1], q[LIN_A1 + 1], C, "a1", C);  // LoRA down: width <= C
   a1.apply(bf.xa.data(), B, bf.t1.data(), false);
-  linear(q[LIN_A2], q[LIN_A2 + 1], a1.O, "a2").apply(bf.t1.data(), B, bf.a.data(), false);
+  linear(bf.q4_a8, q[LIN_A2], q[LIN_A2 + 1], a1.O, "a2").apply(bf.t1.data(), B, bf.a.data(), false);
   const float* a0 = vec(q[A0], C, "a0");
   for_each_row(B, [&](int64_t r) { sigmoid_bias_array(bf.a.data() + r * C, a0, C); });
   // output gate: g = sigmoid(xg G1^T) G2^T
-  const Linear g1 = linear(q[LIN_G1], q[LIN_G1 + 1], C, "g1", C);  // LoRA down: width <= C
+  const Linear g1 = linear(bf.q4_a8, q[LIN_G1], q[LIN_G1 + 1], C, "g1", C);  // LoRA down: width <= C
   g1.apply(bf.xg.data(), B, bf.t1.data(), false);
   sigmoid_array(bf.t1.data(), B * g1.O);
-  linear(q[LIN_G2], q[LIN_G2 + 1], g1.O, "g2").apply(bf.t1.data(), B, bf.g.data(), false);
+  linear(bf.q4_a8, q[LIN_G2], q[LIN_G2 + 1], g1.O, "g2").apply(bf.t1.data(), B, bf.g.data(), false);
   // kk = normalize(k * k_k) per head; k = k * (1 + (a - 1) * k_a)
   {
     const float *k_k = vec(q[K_K], C, "k_k"), *k_a = vec(q[K_A], C, "k_a");
@@ -216,9 +224,9 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
   }
   // value residual: v += (v_first - v) * sigmoid(v0 + (xv V1^T) V2^T), or remember v
   if (has_v_mix) {
-    const Linear v1 = linear(q[LIN_V1], q[LIN_V1 + 1], C, "v1", C);  // LoRA down: width <= C
+    const Linear v1 = linear(bf.q4_a8, q[LIN_V1], q[LIN_V1 + 1], C, "v1", C);  // LoRA down: width <= C
     v1.apply(bf.xv.data(), B, bf.t1.data(), false);
-    linear(q[LIN_V2], q[LIN_V2 + 1], v1.O, "v2").apply(bf.t1.data(), B, bf.t2.data(), false);
+    linear(bf.q4_a8, q[LIN_V2], q[LIN_V2 + 1], v1.O, "v2").apply(bf.t1.data(), B, bf.t2.data(), false);
     const float* v0 = vec(q[V0], C, "v0");
     for_each_row(B, [&](int64_t r) {
       value_mix_array(bf.v.data() + r * C, bf.v_first.data() + r * C, bf.t2.data() + r * C, v0, C);
@@ -255,7 +263,7 @@ void time_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState&
       }
     }
   }
-  linear(q[LIN_O], q[LIN_O + 1], C, "output").apply(bf.y.data(), B, x, true);
+  linear(bf.q4_a8, q[LIN_O], q[LIN_O + 1], C, "output").apply(bf.y.data(), B, x, true);
 }
 
 void channel_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerState& s, float* x,
@@ -269,17 +277,17 @@ void channel_mix(const std::vector<at::Tensor>& p, int64_t layer, const LayerSta
     s.ffn_out[i] = f;
     bf.xk[i] = f + (s.ffn_in[i] - f) * mk[i % C];
   }
-  const Linear fk = linear(q[LIN_FK], q[LIN_FK + 1], C, "ffn.key");
+  const Linear fk = linear(bf.q4_a8, q[LIN_FK], q[LIN_FK + 1], C, "ffn.key");
   fk.apply(bf.xk.data(), B, bf.hid.data(), false);
   for (int64_t i = 0; i < B * fk.O; ++i) {
     const float t = std::max(bf.hid[i], 0.f);
     bf.hid[i] = t * t;  // relu(.)^2
   }
-  linear(q[LIN_FV], q[LIN_FV + 1], fk.O, "ffn.value").apply(bf.hid.data(), B, x, true);
+  linear(bf.q4_a8, q[LIN_FV], q[LIN_FV + 1], fk.O, "ffn.value").apply(bf.hid.data(), B, x, true);
 }
 
 at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params_in, at::TensorList state_in,
-                       at::TensorList state_out, int64_t n_head) {
+                       at::TensorList state_out, int64_t n_head, bool q4_a8) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "decode_step: x must be [B, C] float32 on the CPU, got ", x_in.sizes());
   const int64_t B = x_in.size(0), C = x_in.size(1), H = n_head;
@@ -294,6 +302,7 @@ at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params_in, at::Ten
   const int64_t F = p[LIN_FK].size(0) * (p[LIN_FK].dim() == 3 ? rwkv_cpu::kTile : 1);
   thread_local Buffers bf;
   bf.resize(B, C, F);
+  bf.q4_a8 = q4_a8;
   at::Tensor x = x_in.contiguous().clone();  // [B, C] residual stream
   float* xp = x.data_ptr<float>();
   const int64_t state_elems[3] = {B * C, B * H * kHeadSize * kHeadSize, B * C};
@@ -317,7 +326,7 @@ at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params_in, at::Ten
   }
   const int64_t f = L * LAYER_PARAMS;
   layer_norm(xp, B, C, vec(p[f], C, "ln_out.weight"), vec(p[f + 1], C, "ln_out.bias"), 1e-5f, bf.h.data());
-  const Linear head = linear(p[f + 2], p[f + 3], C, "head");
+  const Linear head = linear(bf.q4_a8, p[f + 2], p[f + 3], C, "head");
   at::Tensor logits = at::empty({B, head.O}, x.options());
   head.apply(bf.h.data(), B, logits.data_ptr<float>(), false);
   return logits;
@@ -326,7 +335,7 @@ at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params_in, at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rwkv_nvim_cpu, m) {
-  m.def("decode_step(Tensor x, Tensor[] params, Tensor[] state_in, Tensor[] state_out, int n_head) -> Tensor");
+  m.def("decode_step(Tensor x, Tensor[] params, Tensor[] state_in, Tensor[] state_out, int n_head, bool q4_a8=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rwkv_nvim_cpu, CPU, m) { m.impl("decode_step", &decode_step); }

@@ -1,5 +1,6 @@
 // Checks every instruction-set path of the CPU kernels against its scalar reference, on
-// random inputs, without torch: the q8 and q4 products (rwkv7_cpu_q8.h, rwkv7_cpu_q4.h), the fused step's
+// random inputs, without torch: the q8, q4 and q4a8 products (rwkv7_cpu_q8.h, rwkv7_cpu_q4.h,
+// rwkv7_cpu_q4a8.h), the fused step's
 // transcendental loops (rwkv7_cpu_math.h) and the WKV head (wkv7_cpu_head.h).
 //
 //   c++ -std=c++17 -O2 -march=native kernels/tests/cpu_kernels_check.cpp -o check && ./check
@@ -27,6 +28,7 @@
 
 #include "../rwkv7_cpu_math.h"
 #include "../rwkv7_cpu_q4.h"
+#include "../rwkv7_cpu_q4a8.h"
 #include "../rwkv7_cpu_q8.h"
 #include "../wkv7_cpu_head.h"
 
@@ -275,6 +277,86 @@ void check_q4() {
     } else {
       report(worst <= 1e-5, "q4 vs scalar: real data", name, worst, "max_rel_err");
       report(worst_double <= 1e-5, "q4 vs fp64: real data", name, worst_double, "max_rel_err");
+    }
+  }
+}
+
+// q4a8: random packed nibbles, int8 activations: full range, small, extremes (all with
+// power-of-two scales: bit for bit) and real data (quantized by a8_quantize_row); the
+// best path against the scalar one and fp64.
+void check_q4a8() {
+  const Q4A8Path paths[] = {Q4A8Path::kScalar, q4a8_best_path()};
+  const int64_t shapes[][2] = {{16, 32}, {48, 96}, {256, 1024}, {320, 64}};
+  const int64_t rows[] = {1, 2, 3, 4, 5, 8, 9};
+  for (int kind = 0; kind < 4; ++kind) {
+    int64_t mismatches = 0, compared = 0;
+    double worst = 0.0, worst_double = 0.0;
+    for (const auto& shape : shapes)
+      for (int64_t M : rows) {
+        const int64_t O = shape[0], I = shape[1], NB = I / kBlock;
+        std::vector<uint8_t> wq(O * I / 2);
+        for (auto& b : wq) b = uint8_t(kind == 2 ? (rand_int(0, 1) ? 0x00 : 0xFF) : rand_int(0, 255));
+        std::vector<uint16_t> ws(O * NB);
+        for (auto& v : ws) v = uint16_t((rand_int(0, 1) << 15) | (rand_int(10, 18) << 10));  // +-2^-5 .. 2^3
+        std::vector<int8_t> xq(M * I), xp(M * I);
+        std::vector<float> xs(M * NB), xf(M * I);
+        std::vector<int32_t> xsum(M * NB);
+        if (kind == 3) {
+          for (auto& v : xf) v = rand_normal() * (rand_int(0, 9) == 0 ? 30.f : 1.f);
+          for (int64_t m = 0; m < M; ++m)
+            a8_quantize_row(xf.data() + m * I, I, xq.data() + m * I, xs.data() + m * NB, xsum.data() + m * NB);
+        } else {
+          for (auto& v : xq) v = int8_t(kind == 0 ? rand_int(-127, 127) : kind == 1 ? rand_int(-3, 3)
+                                                                                    : (rand_int(0, 1) ? 127 : -127));
+          for (auto& v : xs) v = std::ldexp(1.f, rand_int(-12, -4));
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t b = 0; b < NB; ++b) {
+              int32_t t = 0;
+              for (int64_t j = 0; j < kBlock; ++j) t += xq[m * I + b * kBlock + j];
+              xsum[m * NB + b] = t;
+            }
+        }
+        for (int64_t m = 0; m < M; ++m) a8_interleave_row(xq.data() + m * I, I, xp.data() + m * I);
+        const A8Rows x{xq.data(), xp.data(), xs.data(), xsum.data(), M, I};
+        std::vector<float> y0(M * O);
+        for (auto& v : y0) v = std::ldexp(float(rand_int(-64, 64)), -4);
+        std::vector<double> exact(M * O, 0.0);
+        double scale = 1e-30;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t o = 0; o < O; ++o) {
+            for (int64_t b = 0; b < NB; ++b) {
+              const uint8_t* wb = wq.data() + ((o / kTile) * NB + b) * kQ4TileBlockBytes;
+              int64_t dot = 0;
+              for (int64_t j = 0; j < kBlock; ++j) dot += int64_t(q4_weight(wb, o % kTile, j)) * xq[m * I + b * kBlock + j];
+              exact[m * O + o] += double(dot) * half_to_float(ws[((o / kTile) * NB + b) * kTile + o % kTile]) * xs[m * NB + b];
+            }
+            scale = std::max(scale, std::fabs(exact[m * O + o]));
+          }
+        for (bool accumulate : {false, true}) {
+          std::vector<float> ys[2];
+          for (int p = 0; p < 2; ++p) {
+            ys[p] = accumulate ? y0 : std::vector<float>(M * O, -1.f);
+            const int64_t tiles = O / kTile, mid = tiles / 2;  // two ranges, as two threads
+            q4a8_tiles(paths[p], x, wq.data(), ws.data(), O, ys[p].data(), accumulate, 0, mid);
+            q4a8_tiles(paths[p], x, wq.data(), ws.data(), O, ys[p].data(), accumulate, mid, tiles);
+          }
+          for (int64_t i = 0; i < M * O; ++i) {
+            ++compared;
+            if (std::memcmp(&ys[0][i], &ys[1][i], 4) != 0) ++mismatches;
+            worst = std::max(worst, std::fabs(double(ys[1][i]) - ys[0][i]) / scale);
+            const double want = exact[i] + (accumulate ? y0[i] : 0.0);
+            worst_double = std::max(worst_double, std::fabs(double(ys[1][i]) - want) / scale);
+            worst_double = std::max(worst_double, std::fabs(double(ys[0][i]) - want) / scale);
+          }
+        }
+      }
+    const char* name = q4a8_path_name(q4a8_best_path());
+    if (kind < 3) {
+      report(mismatches == 0, "q4a8 bit-exact vs scalar (kind " + std::to_string(kind) + ")", name,
+             double(mismatches), ("mismatches/" + std::to_string(compared)).c_str());
+    } else {
+      report(worst <= 1e-5, "q4a8 vs scalar: real data", name, worst, "max_rel_err");
+      report(worst_double <= 1e-5, "q4a8 vs fp64: real data", name, worst_double, "max_rel_err");
     }
   }
 }
@@ -533,6 +615,7 @@ int main(int argc, char** argv) {
   check_half_to_float();
   check_q8();
   check_q4();
+  check_q4a8();
   check_math();
   check_wkv();
   if (g_failures == 0) {

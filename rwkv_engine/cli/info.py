@@ -72,10 +72,10 @@ def cpu_kernels_line(progress=None) -> str:
         return "q8: none (RWKV_NVIM_NO_KERNEL is set: the torch code runs)"
     with warnings.catch_warnings():  # the failure is said here, once
         warnings.simplefilter("ignore", RuntimeWarning)
-        isa = kl.cpu_isa(progress)
-    if isa is None:
+        isas = kl.cpu_isas(progress)
+    if isas is None:
         return f"q8: none (CPU kernel unavailable: {kl.kernel_status().get('cpu', '?')})"
-    return f"q8: {isa}"
+    return ", ".join(f"{name}: {path}" for name, path in isas.items())
 
 
 def precision_verdict(config, path, remeasure: bool, progress=None):

@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 
-from ..core.kernel_loader import (backend_for, cpu_isa, cpu_threads_note, get_cpu_ops, get_wkv7,
+from ..core.kernel_loader import (backend_for, cpu_isa, cpu_isas, cpu_threads_note, get_cpu_ops, get_wkv7,
                                   kernel_status, kernels_disabled)
 
 COMPILER = {"cuda": "nvcc", "hip": "hipcc"}
@@ -76,15 +76,17 @@ def _cpu_paths(say) -> dict:
     import torch
 
     isa = cpu_isa()
+    isas = cpu_isas() or {}
     note = cpu_threads_note()
     ops = get_cpu_ops()
     threads = int(ops.parallel_threads()) if ops is not None else 1
     wanted = torch.get_num_threads()
-    line = f"cpu: q8: {isa}; threads: {threads} of {wanted} ({note})"
+    products = ", ".join(f"{name}: {path}" for name, path in isas.items()) or f"q8: {isa}"
+    line = f"cpu: {products}; threads: {threads} of {wanted} ({note})"
     if threads < wanted and wanted > 1:
         line += " - the CPU kernels run on fewer threads than torch's"
     say(line)
-    return {"q8": isa, "threads": threads, "torch_threads": wanted, "threads_note": note}
+    return {"q8": isa, **isas, "threads": threads, "torch_threads": wanted, "threads_note": note}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ class EmbeddingTable:
               quant: Optional[str], dtype: torch.dtype, device) -> "EmbeddingTable":
         V, C = emb.shape
         w, b = ln0_w.float().to(device), ln0_b.float().to(device)
-        stored = torch.bfloat16 if quant in ("int8", "q4") else dtype
+        stored = torch.bfloat16 if quant in ("int8", "q4", "q4a8") else dtype
         rows = torch.empty(V, C, dtype=stored, device=device)
         for r0 in range(0, V, _CHUNK):
             x = F.layer_norm(emb[r0:r0 + _CHUNK].to(device=device, dtype=torch.float32), (C,), w, b)

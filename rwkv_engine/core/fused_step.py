@@ -9,7 +9,8 @@ tested against (tests/core/test_cpu_linear.py).
 The kernel takes the weights as one flat list, LAYER_PARAMS tensors per layer in the
 order below (the C++ enum ``Param`` mirrors it), then ln_out.weight, ln_out.bias and the
 head's (A, B) pair; a product is a pair (A, B): packed q8 (int8) or q4 (uint8) weights
-and their scales, or an fp32 W [O, I] and an empty tensor.
+and their scales, or an fp32 W [O, I] and an empty tensor. In the q4a8 mode the q4
+products take 8-bit activations (the op's ``q4_a8`` flag).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class FusedDecode:
     def __init__(self, model, ops):
         self._op = ops.decode_step
         self.n_head = model.shape.n_head
+        self.q4_a8 = model.quant == "q4a8"
         params: List[torch.Tensor] = []
         for layer in model.layers:
             params.extend(layer_params(layer))
@@ -63,5 +65,5 @@ class FusedDecode:
         for i in range(L):
             s_in.extend((state.att_x[i].contiguous(), state.wkv[i].contiguous(), state.ffn_x[i].contiguous()))
             s_out.extend((new.att_x[i], new.wkv[i], new.ffn_x[i]))
-        logits = self._op(x.contiguous(), self.params, s_in, s_out, self.n_head)
+        logits = self._op(x.contiguous(), self.params, s_in, s_out, self.n_head, self.q4_a8)
         return logits, new

@@ -177,7 +177,7 @@ def kernel_spec(backend: str) -> KernelSpec:
         return KernelSpec("cpu", ("wkv7_cpu.cpp", "rwkv7_cpu_linear.cpp", "rwkv7_cpu_step.cpp"),
                           "rwkv_nvim_wkv7_cpu", flags.cflags, (), False,
                           ("wkv7_cpu_head.h", "rwkv7_cpu_linear.h", "rwkv7_cpu_math.h", "rwkv7_cpu_q8.h",
-                           "rwkv7_cpu_q4.h"),
+                           "rwkv7_cpu_q4.h", "rwkv7_cpu_q4a8.h"),
                           flags.ldflags)
     raise ValueError(f"unknown WKV-7 kernel backend {backend!r} (expected one of {BACKENDS})")
 
@@ -482,6 +482,15 @@ def cpu_isa(progress: Optional[ProgressFn] = None) -> Optional[str]:
     on first use, like ``get_wkv7``)."""
     ops = get_cpu_ops(progress)
     return None if ops is None else str(ops.q8_isa())
+
+
+def cpu_isas(progress: Optional[ProgressFn] = None) -> Optional[dict[str, str]]:
+    """The instruction-set path of each CPU product: {"q8": ``cpu_isa()``, "q4": "avx2" or
+    "scalar", "q4a8": "avx2", "neon-dotprod" or "scalar"}; None without the CPU kernel."""
+    ops = get_cpu_ops(progress)
+    if ops is None:
+        return None
+    return {"q8": str(ops.q8_isa()), "q4": str(ops.q4_isa()), "q4a8": str(ops.q4a8_isa())}
 
 
 def cpu_threads_note() -> str:

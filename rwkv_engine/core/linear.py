@@ -11,6 +11,10 @@
                4 bits like llama.cpp's Q4_0 (one fp16 scale per 32 weights, the block's
                largest-magnitude weight at -8), activations as for q8 (layout in
                kernels/rwkv7_cpu_q4.h): 0.5625 bytes per weight.
+``Q4A8Linear`` CPU "q4a8" mode: the same q4 weights, activations quantized per row and
+               block of 32 to int8 (scale = max|x| / 127, llama.cpp's Q8_0 activations),
+               so the kernel multiplies bytes (kernels/rwkv7_cpu_q4a8.h): about twice
+               the multiply-adds per instruction, for prefill and many-row steps.
 
 Each keeps its slow reference next to it (``reference``: plain torch on dequantized
 values, the same math), which tests compare with the compiled kernel, and which runs
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 TILE = 16           # outputs per packed tile
 BLOCK = 32          # inputs per scale block
 ACT_MAX = 32767.0   # activations: int16 per row and block
+ACT8_MAX = 127.0    # ... or int8 (q4a8)
 FEW_ROWS = 8        # at most this many rows go through our CPU kernel in fp32 mode
 
 _EMPTY = torch.empty(0)
@@ -134,14 +139,14 @@ def dequantize_q4(wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     return (q.float() * s).reshape(tiles * TILE, nb * BLOCK)
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, act_max: float = ACT_MAX) -> torch.Tensor:
     """x [M, I] rounded the way the q8 kernel sees it: int16 per row and block of 32
-    (scale = max|x| / 32767), returned dequantized in fp32."""
+    (scale = max|x| / 32767; int8 with act_max=ACT8_MAX), returned dequantized in fp32."""
     M, I = x.shape
     xb = x.float().reshape(M, I // BLOCK, BLOCK)
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, ACT_MAX / amax, torch.zeros_like(amax))
-    return (torch.round(xb * inv) * (amax / ACT_MAX)).reshape(M, I)
+    inv = torch.where(amax > 0, act_max / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / act_max)).reshape(M, I)
 
 
 class F32Linear:
@@ -225,13 +230,33 @@ class Q4Linear(Q8Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class Q4A8Linear(Q4Linear):
+    """The q4 weights with 8-bit activations (CPU only); see the module docstring."""
+
+    kind = "q4a8"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ops is None:
+            return self.reference(x)
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        return self._ops.q4a8_linear(x2, self.wq, self.ws).view(*x.shape[:-1], self.out_features)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Same math in plain torch: int8 activations times the dequantized matrix."""
+        x2 = quantize_activations(x.reshape(-1, self.in_features), ACT8_MAX)
+        y = x2 @ dequantize_q4(self.wq, self.ws).T
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 def make_linear(W: torch.Tensor, quant: Optional[str], dtype=torch.float32, device="cpu"):
     """The product for W [O, I] as stored in the checkpoint (any dtype, maybe a view):
-    q8 in the CPU int8 mode, q4 for quant "q4", when the shape allows (quantized chunk by
-    chunk, so no full fp32 copy of a big matrix is ever made), else W in ``dtype`` on
-    ``device``."""
+    q8 in the CPU int8 mode, q4 for quant "q4" ("q4a8": with 8-bit activations), when the
+    shape allows (quantized chunk by chunk, so no full fp32 copy of a big matrix is ever
+    made), else W in ``dtype`` on ``device``."""
     if quant == "q4" and q8_fits(W):
         return Q4Linear(W)
+    if quant == "q4a8" and q8_fits(W):
+        return Q4A8Linear(W)
     if quant == "int8" and q8_fits(W):
         return Q8Linear(W)
     return F32Linear(W.to(device=device, dtype=dtype))

@@ -3,7 +3,8 @@
 Shapes: B rows, T tokens, C = n_embd, H = C / 64 heads, N = 64, V vocabulary.
 CPU computes in fp32 with fp32 weights, or (dtype "int8") with weights quantized per
 block of 32 (rwkv_engine/core/linear.py), or (dtype "q4") with the big matrices in 4 bits
-per weight and the LoRAs in int8 (``QUANT_PLAN``); one-token steps on the CPU run fused in one kernel
+per weight and the LoRAs in int8 (``QUANT_PLAN``; "q4a8": the same weights, 8-bit
+activations); one-token steps on the CPU run fused in one kernel
 call (rwkv_engine/core/fused_step.py). CUDA (and MPS, Apple's GPU, with the pure-torch WKV
 path: no kernel) keeps weights and activations in fp16 (default) or bf16
 and the WKV state in fp32. ``forward`` never mutates the state it is given.
@@ -33,7 +34,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
-        if dtype not in (None, "auto", torch.float32, "fp32", "float32", "int8", "q4"):
+        if dtype not in (None, "auto", torch.float32, "fp32", "float32", "int8", "q4", "q4a8"):
             log.info("device cpu computes in fp32 (asked for %s)", dtype)
         return torch.float32
     if dtype in (None, "auto"):
@@ -41,15 +42,15 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32 (int8, q4 are CPU only)")
+        raise ValueError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32 (int8, q4, q4a8 are CPU only)")
     return _DTYPES[dtype]
 
 
 def cpu_modes() -> tuple:
     """The weight representations the CPU engine can run (``dtype=`` names): fp32, int8
-    (block-quantized q8 weights, rwkv_engine/core/linear.py) and q4 (4-bit big matrices,
-    ``QUANT_PLAN``)."""
-    return ("fp32", "int8", "q4")
+    (block-quantized q8 weights, rwkv_engine/core/linear.py), q4 (4-bit big matrices,
+    ``QUANT_PLAN``) and q4a8 (the q4 weights with 8-bit activations)."""
+    return ("fp32", "int8", "q4", "q4a8")
 
 
 # Per CPU mode, the weight format of each kind of matrix: "mats" the [C, C] and ffn
@@ -63,6 +64,7 @@ def cpu_modes() -> tuple:
 QUANT_PLAN = {
     "int8": {"mats": "int8", "lora": "int8", "head": "int8"},
     "q4": {"mats": "q4", "lora": "int8", "head": "int8"},
+    "q4a8": {"mats": "q4a8", "lora": "int8", "head": "int8"},   # q4 with int8 activations
 }
 
 
@@ -135,7 +137,7 @@ class RWKV7:
             plan = QUANT_PLAN.get(self.quant, {})
             self.head = make_linear(sd["head.weight"], plan.get("head"), dt, dev)  # [V, C]
         # the weight format is part of the identity: states of another format never match
-        ident = f"{dev.type}|{dt}|{self.quant}" + {"int8": "-q8b32", "q4": "-q4b32"}.get(self.quant, "")
+        ident = f"{dev.type}|{dt}|{self.quant}" + {"int8": "-q8b32", "q4": "-q4b32", "q4a8": "-q4b32a8"}.get(self.quant, "")
         self.model_id = model_identity(path, ident) if path is not None else f"anon-{id(self)}"
 
     def weight_bytes(self) -> int:

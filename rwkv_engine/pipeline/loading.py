@@ -251,20 +251,24 @@ def precision_of(model) -> dict:
 
 
 def cpu_kernels_in_use(model) -> str:
-    """"q8: <instruction-set path>" of the CPU kernels a CPU model runs ("q8: avx2",
-    "q8: neon-dotprod", "q8: scalar"); "" on a GPU, for a model without the compiled
-    kernel (``use_kernel=False``, RWKV_NVIM_NO_KERNEL) or when the kernel did not build.
-    Never builds: a CPU model built the kernel when it loaded."""
+    """The instruction-set paths of the CPU products a CPU model runs: "q8: avx2" (int8:
+    every product), "q8: avx2, q4a8: avx2" (the q4 modes: their big matrices, beside the
+    q8 head and LoRAs), "q8: neon-dotprod", "q8: scalar"; "" on a GPU, for a model without
+    the compiled kernel (``use_kernel=False``, RWKV_NVIM_NO_KERNEL) or when the kernel did
+    not build. Never builds: a CPU model built the kernel when it loaded."""
     if getattr(getattr(model, "device", None), "type", "") != "cpu" or not getattr(model, "use_kernel", False):
         return ""
-    from ..core.kernel_loader import cpu_isa, kernels_disabled, kernel_status
+    from ..core.kernel_loader import cpu_isas, kernels_disabled, kernel_status
     if kernels_disabled() or not kernel_status().get("cpu", "").startswith("ready"):
         return ""
     try:
-        isa = cpu_isa()
-    except Exception:                               # an older build without q8_isa
+        isas = cpu_isas()
+    except Exception:                               # an older build without these ops
         return ""
-    return f"q8: {isa}" if isa else ""
+    if not isas:
+        return ""
+    names = ["q8"] + [n for n in (getattr(model, "quant", None),) if n in isas and n != "q8"]
+    return ", ".join(f"{n}: {isas[n]}" for n in names)
 
 
 def cpu_threads(configured: int, n_embd: int) -> int:

@@ -103,6 +103,9 @@ def test_x86_paths_equal_the_scalar_reference(tmp_path, flags, isa):
     assert _best(out) == isa
     if isa != "scalar":
         assert re.search(rf"ok\s+q8 bit-exact: full int16, pow2 scales\s+{re.escape(isa)}\s", out), out
+    q4a8 = "scalar" if isa == "scalar" else "avx2"   # AVX2 (or wider): the maddubs path
+    for kind in range(3):
+        assert re.search(rf"ok\s+q4a8 bit-exact vs scalar \(kind {kind}\)\s+{q4a8}\s+mismatches/\d+=0", out), out
 
 
 # ------------------------------------------------------------------------ aarch64 (qemu)
@@ -150,6 +153,9 @@ def test_aarch64_paths_equal_the_scalar_reference_under_qemu(arm64_driver, cpu, 
     for path in {"neon", expected}:
         for kind in ("full int16", "small int16", "extremes"):
             assert re.search(rf"ok\s+q8 bit-exact: {kind}, pow2 scales\s+{path}\s+mismatches/\d+=0", out), out
+    q4a8 = "neon-dotprod" if expected == "neon-dotprod" else "scalar"   # SDOT, else the reference
+    for kind in range(3):
+        assert re.search(rf"ok\s+q4a8 bit-exact vs scalar \(kind {kind}\)\s+{q4a8}\s+mismatches/\d+=0", out), out
     for what in ("tanh vs scalar", "decay \\(softplus\\) vs scalar", "wkv rows T=1 in place vs scalar",
                  "wkv cols T=33 vs scalar"):
         assert re.search(rf"ok\s+{what}\s+neon\s", out), (what, out)

@@ -122,13 +122,18 @@ for M in (1, 3, 8):
     y = ops.q4_linear(x, wq, ws)
     assert (y - ref).abs().max() <= 1e-4 * ref.abs().max(), M
     assert torch.equal(y, ops.q4_linear_reference(x, wq, ws)), M
-print(ops.q4_isa(), "ok")
+    ref8 = quantize_activations(x, 127.0) @ dequantize_q4(wq, ws).T      # q4a8: int8 activations
+    y8 = ops.q4a8_linear(x, wq, ws)
+    assert (y8 - ref8).abs().max() <= 1e-4 * ref8.abs().max(), M
+    assert torch.equal(y8, ops.q4a8_linear_reference(x, wq, ws)), M
+print(ops.q4_isa(), ops.q4a8_isa(), "ok")
 """
 
 
 @pytest.mark.skipif(ops is None or ops.q4_isa() == "scalar", reason="needs an x86 AVX2 kernel build")
 def test_q4_scalar_build_computes_the_same(tmp_path):
-    """What a CPU without AVX2 (and aarch64) runs: the scalar path, built here with AVX2 off."""
+    """What a CPU without AVX2 runs (q4, and q4a8 without SDOT): the scalar path, built here
+    with AVX2 off."""
     import subprocess
     import sys
     from pathlib import Path
@@ -136,7 +141,7 @@ def test_q4_scalar_build_computes_the_same(tmp_path):
     out = subprocess.run([sys.executable, "-c", _SCALAR_CHECK, str(tmp_path), str(src)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["scalar", "ok"]
+    assert out.stdout.split() == ["scalar", "scalar", "ok"]
 
 
 def test_q4_is_a_cpu_mode_with_8_bit_head_and_loras():
