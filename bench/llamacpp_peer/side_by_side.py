@@ -48,10 +48,10 @@ from .build import bin_dir, build, build_info, cpu_summary, version
 from .server import Server
 from .tools import batched_bench, llama_bench, requantize_gguf
 
-MODES = ("fp32", "int8")
+MODES = ("fp32", "int8", "q4", "q4a8")
 TYPES = ("f32", "q8_0", "q4_0")
-PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int8", "q4_0"))    # ours / theirs ratios
-LABEL = {"fp32": "fp32", "int8": "int8", "f32": "f32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int8", "q4_0"), ("q4", "q4_0"), ("q4a8", "q4_0"))  # ours / theirs
+LABEL = {"fp32": "fp32", "int8": "int8", "q4": "q4", "q4a8": "q4a8", "f32": "f32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 BATCHED_PROMPT = 8          # tokens of prompt per row before the timed decode (both sides)
 
 
@@ -326,9 +326,9 @@ def run(args) -> int:
         if n_pos > 0:
             ref = _ours_logprobs(models["fp32"], ids, start, n_pos)
             ref_top = _topk_dicts(ref, K)
-            if "int8" in models:
-                q = _ours_logprobs(models["int8"], ids, start, n_pos)
-                accuracy["pairs"]["ours int8 vs ours fp32"] = _summary(ref_top, _topk_dicts(q, K), _exact_kl(ref, q))
+            for m in (m for m in modes if m != "fp32"):
+                q = _ours_logprobs(models[m], ids, start, n_pos)
+                accuracy["pairs"][f"ours {m} vs ours fp32"] = _summary(ref_top, _topk_dicts(q, K), _exact_kl(ref, q))
             for t in types:
                 if t != "f32":
                     accuracy["pairs"][f"llama.cpp {LABEL[t]} vs llama.cpp f32"] = _summary(theirs_top["f32"], theirs_top[t])

@@ -25,7 +25,7 @@ from pathlib import Path
 def add_arguments(p) -> None:
     p.add_argument("--model", help="checkpoint path or short name (default: the bundled default model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda; fp32, int8 or q4 on cpu; auto (default): what the "
+    p.add_argument("--dtype", default="auto", help="fp16/bf16 on cuda; fp32, int8, q4 or q4a8 on cpu; auto (default): what the "
                         "plugin runs (on the CPU: the mode measured fastest for this CPU)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default: as the plugin, engine option `threads` = 0; "
@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("--peer llama.cpp")
     g.add_argument("--rows", default="1,4,8",
                    help="row counts of the aggregate decode figures (default 1,4,8)")
-    g.add_argument("--modes", default="fp32,int8", help="our CPU modes (default fp32,int8; q4 also runs)")
+    g.add_argument("--modes", default="fp32,int8", help="our CPU modes (default fp32,int8; q4 and q4a8 also run)")
     g.add_argument("--gguf-types", default="f32,q8_0,q4_0",
                    help="llama.cpp GGUF types (default f32,q8_0,q4_0; f32 is always exported)")
     g.add_argument("--check-tokens", type=int, default=32,

@@ -23,7 +23,9 @@ phase gets its own fastest passing mode.
 A verdict is used only when its key matches (CPU, flags, torch, engine, sources,
 candidates, timing shape, threads); ``RWKV_NVIM_CPU_PRECISION=<mode>`` skips all of it.
 A lossy pick is then checked on the user's own model, once per model file
-(``core.model_precision``, applied by ``pipeline.loading.gated_by_model``).
+(``core.model_precision``, applied by ``pipeline.loading.gated_by_model``); when it fails
+there, the next mode of the verdict's ``ladder`` (the other lossy modes the rule would
+take over fp32, fastest first) is checked, and fp32 runs when none passes.
 """
 from __future__ import annotations
 
@@ -50,11 +52,10 @@ PREFILL_SLACK = 2.0            # the decode pick's prefill may be at most this x
 _memo: Dict[str, dict] = {}    # key (JSON) -> verdict, for this process
 
 
-# Modes that only an explicit ``dtype`` selects, never ``auto``: 4-bit weights fail the
-# per-CPU accuracy gate on the shipped default model (top-1 91.8 % < 99 %, KL 0.016) and on
-# the random checkpoint, so timing them at every build would only cost time (a third
-# mode: the measurement took ~2x longer). ``auto`` considers them once the per-model gate
-# judges every mode on the user's own model (issue 23).
+# Modes that only an explicit ``dtype`` selects, never ``auto``: q4 (4-bit weights, int16
+# activations) is slower than q4a8 (the same weights, 8-bit activations) wherever either
+# has a kernel, and the gates cannot tell their accuracy apart (default model: KL 0.0199
+# both, top-1 90.6 %), so timing it at every build would only cost time.
 EXPLICIT_ONLY = ("q4",)
 
 
@@ -96,6 +97,26 @@ def choose(measured: Dict[str, dict], rejected: Dict[str, str], split: bool = Fa
             dec = REFERENCE
         pre = dec
     return dec, pre, _why(dec, pre, measured, rejected)
+
+
+def ladder(measured: Dict[str, dict], rejected: Dict[str, str], pick: str) -> Tuple[str, ...]:
+    """The lossy modes ``auto`` may run, in the order they are tried on the user's model
+    (``core.model_precision``): ``pick`` (``choose``'s), then the other passing modes by
+    decode speed that the same rule would take over fp32 (at most PREFILL_SLACK x the
+    fastest prefill, at least MARGIN faster at decode than fp32). () when fp32 is the pick."""
+    if pick == REFERENCE:
+        return ()
+    passing = [m for m in measured if m not in rejected]
+    fastest_prefill = min((measured[m].get("prefill_64", math.inf) for m in passing), default=math.inf)
+    ref = measured.get(REFERENCE) if REFERENCE in passing else None
+    out = [pick]
+    for m in sorted(passing, key=lambda m: decode_ms(measured[m])):
+        if m in (pick, REFERENCE) or measured[m].get("prefill_64", math.inf) > PREFILL_SLACK * fastest_prefill:
+            continue
+        if ref is not None and decode_ms(measured[m]) > (1 - MARGIN) * decode_ms(ref):
+            continue
+        out.append(m)
+    return tuple(out)
 
 
 def _why(dec: str, pre: str, measured: Dict[str, dict], rejected: Dict[str, str]) -> str:
@@ -148,8 +169,8 @@ def resolve(shape: Sequence[int], threads: int, cache_dir=None, reference_path=N
     t0 = time.perf_counter()
     measured, rejected = measure(modes, tshape, reference_path, progress, threads=threads, pause=pause)
     dec, pre, why = choose(measured, rejected)
-    v = {"decode": dec, "prefill": pre, "why": why, "measured": measured, "rejected": rejected,
-         "key": key, "time": time.time()}
+    v = {"decode": dec, "prefill": pre, "ladder": list(ladder(measured, rejected, dec)), "why": why,
+         "measured": measured, "rejected": rejected, "key": key, "time": time.time()}
     try:
         where = store(v, cache_dir)
         log.info("rwkv.nvim: CPU precision %s (%s), cached in %s", dec, why, where)

@@ -196,7 +196,7 @@ def _measure(modes, shape, reference_path, hear, seed, timing_threads, t_start) 
     for mode in modes:
         if mode in rejected:
             continue
-        why = accuracy.gate_failures(measured[mode])
+        why = accuracy.gate_failures(measured[mode], mode)
         if not all(math.isfinite(measured[mode].get(k, math.inf)) for k in ROUNDS):
             why.append("not timed")
         if why:

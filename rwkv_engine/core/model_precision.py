@@ -24,7 +24,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .cpu_precision_accuracy import REFERENCE, TOP1_MIN, logit_error, real_code_texts
 from .cpu_precision_cache import code_fingerprint, default_cache_dir
@@ -140,9 +140,39 @@ def decide(mode: str, top1: float, kl: float, tokens: int) -> dict:
     return {"passed": not fails, "why": figures if not fails else f"{', '.join(fails)} over {tokens} tokens"}
 
 
-def measure(path, mode: str, step: Step = None) -> Dict[str, float]:
+class Reference:
+    """fp32's logits of one model on the gate's tokens, computed on first use and shared by
+    the modes checked in turn (``auto``'s ladder): one fp32 pass however many are tried."""
+
+    def __init__(self, path):
+        self.path = path
+        self.batches = None      # [[1, T] token ids] per real-code file
+        self.logits = None       # [tokens, V] fp32
+
+    def get(self, mode: str, say):
+        if self.logits is None:
+            import torch
+
+            from .checkpoint import load_checkpoint
+            from .cpu_precision_measure import _build
+            say(f"checking {mode} on this model: loading the fp32 reference")
+            _, sd, shape, world_ids = load_checkpoint(self.path)
+            ref = _build(sd, shape, REFERENCE, world_ids)
+            self.batches = [torch.tensor([ref.tokenizer.encode(text)[:TOKENS_PER_FILE]])
+                            for _, text in real_code_texts()]
+            rows = []
+            for toks in self.batches:                                        # each [1, T]
+                rows.append(ref.forward(toks, all_logits=True)[0][0])          # [T, V]
+                say(f"checking {mode} on this model: fp32 reference")
+            del ref, sd
+            self.logits = torch.cat(rows)
+        return self.batches, self.logits
+
+
+def measure(path, mode: str, step: Step = None, reference: Optional[Reference] = None) -> Dict[str, float]:
     """{"top1", "kl", "tokens"} of ``mode`` against fp32 on the checkpoint at ``path``.
-    ``step(message)`` runs between the forward passes (progress, the engine's pause)."""
+    ``step(message)`` runs between the forward passes (progress, the engine's pause);
+    ``reference``: fp32's logits, shared with other modes' checks of the same model."""
     import torch
 
     from .checkpoint import load_checkpoint
@@ -151,15 +181,8 @@ def measure(path, mode: str, step: Step = None) -> Dict[str, float]:
     def say(msg):
         if step is not None:
             step(msg)
-    say(f"checking {mode} on this model: loading the fp32 reference")
+    batches, ref_all = (reference or Reference(path)).get(mode, say)
     _, sd, shape, world_ids = load_checkpoint(path)
-    ref = _build(sd, shape, REFERENCE, world_ids)
-    batches = [torch.tensor([ref.tokenizer.encode(text)[:TOKENS_PER_FILE]]) for _, text in real_code_texts()]
-    ref_logits = []
-    for toks in batches:                                                # each [1, T]
-        ref_logits.append(ref.forward(toks, all_logits=True)[0][0])     # [T, V]
-        say(f"checking {mode} on this model: fp32 reference")
-    del ref
     model = _build(sd, shape, mode, world_ids)
     del sd
     got = []
@@ -167,7 +190,7 @@ def measure(path, mode: str, step: Step = None) -> Dict[str, float]:
         say(f"checking {mode} on this model: file {i + 1}/{len(batches)}")
         got.append(model.forward(toks, all_logits=True)[0][0])          # [T, V]
     del model
-    ref_all, got_all = torch.cat(ref_logits), torch.cat(got)            # [tokens, V]
+    got_all = torch.cat(got)                                            # [tokens, V]
     if not bool(torch.isfinite(got_all).all()):
         return {"top1": 0.0, "kl": float("inf"), "tokens": int(ref_all.shape[0])}
     kl, _, top1 = logit_error(ref_all, got_all)
@@ -181,10 +204,12 @@ def fp32_bytes(path) -> int:
     return sum(t.numel() for k, t in sd.items() if k != "vocab.world_ids") * 4
 
 
-def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool = True) -> Optional[dict]:
+def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool = True,
+          reference: Optional[Reference] = None) -> Optional[dict]:
     """The gate's result for ``mode`` on the model at ``path``: cached, else measured now
     and cached (``measure_now=False``: None instead). A model whose fp32 reference does not
-    fit is not measured: {"passed": False, "checked": False, "why": ...}, not cached."""
+    fit is not measured: {"passed": False, "checked": False, "why": ...}, not cached.
+    ``reference``: fp32's logits shared between the modes of one ladder (``Reference``)."""
     key = gate_key(path, mode)
     hit = load_cached(key, cache_dir)
     if hit is not None:
@@ -199,7 +224,7 @@ def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool 
                 "why": f"not checked: {no_room}", "time": time.time(), "source": "measured"}
     t0 = time.perf_counter()
     try:
-        figures = measure(path, mode, step)
+        figures = measure(path, mode, step, reference)
         result = dict(figures, **decide(mode, figures["top1"], figures["kl"], figures["tokens"]))
     except MemoryError as e:
         return {"key": key, "mode": mode, "passed": False, "checked": False,
@@ -217,14 +242,21 @@ def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool 
     return dict(result, source="measured")
 
 
-def summary(cpu_line: str, mode: str, result: Optional[dict]) -> str:
-    """The status line: ``cpu_line`` is what the CPU verdict says about its pick (e.g.
-    "decode 6.3 ms vs fp32 20.3 ms"); ``result`` the gate's result on this model (None:
-    being checked in the background)."""
+def summary(cpu_line: str, mode: str, result: Optional[dict], failed: Sequence[Tuple[str, dict]] = ()) -> str:
+    """The status line: ``cpu_line`` is what the CPU verdict says about ``mode`` (e.g.
+    "decode 6.3 ms vs fp32 20.3 ms"); ``result`` the gate's result for ``mode`` on this model
+    (None: being checked in the background); ``failed``: the (mode, result) of the faster
+    modes this model failed before ``mode`` was checked (``auto``'s ladder)."""
+    before = "; ".join(f"{m} failed: {r['why']}" for m, r in failed)
     if result is None:
-        return f"{REFERENCE} (auto: this CPU prefers {mode}: {cpu_line}; checking this model in the background)"
+        head = f"{before}; " if before else ""
+        return f"{REFERENCE} (auto: {head}this CPU prefers {mode}: {cpu_line}; checking this model in the background)"
     if result.get("passed"):
+        if before:
+            return f"{mode} (auto: this CPU: {cpu_line}; this model: {before}; {mode} passed: {result['why']})"
         return f"{mode} (auto: this CPU: {cpu_line}; this model: {result['why']})"
     if not result.get("checked", True):
         return f"{REFERENCE} (auto: this CPU prefers {mode}, but this model was {result['why']})"
+    if before:
+        return f"{REFERENCE} (auto: this model failed every lossy mode: {before}; {mode} failed: {result['why']})"
     return f"{REFERENCE} (auto: this model failed the {mode} gate: {result['why']})"

@@ -106,22 +106,25 @@ class EngineConfig:
             'Mac through torch\'s MPS backend (fp16, the pure-torch WKV path; not yet run on a '
             'Mac); without MPS it falls back to the CPU with one warning, as "cuda" does.')
     dtype: str = option(
-        "string", "auto", group=_MODEL, choices=("auto", "fp16", "bf16", "fp32", "int8", "q4"),
-        doc='"auto" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32 or int8) that passes '
-            'an accuracy gate (top-1 agreement >= 99 % with fp32 on real code), timed once per '
-            'CPU by the build (:RwkvBuild, the quick start; ~10-20 s) and cached in '
-            'cache_dir/cpu-precision.json. Without a cached verdict the model serves in fp32 at '
-            'once and the CPU is measured in the background between requests, then the engine '
-            'switches; the first load of each model checks that mode on the model itself (in the '
-            'background; cached in cache_dir/model-precision.json). :RwkvStatus and '
+        "string", "auto", group=_MODEL, choices=("auto", "fp16", "bf16", "fp32", "int8", "q4", "q4a8"),
+        doc='"auto" is fp16 on a GPU; on the CPU, the fastest CPU mode (fp32, int8 or q4a8) '
+            'whose kernels work here, timed once per CPU by the build (:RwkvBuild, the quick '
+            'start; ~10-30 s) and cached in cache_dir/cpu-precision.json; the first load of each '
+            'model then checks the lossy modes, fastest first, on the model itself against fp32 '
+            '(top-1 agreement >= 99 % and KL <= 0.05 on real code; in the background, cached in '
+            'cache_dir/model-precision.json) and runs the first that passes, else fp32. Without a '
+            'cached verdict the model serves in fp32 at once and the CPU is measured in the '
+            'background between requests, then the engine switches. :RwkvStatus and '
             '`rwkv-nvim info` say what was chosen and why, `rwkv-nvim info --measure-precision` '
             'measures again, $RWKV_NVIM_CPU_PRECISION=<mode> skips it. "int8" (CPU only) stores the '
             'matrices as int8 with one scale per 32 weights (1.1 bytes per weight) and runs them '
-            'with the plugin\'s own AVX512-VNNI/AVX2 kernels. "q4" (CPU only) stores the big '
+            'with the plugin\'s own AVX512-VNNI/AVX2/NEON kernels. "q4" (CPU only) stores the big '
             'matrices in 4 bits with one scale per 32 weights (0.56 bytes per weight; head and '
-            'LoRAs int8): faster batch-1 decode (~1.3x int8), less accurate (KL to fp32 0.016 on '
-            'the bundled model vs 0.0001 for int8); only chosen explicitly, never by "auto". A '
-            'dtype that is not a CPU mode (fp16) counts as "auto" on the CPU.')
+            'LoRAs int8): less accurate (KL to fp32 0.020 on the bundled model vs 0.0001 for '
+            'int8). "q4a8" (CPU only): the q4 weights with 8-bit activations, about twice q4\'s '
+            'speed where the CPU has AVX2 or ARM dotprod (prefill, several candidates); its '
+            'accuracy is q4\'s. "q4" is only chosen explicitly. A dtype that is not a CPU mode '
+            '(fp16) counts as "auto" on the CPU.')
     threads: int = option(
         "integer", 0, group=_MODEL, min=0, max=256, hint="(0 = auto)",
         doc="Torch CPU threads. 0: 1 thread for small models (the bundled one), up to 8 cores "

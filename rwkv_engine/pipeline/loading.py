@@ -173,37 +173,45 @@ def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
 def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict, warn: Warn = None,
                    progress: Optional[Callable[[str], None]] = None, measure_now: bool = True,
                    pause=None) -> tuple:
-    """(dtype, record) once the lossy mode this CPU's ``verdict`` picked is checked on the
+    """(dtype, record) once the lossy modes this CPU's ``verdict`` allows are checked on the
     model at ``path`` (``core.model_precision.check``: top-1 and KL against fp32 on real
-    code, cached per model file): the mode when it passes; fp32 with the reason when it
-    fails or cannot be checked (the fp32 reference does not fit in memory); fp32 and
-    ``"pending"`` with ``measure_now=False`` and no cached result."""
+    code, cached per model file), fastest first (the verdict's ``ladder``; one fp32
+    reference pass for all): the first that passes; fp32 with the reasons when none
+    passes or they cannot be checked (the fp32 reference does not fit in memory); fp32
+    and ``"pending"`` with ``measure_now=False`` and no cached result for the next mode."""
     from ..core import cpu_precision as cp
     from ..core import model_precision as mp
-    mode = verdict["decode"]
 
     def step(msg: str) -> None:
         if pause is not None:
             pause()
         if progress is not None:
             progress(msg)
-    try:
-        result = mp.check(checkpoint_file(path), mode, cache_dir=config.resolved_cache_dir(), step=step,
-                          measure_now=measure_now)
-    except cp.MeasurementStopped:
-        raise
-    except Exception as e:
-        log.warning("rwkv.nvim: the model precision check failed", exc_info=True)
-        say(warn, f"could not check {mode} on this model ({one_line(e, 120)}): running fp32")
-        return cp.REFERENCE, dict(record, mode=cp.REFERENCE, summary=f"{cp.REFERENCE} (auto: {mode} not checked "
-                                  f"on this model: {one_line(e, 80)})", why=one_line(e, 160))
-    summary = mp.summary(cp.speed_line(verdict) or verdict.get("why", ""), mode, result)
-    if result is None:
-        return cp.REFERENCE, dict(record, mode=cp.REFERENCE, pending=True, summary=summary,
-                                  why=f"this CPU prefers {mode}; checking it on this model first")
-    why = f"{record['why']}; this model: {result['why']}"
-    return (mode if result["passed"] else cp.REFERENCE), dict(
-        record, mode=mode if result["passed"] else cp.REFERENCE, summary=summary, why=why, model_check=result)
+    reference = mp.Reference(checkpoint_file(path))
+    failed: list = []
+    for mode in verdict.get("ladder") or [verdict["decode"]]:
+        try:
+            result = mp.check(checkpoint_file(path), mode, cache_dir=config.resolved_cache_dir(), step=step,
+                              measure_now=measure_now, reference=reference)
+        except cp.MeasurementStopped:
+            raise
+        except Exception as e:
+            log.warning("rwkv.nvim: the model precision check failed", exc_info=True)
+            say(warn, f"could not check {mode} on this model ({one_line(e, 120)}): running fp32")
+            return cp.REFERENCE, dict(record, mode=cp.REFERENCE, summary=f"{cp.REFERENCE} (auto: {mode} not "
+                                      f"checked on this model: {one_line(e, 80)})", why=one_line(e, 160))
+        summary = mp.summary(cp.speed_line(verdict, mode) or verdict.get("why", ""), mode, result, failed)
+        if result is None:
+            return cp.REFERENCE, dict(record, mode=cp.REFERENCE, pending=True, summary=summary,
+                                      why=f"this CPU prefers {mode}; checking it on this model first")
+        why = f"{record['why']}; this model: " + "; ".join(
+            [f"{m} failed: {r['why']}" for m, r in failed] + [result["why"]])
+        if result["passed"]:
+            return mode, dict(record, mode=mode, summary=summary, why=why, model_check=result)
+        if not result.get("checked", True):        # no room for the reference: none can be checked
+            break
+        failed.append((mode, result))
+    return cp.REFERENCE, dict(record, mode=cp.REFERENCE, summary=summary, why=why, model_check=result)
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -563,3 +563,27 @@ def test_a_verdict_of_fp32_keeps_the_model_and_updates_the_status(monkeypatch, t
         assert not model.precision.get("pending")
     finally:
         svc.close()
+
+
+# -- the ladder and the per-model-gated modes --------------------------------------------
+def test_the_ladder_lists_the_lossy_modes_the_rule_would_take_fastest_first():
+    fig = {"fp32": {"decode_1": 10.0, "decode_8": 20.0, "prefill_64": 100.0},
+           "int8": {"decode_1": 4.0, "decode_8": 8.0, "prefill_64": 60.0},
+           "q4a8": {"decode_1": 2.5, "decode_8": 6.0, "prefill_64": 40.0},
+           "slow": {"decode_1": 9.9, "decode_8": 19.9, "prefill_64": 100.0}}   # within MARGIN of fp32
+    dec, _, _ = cp.choose(fig, {})
+    assert dec == "q4a8" and cp.ladder(fig, {}, dec) == ("q4a8", "int8")
+    assert cp.ladder(fig, {"q4a8": "broken"}, "int8") == ("int8",)
+    assert cp.ladder(fig, {}, "fp32") == ()
+    fig["int8"]["prefill_64"] = 500.0                                          # > 2x the fastest prefill
+    assert cp.ladder(fig, {}, "q4a8") == ("q4a8",)
+
+
+def test_a_model_gated_mode_passes_the_cpu_check_on_working_kernels_only():
+    from rwkv_engine.core.cpu_precision_accuracy import MODEL_GATED, gate_failures
+    assert "q4a8" in MODEL_GATED and "q4a8" in cp.candidates() and "q4" not in cp.candidates()
+    four_bit = {"top1": 0.906, "kl": 0.45, "max_logit_err": 0.40}             # what q4a8 measures
+    assert gate_failures(four_bit, "q4a8") == []
+    assert gate_failures(four_bit, "int8")                                    # 8-bit limits: fails
+    assert gate_failures({"top1": 0.02, "kl": 3.0}, "q4a8") == [              # a scrambled product
+        "top-1 2.0 % < 80 % on real code", "KL 3.000 > 1.0 on a random 0.1B checkpoint"]

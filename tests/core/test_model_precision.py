@@ -208,3 +208,89 @@ def test_a_model_that_cannot_be_checked_runs_fp32_and_says_why(cpu_int8, monkeyp
     assert m.quant is None and g.calls == 0
     assert m.precision["summary"].startswith("fp32 (auto: this CPU prefers int8, but this model was not checked: "
                                              "its fp32 reference needs "), m.precision["summary"]
+
+
+# -- auto's ladder: a faster lossy mode first, the next when this model fails it -----------
+LADDER_FIGURES = dict(TIMING_FIGURES, q4a8={"decode_1": 2.5, "decode_8": 6.0, "prefill_64": 40.0, "top1": 0.906})
+
+
+@pytest.fixture
+def cpu_q4a8(monkeypatch):
+    """This CPU's verdict: q4a8 fastest, then int8 (faked figures; q4a8's top-1 on the
+    default model is what 4-bit weights measure, which the per-CPU check lets through)."""
+    from rwkv_engine.core import model as model_module
+    monkeypatch.setattr(model_module, "cpu_modes", lambda: ("fp32", "int8", "q4a8"), raising=False)
+
+    def measure(modes, shape, reference_path=None, progress=None, seed=0, threads=None, pause=None):
+        measured = {m: dict(LADDER_FIGURES[m]) for m in modes}
+        from rwkv_engine.core.cpu_precision_accuracy import gate_failures
+        return measured, {m: "; ".join(gate_failures(measured[m], m)) for m in modes if gate_failures(measured[m], m)}
+    monkeypatch.setattr(cp, "measure", measure)
+
+
+def test_a_model_failing_the_fastest_mode_runs_the_next_one_with_one_fp32_pass(cpu_q4a8, monkeypatch,
+                                                                                 tiny_model_path, tmp_path):
+    from rwkv_engine.pipeline.loading import load_configured_model
+    g = gate(monkeypatch, per_mode={"q4a8": (0.93, 0.018)})
+    cfg = EngineConfig(model=str(tiny_model_path), device="cpu", cache_dir=str(tmp_path / "c"))
+    m = load_configured_model(cfg)
+    assert m.quant == "int8" and g.modes == ["q4a8", "int8"]
+    assert g.references[0] is g.references[1] is not None          # one shared fp32 reference
+    assert m.precision["summary"] == (
+        "int8 (auto: this CPU: decode 4.0 ms vs fp32 10.0 ms, q4a8 2.5 ms; this model: q4a8 failed: top-1 "
+        "93.0 % < 99 % over 512 tokens; int8 passed: top-1 99.6 %, KL 0.0004 over 512 tokens)")
+    assert "q4a8 failed: top-1 93.0 %" in m.precision["why"]
+    assert load_configured_model(cfg).quant == "int8" and g.modes == ["q4a8", "int8"]     # both cached
+
+
+def test_a_model_passing_the_fastest_mode_runs_it_and_checks_nothing_else(cpu_q4a8, monkeypatch,
+                                                                         tiny_model_path, tmp_path):
+    from rwkv_engine.pipeline.loading import load_configured_model
+    g = gate(monkeypatch)
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu", cache_dir=str(tmp_path)))
+    assert m.quant == "q4a8" and g.modes == ["q4a8"]
+    assert m.precision["summary"].startswith("q4a8 (auto: this CPU: decode 2.5 ms vs fp32 10.0 ms, int8 4.0 ms; "
+                                             "this model: top-1 99.6 %")
+
+
+def test_a_model_failing_every_lossy_mode_runs_fp32_and_says_each_reason(cpu_q4a8, monkeypatch,
+                                                                        tiny_model_path, tmp_path):
+    from rwkv_engine.pipeline.loading import load_configured_model
+    g = gate(monkeypatch, per_mode={"q4a8": (0.93, 0.018), "int8": (0.97, 0.001)})
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu", cache_dir=str(tmp_path)))
+    assert m.quant is None and g.modes == ["q4a8", "int8"]
+    assert m.precision["summary"] == (
+        "fp32 (auto: this model failed every lossy mode: q4a8 failed: top-1 93.0 % < 99 % over 512 tokens; "
+        "int8 failed: top-1 97.0 % < 99 % over 512 tokens)")
+
+
+def test_the_next_mode_of_the_ladder_is_pending_until_checked(cpu_q4a8, monkeypatch, tiny_model_path, tmp_path):
+    """Loaded before the background check: q4a8's failure is cached, int8's is not: fp32,
+    pending, saying both."""
+    from rwkv_engine.pipeline.loading import load_configured_model
+    cfg = EngineConfig(model=str(tiny_model_path), device="cpu", cache_dir=str(tmp_path))
+    g = gate(monkeypatch, per_mode={"q4a8": (0.93, 0.018)})
+    mp.check(tiny_model_path, "q4a8", cache_dir=tmp_path)
+    cp.resolve((2, 128, 65536), 1, cache_dir=tmp_path)
+    m = load_configured_model(cfg, measure_now=False)
+    assert m.quant is None and m.precision["pending"] and g.modes == ["q4a8"]
+    assert m.precision["summary"].startswith("fp32 (auto: q4a8 failed: top-1 93.0 % < 99 % over 512 tokens; "
+                                             "this CPU prefers int8: decode 4.0 ms")
+
+
+def test_the_reference_is_computed_once_for_several_modes(monkeypatch, tiny_model_path):
+    """The real gate (no fake): two modes checked with one Reference run fp32 once."""
+    from rwkv_engine.core import cpu_precision_measure as cm
+    monkeypatch.setattr(mp, "TOKENS_PER_FILE", 16)
+    built = []
+    real_build = cm._build
+
+    def build(sd, shape, mode, world_ids=None):
+        built.append(mode)
+        return real_build(sd, shape, mode, world_ids)
+    monkeypatch.setattr(cm, "_build", build)
+    ref = mp.Reference(tiny_model_path)
+    a = mp.measure(tiny_model_path, "q4a8", reference=ref)
+    b = mp.measure(tiny_model_path, "int8", reference=ref)
+    assert built == ["fp32", "q4a8", "int8"]
+    assert b["top1"] >= a["top1"] and b["kl"] <= a["kl"] and a["tokens"] == b["tokens"] == 64

@@ -67,8 +67,8 @@ def test_with_mps_the_model_is_loaded_there_in_fp16_without_cuda_graphs(tiny_mod
 def test_an_mps_model_uses_the_pure_torch_wkv_path_and_no_int8():
     assert backend_for("mps") is None                  # no compiled kernel: wkv7_reference
     assert backend_for("cpu") == "cpu"
-    for cpu_only in ("int8", "q4"):
-        with pytest.raises(ValueError, match=r"\(int8, q4 are CPU only\)"):
+    for cpu_only in ("int8", "q4", "q4a8"):
+        with pytest.raises(ValueError, match=r"\(int8, q4, q4a8 are CPU only\)"):
             model_mod._parse_dtype(cpu_only, torch.device("mps"))
 
 

@@ -12,17 +12,24 @@ TIMING_FIGURES = {"fp32": {"decode_1": 10.0, "decode_8": 20.0, "prefill_64": 100
 
 
 class FakeModelGate:
-    """Replaces ``model_precision.measure`` (the per-model gate): fixed figures, counts
-    calls; ``started`` is set when it runs; with ``release`` set it waits for that event
-    between its two steps; ``error`` is raised instead of answering."""
+    """Replaces ``model_precision.measure`` (the per-model gate): fixed figures (``per_mode``:
+    {mode: (top1, kl)} for the modes that measure otherwise), counts calls and records the
+    modes checked and the fp32 reference each got; ``started`` is set when it runs; with
+    ``release`` set it waits for that event between its two steps; ``error`` is raised
+    instead of answering."""
 
-    def __init__(self, top1=0.996, kl=0.0004, tokens=512, error: Optional[BaseException] = None):
+    def __init__(self, top1=0.996, kl=0.0004, tokens=512, error: Optional[BaseException] = None,
+                 per_mode: Optional[dict] = None):
         self.figures, self.error, self.calls = {"top1": top1, "kl": kl, "tokens": tokens}, error, 0
+        self.per_mode = per_mode or {}
+        self.modes, self.references = [], []
         self.release: Optional[threading.Event] = None
         self.started = threading.Event()
 
-    def __call__(self, path, mode, step=None):
+    def __call__(self, path, mode, step=None, reference=None):
         self.calls += 1
+        self.modes.append(mode)
+        self.references.append(reference)
         self.started.set()
         for _ in range(2):
             if step is not None:
@@ -31,6 +38,9 @@ class FakeModelGate:
                 raise self.error
             if self.release is not None:
                 assert self.release.wait(60)
+        if mode in self.per_mode:
+            top1, kl = self.per_mode[mode]
+            return dict(self.figures, top1=top1, kl=kl)
         return dict(self.figures)
 
 
