@@ -8,9 +8,11 @@ fp32, ``check`` compares that mode with fp32 on this model: teacher-forced over 
 standard-library sources, 512 tokens), top-1 agreement (>= ``TOP1_MIN``, the CPU gate's
 limit) and mean KL(fp32 || mode) (<= ``KL_MAX``). The fp32 reference's logits are taken
 first and its model dropped before the mode's is built: the peak is one fp32 copy beside
-what already runs. When that copy does not fit in the available memory (``fits``), the
-model is not checked: the result says so, is not cached (memory changes), and the caller
-keeps fp32 (``engine.dtype = "int8"`` runs int8 unchecked).
+what already runs. When that copy does not fit in the available memory (``fits``: a 7B
+model is 29 GB in fp32), the 8-bit-weight mode is the reference instead
+(``reference_mode``): the 4-bit modes are checked against int8, int8 itself runs
+unchecked (the result says so), and int8, not fp32, is what the model serves in until a
+mode passes (``safe_mode``).
 
 Results are cached in ``<cache root>/model-precision.json`` under ``gate_key``: the file's
 identity (``file_identity``: size, mtime and a hash of three 1 MiB samples, never a full
@@ -43,6 +45,7 @@ TOKENS_PER_FILE = 128          # x 4 real-code files = 512 teacher-forced positi
 # quantizes worse, and stops a broken one (a scrambled mode measures KL > 1).
 KL_MAX = 0.05
 MEMORY_SLACK = 1.25            # the fp32 reference needs this x its weight bytes available
+SMALL_REFERENCE = "int8"       # the reference (and safe mode) of a model whose fp32 copy does not fit
 
 Step = Optional[Callable[[str], None]]
 
@@ -65,9 +68,9 @@ def file_identity(path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample": h.hexdigest()[:32]}
 
 
-def gate_key(path, mode: str) -> dict:
+def gate_key(path, mode: str, reference: str = REFERENCE) -> dict:
     from .. import __version__
-    return {"file": file_identity(path), "mode": mode, "reference": REFERENCE, "engine": __version__,
+    return {"file": file_identity(path), "mode": mode, "reference": reference, "engine": __version__,
             "code": code_fingerprint(), "gate": f"{TOKENS_PER_FILE}x4 tokens, top-1 {TOP1_MIN}, KL {KL_MAX}"}
 
 
@@ -129,6 +132,20 @@ def fits(fp32_bytes: int) -> Optional[str]:
     return f"its fp32 reference needs {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
 
 
+def reference_mode(path) -> Tuple[str, Optional[str]]:
+    """(mode, why) the gate compares the lossy modes of the model at ``path`` with: fp32
+    when its copy fits in the available memory (why: None), else ``SMALL_REFERENCE``
+    (int8: about 0.27 x fp32's bytes) and why fp32 does not fit."""
+    no_room = fits(fp32_bytes(path))
+    return (REFERENCE, None) if no_room is None else (SMALL_REFERENCE, no_room)
+
+
+def safe_mode(path) -> str:
+    """The mode the model at ``path`` serves in before (or without) a lossy mode that passed:
+    the gate's reference (fp32, or int8 when fp32 does not fit in memory)."""
+    return reference_mode(path)[0]
+
+
 def decide(mode: str, top1: float, kl: float, tokens: int) -> dict:
     """{"passed", "why"} of ``mode`` with the measured figures."""
     fails = []
@@ -144,8 +161,9 @@ class Reference:
     """fp32's logits of one model on the gate's tokens, computed on first use and shared by
     the modes checked in turn (``auto``'s ladder): one fp32 pass however many are tried."""
 
-    def __init__(self, path):
+    def __init__(self, path, mode: str = REFERENCE):
         self.path = path
+        self.mode = mode         # fp32, or int8 for a model whose fp32 copy does not fit
         self.batches = None      # [[1, T] token ids] per real-code file
         self.logits = None       # [tokens, V] fp32
 
@@ -155,15 +173,15 @@ class Reference:
 
             from .checkpoint import load_checkpoint
             from .cpu_precision_measure import _build
-            say(f"checking {mode} on this model: loading the fp32 reference")
+            say(f"checking {mode} on this model: loading the {self.mode} reference")
             _, sd, shape, world_ids = load_checkpoint(self.path)
-            ref = _build(sd, shape, REFERENCE, world_ids)
+            ref = _build(sd, shape, self.mode, world_ids)
             self.batches = [torch.tensor([ref.tokenizer.encode(text)[:TOKENS_PER_FILE]])
                             for _, text in real_code_texts()]
             rows = []
             for toks in self.batches:                                        # each [1, T]
                 rows.append(ref.forward(toks, all_logits=True)[0][0])          # [T, V]
-                say(f"checking {mode} on this model: fp32 reference")
+                say(f"checking {mode} on this model: {self.mode} reference")
             del ref, sd
             self.logits = torch.cat(rows)
         return self.batches, self.logits
@@ -207,25 +225,30 @@ def fp32_bytes(path) -> int:
 def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool = True,
           reference: Optional[Reference] = None) -> Optional[dict]:
     """The gate's result for ``mode`` on the model at ``path``: cached, else measured now
-    and cached (``measure_now=False``: None instead). A model whose fp32 reference does not
-    fit is not measured: {"passed": False, "checked": False, "why": ...}, not cached.
-    ``reference``: fp32's logits shared between the modes of one ladder (``Reference``)."""
-    key = gate_key(path, mode)
+    and cached (``measure_now=False``: None instead), against ``reference`` (shared between
+    the modes of one ladder; default: a new one of ``reference_mode``). ``mode`` being the
+    reference itself (int8 for a model too big for fp32) passes unchecked:
+    {"passed": True, "checked": False, "why": ...}, not cached (memory changes)."""
+    if reference is None:
+        reference = Reference(path, reference_mode(path)[0])
+    if mode == reference.mode and mode != REFERENCE:
+        why = reference_mode(path)[1] or "fp32 does not fit"
+        return {"key": gate_key(path, mode, reference.mode), "mode": mode, "passed": True, "checked": False,
+                "why": f"the reference, unchecked ({why})", "time": time.time(), "source": "measured"}
+    key = gate_key(path, mode, reference.mode)
     hit = load_cached(key, cache_dir)
     if hit is not None:
         return dict(hit, source="cache")
     if not measure_now:
         return None
     if step is not None:
-        step(f"checking {mode} against fp32 on this model")      # the engine's pause: before any work
-    no_room = fits(fp32_bytes(path))
-    if no_room is not None:
-        return {"key": key, "mode": mode, "passed": False, "checked": False,
-                "why": f"not checked: {no_room}", "time": time.time(), "source": "measured"}
+        step(f"checking {mode} against {reference.mode} on this model")   # the engine's pause: before any work
     t0 = time.perf_counter()
     try:
         figures = measure(path, mode, step, reference)
         result = dict(figures, **decide(mode, figures["top1"], figures["kl"], figures["tokens"]))
+        if reference.mode != REFERENCE:
+            result["why"] += f" against {reference.mode} ({reference_mode(path)[1] or 'fp32 does not fit'})"
     except MemoryError as e:
         return {"key": key, "mode": mode, "passed": False, "checked": False,
                 "why": f"not checked: {one_line(e, 100)}", "time": time.time(), "source": "measured"}
@@ -242,21 +265,23 @@ def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool 
     return dict(result, source="measured")
 
 
-def summary(cpu_line: str, mode: str, result: Optional[dict], failed: Sequence[Tuple[str, dict]] = ()) -> str:
+def summary(cpu_line: str, mode: str, result: Optional[dict], failed: Sequence[Tuple[str, dict]] = (),
+            fallback: str = REFERENCE) -> str:
     """The status line: ``cpu_line`` is what the CPU verdict says about ``mode`` (e.g.
     "decode 6.3 ms vs fp32 20.3 ms"); ``result`` the gate's result for ``mode`` on this model
     (None: being checked in the background); ``failed``: the (mode, result) of the faster
-    modes this model failed before ``mode`` was checked (``auto``'s ladder)."""
+    modes this model failed before ``mode`` was checked (``auto``'s ladder); ``fallback``: what
+    runs when no mode passes (fp32, or int8 for a model too big for fp32)."""
     before = "; ".join(f"{m} failed: {r['why']}" for m, r in failed)
     if result is None:
         head = f"{before}; " if before else ""
-        return f"{REFERENCE} (auto: {head}this CPU prefers {mode}: {cpu_line}; checking this model in the background)"
+        return f"{fallback} (auto: {head}this CPU prefers {mode}: {cpu_line}; checking this model in the background)"
     if result.get("passed"):
         if before:
             return f"{mode} (auto: this CPU: {cpu_line}; this model: {before}; {mode} passed: {result['why']})"
         return f"{mode} (auto: this CPU: {cpu_line}; this model: {result['why']})"
     if not result.get("checked", True):
-        return f"{REFERENCE} (auto: this CPU prefers {mode}, but this model was {result['why']})"
+        return f"{fallback} (auto: this CPU prefers {mode}, but this model was {result['why']})"
     if before:
-        return f"{REFERENCE} (auto: this model failed every lossy mode: {before}; {mode} failed: {result['why']})"
-    return f"{REFERENCE} (auto: this model failed the {mode} gate: {result['why']})"
+        return f"{fallback} (auto: this model failed every lossy mode: {before}; {mode} failed: {result['why']})"
+    return f"{fallback} (auto: this model failed the {mode} gate: {result['why']})"

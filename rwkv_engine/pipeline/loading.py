@@ -160,7 +160,7 @@ def cpu_precision_for(config: EngineConfig, path: Path, warn: Warn = None,
         return cp.REFERENCE, {"mode": cp.REFERENCE, "source": "auto", "summary": f"{cp.REFERENCE} (auto: "
                               f"not measured: {one_line(e, 80)})", "why": one_line(e, 160)}
     if verdict is None:
-        return cp.REFERENCE, pending_precision()
+        return pending_precision(path)
     mode = verdict["decode"]     # the model runs one dtype today: decode and prefill agree (see choose)
     source = "env" if verdict.get("source") == "env" else "auto"
     record = {"mode": mode, "source": source, "summary": cp.describe(verdict),
@@ -177,8 +177,9 @@ def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict
     model at ``path`` (``core.model_precision.check``: top-1 and KL against fp32 on real
     code, cached per model file), fastest first (the verdict's ``ladder``; one fp32
     reference pass for all): the first that passes; fp32 with the reasons when none
-    passes or they cannot be checked (the fp32 reference does not fit in memory); fp32
-    and ``"pending"`` with ``measure_now=False`` and no cached result for the next mode."""
+    passes or they cannot be checked; fp32 and ``"pending"`` with ``measure_now=False`` and
+    no cached result for the next mode. A model whose fp32 copy does not fit in memory
+    gets int8 instead of fp32 in all of these (the gate's reference, ``mp.reference_mode``)."""
     from ..core import cpu_precision as cp
     from ..core import model_precision as mp
 
@@ -187,7 +188,8 @@ def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict
             pause()
         if progress is not None:
             progress(msg)
-    reference = mp.Reference(checkpoint_file(path))
+    ref_mode = mp.reference_mode(checkpoint_file(path))[0]   # fp32, or int8 when fp32 does not fit
+    reference = mp.Reference(checkpoint_file(path), ref_mode)
     failed: list = []
     for mode in verdict.get("ladder") or [verdict["decode"]]:
         try:
@@ -198,11 +200,11 @@ def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict
         except Exception as e:
             log.warning("rwkv.nvim: the model precision check failed", exc_info=True)
             say(warn, f"could not check {mode} on this model ({one_line(e, 120)}): running fp32")
-            return cp.REFERENCE, dict(record, mode=cp.REFERENCE, summary=f"{cp.REFERENCE} (auto: {mode} not "
-                                      f"checked on this model: {one_line(e, 80)})", why=one_line(e, 160))
-        summary = mp.summary(cp.speed_line(verdict, mode) or verdict.get("why", ""), mode, result, failed)
+            return ref_mode, dict(record, mode=ref_mode, summary=f"{ref_mode} (auto: {mode} not "
+                                  f"checked on this model: {one_line(e, 80)})", why=one_line(e, 160))
+        summary = mp.summary(cp.speed_line(verdict, mode) or verdict.get("why", ""), mode, result, failed, ref_mode)
         if result is None:
-            return cp.REFERENCE, dict(record, mode=cp.REFERENCE, pending=True, summary=summary,
+            return ref_mode, dict(record, mode=ref_mode, pending=True, summary=summary,
                                       why=f"this CPU prefers {mode}; checking it on this model first")
         why = f"{record['why']}; this model: " + "; ".join(
             [f"{m} failed: {r['why']}" for m, r in failed] + [result["why"]])
@@ -211,7 +213,7 @@ def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict
         if not result.get("checked", True):        # no room for the reference: none can be checked
             break
         failed.append((mode, result))
-    return cp.REFERENCE, dict(record, mode=cp.REFERENCE, summary=summary, why=why, model_check=result)
+    return ref_mode, dict(record, mode=ref_mode, summary=summary, why=why, model_check=result)
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -220,12 +222,17 @@ def checkpoint_file(path: Path) -> Path:
     return p if p.is_file() or not Path(str(p) + ".pth").is_file() else Path(str(p) + ".pth")
 
 
-def pending_precision() -> dict:
-    """The precision record of an fp32 model loaded before this CPU was measured."""
+def pending_precision(path: Path) -> tuple:
+    """(dtype, record) of a model loaded before this CPU was measured: fp32, or int8 when
+    an fp32 copy of the model does not fit in memory (``model_precision.safe_mode``)."""
     from ..core import cpu_precision as cp
-    return {"mode": cp.REFERENCE, "source": "auto", "pending": True,
-            "summary": f"{cp.REFERENCE} (auto: measuring this CPU in the background)",
-            "why": "no verdict cached for this CPU yet: fp32 runs on every CPU until it is measured"}
+    from ..core import model_precision as mp
+    mode = mp.safe_mode(checkpoint_file(path))
+    why = "no verdict cached for this CPU yet: fp32 runs on every CPU until it is measured"
+    if mode != cp.REFERENCE:
+        why = f"no verdict cached for this CPU yet: {mode} runs until it is measured (fp32 does not fit in memory)"
+    return mode, {"mode": mode, "source": "auto", "pending": True,
+                  "summary": f"{mode} (auto: measuring this CPU in the background)", "why": why}
 
 
 def resolve_cpu_precision(config: EngineConfig, path: Optional[Path] = None,

@@ -136,14 +136,22 @@ def test_a_failing_result_is_cached_too_and_a_mode_that_cannot_run_fails(tmp_pat
     assert not r["passed"] and r["checked"] and r["why"] == "fails to run: no kernel for this shape"
 
 
-def test_a_model_whose_fp32_reference_does_not_fit_is_not_checked_nor_cached(tmp_path, monkeypatch,
-                                                                             tiny_model_path):
-    g = gate(monkeypatch)
+def test_a_model_whose_fp32_copy_does_not_fit_is_checked_against_int8(tmp_path, monkeypatch, tiny_model_path):
+    """A 7B model is 29 GB in fp32: int8 is the reference (and runs unchecked, not cached),
+    q4a8 is checked against it, under a key of its own."""
+    g = gate(monkeypatch, per_mode={"q4a8": (0.995, 0.01)})
     monkeypatch.setattr(mp, "available_memory", lambda: 1 << 20)
+    assert mp.reference_mode(tiny_model_path)[0] == "int8" and mp.safe_mode(tiny_model_path) == "int8"
     r = mp.check(tiny_model_path, "int8", cache_dir=tmp_path)
-    assert not r["passed"] and not r["checked"] and g.calls == 0
-    assert r["why"].startswith("not checked: its fp32 reference needs ") and "GiB available" in r["why"]
+    assert r["passed"] and not r["checked"] and g.calls == 0
+    assert r["why"].startswith("the reference, unchecked (its fp32 reference needs ") and "GiB available" in r["why"]
     assert not (tmp_path / mp.CACHE_NAME).exists()
+    r = mp.check(tiny_model_path, "q4a8", cache_dir=tmp_path)
+    assert r["passed"] and r["checked"] and g.modes == ["q4a8"] and g.references[0].mode == "int8"
+    assert r["why"].startswith("top-1 99.5 %, KL 0.0100 over 512 tokens against int8 (its fp32 reference needs ")
+    assert r["key"]["reference"] == "int8" and r["key"] != mp.gate_key(tiny_model_path, "q4a8")
+    monkeypatch.setattr(mp, "available_memory", lambda: 1 << 40)                 # fp32 fits: a new key
+    assert mp.check(tiny_model_path, "q4a8", cache_dir=tmp_path, measure_now=False) is None
 
 
 def test_the_real_gate_runs_int8_against_fp32_on_real_code(tmp_path, monkeypatch, tiny_model_path):
@@ -200,14 +208,25 @@ def test_no_gate_for_an_explicit_mode_the_override_or_an_fp32_verdict(cpu_int8, 
     assert m.quant == "int8" and g.calls == 0 and m.precision["summary"] == f"int8 ({cp.ENV})"
 
 
-def test_a_model_that_cannot_be_checked_runs_fp32_and_says_why(cpu_int8, monkeypatch, tiny_model_path, tmp_path):
+def test_a_model_too_big_for_fp32_serves_int8_and_says_why(cpu_int8, monkeypatch, tiny_model_path, tmp_path):
     from rwkv_engine.pipeline.loading import load_configured_model
     g = gate(monkeypatch)
     monkeypatch.setattr(mp, "available_memory", lambda: 1 << 20)
     m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu", cache_dir=str(tmp_path)))
-    assert m.quant is None and g.calls == 0
-    assert m.precision["summary"].startswith("fp32 (auto: this CPU prefers int8, but this model was not checked: "
-                                             "its fp32 reference needs "), m.precision["summary"]
+    assert m.quant == "int8" and g.calls == 0
+    assert m.precision["summary"].startswith("int8 (auto: this CPU: decode 4.0 ms vs fp32 10.0 ms; this model: "
+                                             "the reference, unchecked (its fp32 reference needs "), m.precision["summary"]
+
+
+def test_before_this_cpu_is_measured_a_model_too_big_for_fp32_serves_int8(monkeypatch, tiny_model_path, tmp_path):
+    """fp32 is the safe mode only where it fits: a 7B model would not even load."""
+    from rwkv_engine.pipeline.loading import load_configured_model
+    monkeypatch.setattr(mp, "available_memory", lambda: 1 << 20)
+    m = load_configured_model(EngineConfig(model=str(tiny_model_path), device="cpu", cache_dir=str(tmp_path)),
+                              measure_now=False)
+    assert m.quant == "int8" and m.precision["pending"]
+    assert m.precision["summary"] == "int8 (auto: measuring this CPU in the background)"
+    assert "fp32 does not fit in memory" in m.precision["why"]
 
 
 # -- auto's ladder: a faster lossy mode first, the next when this model fails it -----------
