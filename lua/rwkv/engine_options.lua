@@ -199,6 +199,15 @@ M.options = {
     doc = "Lines below the cursor inside that window. A larger value is lowered to n_suffix.",
   },
   {
+    name = "fim_window_ms",
+    type = "integer",
+    default = 700,
+    min = 0,
+    max = 60000,
+    must = "must be in 0..60000 (0 = off)",
+    doc = "Time a one-line cursor move may spend re-reading the fill-in-the-middle window (a move changes the whole window), turned into tokens by the prefill speed measured on this model's own requests: the window then takes as many of the near_suffix lines below and near_prefix lines above the cursor as fit (at least 1 below and 2 above). Lines above left out of the window stay in the prompt, before it (the far prefix, whose states are cached); lines below left out are not in the prompt. On a fast machine the whole window fits and nothing changes; at 100 tokens/s of prefill the window gets 64 tokens. 0: always near_prefix / near_suffix lines.",
+  },
+  {
     name = "max_line_suffix",
     type = "integer",
     default = 8,

@@ -182,8 +182,11 @@ def replay_moves(model, path: Optional[str] = None, n_moves: int = 8, idle: bool
     for _ in range(n_moves):
         row -= 1
         go("move_up", row)
+    speed = completer.prefiller.speed.tokens_per_s()
     out = {"file": path, "start_row": start, "idle": idle, "requests": len(s.events),
-           "near_prefix": cfg.near_prefix, "near_suffix": cfg.near_suffix}
+           "near_prefix": cfg.near_prefix, "near_suffix": cfg.near_suffix,
+           "fim_window_ms": cfg.fim_window_ms, "window_tokens": completer.builder.window_tokens,
+           "prefill_tok_s_measured": round(speed, 1) if speed else None}
     for kind in ("cold", "move_down", "move_up"):
         out[kind] = _summary(s.events, kind)
     out["jump"] = _summary(s.events, "jump")
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--idle", action="store_true", help="idle priming between requests")
     p.add_argument("--near-prefix", type=int)
     p.add_argument("--near-suffix", type=int)
+    p.add_argument("--fim-window-ms", type=int, help="engine option fim_window_ms (0: the fixed window)")
     p.add_argument("--time-budget-ms", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -222,6 +226,8 @@ def main(argv=None) -> int:
         kw["near_prefix"] = a.near_prefix
     if a.near_suffix is not None:
         kw["near_suffix"] = a.near_suffix
+    if a.fim_window_ms is not None:
+        kw["fim_window_ms"] = a.fim_window_ms
     model = load_configured_model(EngineConfig(model=a.model, device="cpu", dtype=a.dtype, threads=a.threads))
     out = replay_moves(model, a.file, a.moves, a.idle, EngineConfig(**kw))
     out.update({"model": a.model, "dtype": model.precision["mode"], "threads": a.threads})

@@ -96,9 +96,11 @@ def _first_lines(model, state, logits, n: int, params, seeds, max_tokens: int, h
 
 def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: int = 48,
              seed: int = 0, n_prefix: int = 64, progress: bool = False,
-             positions: Sequence[str] = POSITIONS, healing: Sequence[bool] = (True, False)) -> dict:
+             positions: Sequence[str] = POSITIONS, healing: Sequence[bool] = (True, False),
+             window_tokens: Optional[int] = None) -> dict:
     """Run the tasks at each cursor position, with and without token healing; returns the
-    metrics dict (fractions in 0..1)."""
+    metrics dict (fractions in 0..1). ``window_tokens``: the FIM window's token budget, as
+    ``fim_window_ms`` sets it from a prefill speed (None: the fixed near_prefix / near_suffix lines)."""
     import torch
 
     from ..core.sampler import SamplingParams
@@ -107,6 +109,8 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
 
     cfg = EngineConfig(n_prefix=n_prefix)
     builders = {h: PromptBuilder(cfg, model.tokenizer, heal=h) for h in healing}
+    for b in builders.values():
+        b.window_tokens = window_tokens
     sampled_params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     greedy_params = SamplingParams(temperature=0.0, top_p=1.0, alpha_frequency=0.0)
     per: dict = {}                        # (position, heal) -> [tasks, greedy, any sampled, either]
@@ -164,6 +168,7 @@ def evaluate(model, tasks: Sequence[LineTask], n_samples: int = 4, max_tokens: i
         for pos in positions}
     result.update(tasks=len(tasks), samples=n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                   n_prefix_lines=n_prefix, near_prefix_lines=cfg.near_prefix, near_suffix_lines=cfg.near_suffix,
+                  window_tokens=window_tokens,
                   mean_prompt_tokens=round(prompt_tokens / max(1, runs), 1), seconds=round(time.time() - t0, 1),
                   by_file_suffix={k: {"tasks": c[0], "pass@1": c[1], f"pass@{n_samples}": c[2]}
                                   for k, c in sorted(by_suffix.items())},
@@ -180,6 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="decode limit per candidate")
     parser.add_argument("--n-prefix", type=int, default=64, help="lines above the cursor in the prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window-tokens", type=int, default=None,
+                        help="token budget of the FIM window, as engine option fim_window_ms sets it from the "
+                             "prefill speed (default: the fixed near_prefix / near_suffix lines)")
     parser.add_argument("--positions", default=",".join(POSITIONS),
                         help=f"cursor positions, comma-separated (of {','.join(POSITIONS)})")
     parser.add_argument("--healing", choices=["both", "on", "off"], default="both",
@@ -217,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--positions {args.positions}: choose from {','.join(POSITIONS)}")
     healing = {"both": (True, False), "on": (True,), "off": (False,)}[args.healing]
     result = evaluate(model, tasks, args.samples, args.max_tokens, args.seed, args.n_prefix,
-                      progress=not args.json, positions=positions, healing=healing)
+                      progress=not args.json, positions=positions, healing=healing,
+                      window_tokens=args.window_tokens)
     if args.update_record:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         record["eval"] = result

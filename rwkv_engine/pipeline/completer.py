@@ -13,7 +13,10 @@ above and below, the direction of the last move first, the cursor at the column 
 one-line move would most likely leave it at). The FIM window is suffix-first, so a
 one-line move changes the window from its suffix on and, cold, re-feeds all of it
 (marker, near suffix, near prefix lines: ~350 tokens with the default windows); a
-primed neighbour re-feeds nothing. Tail checkpoints (``tail_checkpoints``) are
+primed neighbour re-feeds nothing. Without idle time the window is what a move costs:
+``fim_window_ms`` sizes it from the prefill speed measured on this model's prefills
+(``fim_window``; the budget is set on the builder before each prompt is built, for
+requests and primed neighbours alike). Tail checkpoints (``tail_checkpoints``) are
 stored only inside the cursor-line segment: typing resumes from them, while at
 column 0 (no cursor segment) they would cost one single-token forward each for
 positions inside a full line that no request resumes from.
@@ -33,6 +36,7 @@ from ..core.sampler import SamplingParams
 from .candidates import StopRules, decode_candidates, rank_candidates
 from .config import EngineConfig
 from .context_ring import ContextRing
+from .fim_window import WindowBudget
 from .loading import (OutOfMemory, cpu_kernels_in_use, free_gpu_memory, load_configured_model, load_on_cpu,
                       out_of_memory_as, precision_of, say)
 from .prefill import Prefiller, ShouldStop
@@ -69,6 +73,7 @@ class Completer:
         self.cache = StateCache.from_config(self.config, model.model_id, model.device)
         self.prefiller = Prefiller(model, self.cache, self.config.prefill_chunk)
         self.speculator = Speculator(self.prefiller)
+        self.window_budget = WindowBudget(self.config.fim_window_ms)   # the speed is this model's
         self._last: Optional[LastRequest] = None
         self._cpu_kernels = cpu_kernels_in_use(model)   # a fact of this model: not asked per request
         self._direction = 1                       # last line move: +1 down, -1 up
@@ -135,7 +140,12 @@ class Completer:
     def build_prompt(self, request: dict) -> Prompt:
         """The prompt ``complete`` would use now (evicts ring chunks too similar to the cursor)."""
         self.ring.evict_similar(self.builder.around_cursor(request))
+        self._size_window()
         return self.builder.build(request, list(self.ring.chunks))
+
+    def _size_window(self) -> None:
+        """The FIM window's token budget from the prefill speed measured so far (module doc)."""
+        self.builder.window_tokens = self.window_budget.tokens(self.prefiller.speed.tokens_per_s())
 
     def complete(self, request: dict, on_partial: Optional[Callable[[str], None]] = None,
                  should_stop: ShouldStop = None) -> Optional[dict]:
@@ -226,6 +236,7 @@ class Completer:
             "ms_first_lines": round((max((r.first_line_at or t2) for r in rows) - t0) * 1000, 2),
             "cache_hits": {t: int(t == (pre.tier or "miss")) for t in ("device", "host", "disk", "miss")},
             "prompt_tokens": pre.snapshot.n_tokens, "fim": prompt.fim, "speculative": speculative,
+            "window_tokens": self.builder.window_tokens,      # None: the fixed near_prefix/near_suffix lines
             "stop_reasons": [r.reason for r in rows],
         }
         self.last_stats = stats

@@ -184,6 +184,17 @@ class EngineConfig:
     near_suffix: int = option(
         "integer", 8, group=_LOCAL, min=0, max_option="n_suffix",
         doc="Lines below the cursor inside that window. A larger value is lowered to n_suffix.")
+    fim_window_ms: int = option(
+        "integer", 700, group=_LOCAL, min=0, max=60000,
+        hint="(0 = off)",
+        doc="Time a one-line cursor move may spend re-reading the fill-in-the-middle window (a "
+            "move changes the whole window), turned into tokens by the prefill speed measured "
+            "on this model's own requests: the window then takes as many of the near_suffix "
+            "lines below and near_prefix lines above the cursor as fit (at least 1 below and 2 "
+            "above). Lines above left out of the window stay in the prompt, before it (the far "
+            "prefix, whose states are cached); lines below left out are not in the prompt. On a "
+            "fast machine the whole window fits and nothing changes; at 100 tokens/s of prefill "
+            "the window gets 64 tokens. 0: always near_prefix / near_suffix lines.")
     max_line_suffix: int = option(
         "integer", 8, group=_LOCAL, min=0,
         doc="No automatic suggestion when more than this many non-blank characters are right "

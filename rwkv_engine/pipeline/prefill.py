@@ -16,12 +16,14 @@ prefill equals the state of a cold prefill of the same tokens (tests/pipeline/te
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .fim_window import PrefillSpeed
 from .prompt_layout import CK_NONE, CK_PERSIST, Segment
 from .state_cache import Snapshot, StateCache, chain_key, partial_keys
 
@@ -55,6 +57,7 @@ class Prefiller:
         self.cache = cache
         self.prefill_chunk = prefill_chunk
         self.partial_parents: "OrderedDict[str, None]" = OrderedDict()
+        self.speed = PrefillSpeed()       # tokens/s of this model's prefills (fim_window)
 
     # -- keys ----------------------------------------------------------------------------
     def segment_keys(self, segments: Sequence[Segment]) -> List[str]:
@@ -119,6 +122,7 @@ class Prefiller:
             tail_at = set(range(lo, ends[last]))
         marks = sorted(set(stops) | tail_at)
         cur, mi = 0, 0
+        t0 = time.perf_counter()
         while cur < len(flat):
             if should_stop is not None and should_stop():
                 if cur > 0:                          # keep the work done so far
@@ -138,6 +142,7 @@ class Prefiller:
                 self._put_at(cur, segments, keys, starts, ends, Snapshot(state, logits, reused + cur))
         if logits is None:
             raise RuntimeError("empty prompt")       # segments always start with token 0
+        self.speed.add(len(flat), time.perf_counter() - t0)      # pieces + checkpoint copies
         final = Snapshot(state, logits, reused + len(flat))
         return PrefillResult(final, keys[last], reused, len(flat), res.tier)
 

@@ -35,16 +35,30 @@ merge removed goes to the boundary before. Boundaries are placed so that
   * moving one line changes only the FIM window: the far/near split is aligned to
     ``NEAR_ALIGN`` lines and the far prefix start to ``FAR_ALIGN`` lines, so both
     stay put while the cursor moves inside a block of lines.
+
+**The FIM window's size.** Since the window is suffix-first, a one-line move re-feeds all
+of it. With ``PromptBuilder.window_tokens`` set (the completer sets it from the measured
+prefill speed and ``fim_window_ms``; see ``fim_window``) the window holds only the lines
+that fit that many tokens: the split moves up from the line rule's (in ``BUDGET_ALIGN``-line
+steps, at least 2 near lines), and the near suffix takes what is left (at least 1 line).
+What the smaller window trades: the near prefix lines it leaves out are still in the prompt,
+as far prefix lines before ``✿prefix✿`` (the model reads them, just not inside the FIM
+markers, and their states are cached); the near suffix lines it leaves out are NOT in the
+prompt at all (only the lines of the window's suffix are; ``after_lines``, which the
+candidates' stop and ranking rules read, keeps every line sent). The far prefix start
+(``window_split``) does not depend on the budget, so remote backends, which have no
+prefill speed and leave ``window_tokens`` None, see the same far prefix.
 No torch import here.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..core.vocab_index import vocab_index
 from .context_ring import Chunk
+from .fim_window import fit_window
 
 FIM_MARK = "✿"                 # one World token (10060); G1 knows it only in the FIM markers
 FIM_PREFIX = "✿prefix✿"
@@ -199,12 +213,16 @@ class PromptBuilder:
 
     ``heal``: drop the tokens at the cursor that typing may still change (the local
     engine constrains decoding to re-produce them); False keeps every token up to the
-    cursor (servers that cannot constrain their first tokens)."""
+    cursor (servers that cannot constrain their first tokens).
+
+    ``window_tokens``: the token budget of the FIM window (``fim_window``; the completer sets
+    it from the measured prefill speed); None keeps the fixed near_prefix / near_suffix lines."""
 
     def __init__(self, config, tokenizer, line_cache_entries: int = 16384, heal: bool = True):
         self.config = config
         self.tokenizer = tokenizer
         self.heal = heal
+        self.window_tokens: Optional[int] = None
         self.lines = LineTokenizer(tokenizer, line_cache_entries)
         self.vocab = vocab_index(tokenizer)
         self._chunk_segments: "OrderedDict[tuple, Segment]" = OrderedDict()
@@ -245,8 +263,11 @@ class PromptBuilder:
         fim = bool(line_suffix.strip()) or any(ln.strip() for ln in below)
 
         far_start, split = window_split(first, row, cfg.n_prefix, cfg.near_prefix)
+        n_below = cfg.near_suffix
         if not fim:
             split = row                                   # plain text: every line is "far"
+        elif self.window_tokens is not None:
+            split, n_below = self.fit_window(lines, first, row, split, below)
 
         head = self.head_segments(chunks)
         text = _Pieces(self.vocab, after_chunks=bool(chunks))
@@ -266,7 +287,7 @@ class PromptBuilder:
                 text.add("far", "", CK_MEM)
             text.add("marker", FIM_PREFIX + FIM_SUFFIX, sep="")
             text.add("suffix", line_suffix, sep="")
-            for ln in below[: cfg.near_suffix]:
+            for ln in below[:n_below]:
                 text.add("suffix", clip_bytes(ln, clip))
             text.add("marker", "\n" + FIM_MIDDLE, CK_MEM, sep="")
             for ln_no in range(split, row):
@@ -287,6 +308,16 @@ class PromptBuilder:
             after_lines=[line_suffix] + list(below), indent=_cursor_indent(line_prefix, lines[r]),
             around_cursor=self.around_cursor(req), n_chunks=len(chunks), healed_bytes=healed,
         )
+
+    def fit_window(self, lines: Sequence[str], first: int, row: int, split: int,
+                   below: Sequence[str]) -> Tuple[int, int]:
+        """(far/near split, near suffix lines) within ``window_tokens`` (``fim_window``),
+        counted in this builder's own tokens: the FIM markers, then "\n" + each line."""
+        clip = self.config.max_line_bytes
+        markers = len(self.lines.encode(FIM_PREFIX + FIM_SUFFIX)) + len(self.lines.encode("\n" + FIM_MIDDLE))
+        return fit_window(self.config, self.window_tokens - markers,
+                          lambda ln: len(self.lines.encode("\n" + clip_bytes(ln, clip))),
+                          lines[split - first: row - first], split, row, below)
 
 
 class _Pieces:

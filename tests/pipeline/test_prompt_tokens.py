@@ -57,12 +57,15 @@ def _random_requests(lines, rng, n):
 
 
 @pytest.mark.parametrize("heal", [True, False])
-def test_prompt_ids_are_the_whole_text_encoding_on_real_files(heal):
+@pytest.mark.parametrize("window", [None, 40], ids=["fixed-window", "window-40-tokens"])
+def test_prompt_ids_are_the_whole_text_encoding_on_real_files(heal, window):
+    """``window``: the FIM window's token budget (``fim_window_ms``; None = the fixed lines)."""
     rng = random.Random(7)
     files = _files()
     assert len(files) > 60
     b = PromptBuilder(fast_config(n_prefix=96, n_suffix=16, near_prefix=16, near_suffix=6, ring_chunk_size=16),
                       TOK, heal=heal)
+    b.window_tokens = window
     checked = 0
     for path in files:
         lines = path.read_text(encoding="utf-8", errors="replace").split("\n")

@@ -283,3 +283,18 @@ def test_eval_cursor_positions_type_part_of_the_line(tmp_path):
     assert typed_text(task, "typed3") == "    ret" and typed_text(task, "typed5") == "    retur"
     task.target = "    ab"
     assert typed_text(task, "typed2") is None            # nothing would be left to complete
+
+
+def test_eval_window_tokens_shrinks_the_fim_window(tmp_path, tiny_model):
+    """``--window-tokens``: the prompts of a budgeted FIM window (``fim_window_ms``), the same tasks."""
+    from rwkv_engine.cli.evaluate import evaluate, make_tasks
+
+    src = tmp_path / "a.py"
+    src.write_text("".join(f"value_{i} = compute({i}, {i * 7})\n" for i in range(60)))
+    tasks = [t for t in make_tasks([str(src)], 60, seed=0) if 24 <= t.row < 40][:2]
+    kw = dict(n_samples=1, max_tokens=2, positions=("col0",), healing=(True,))
+    full = evaluate(tiny_model, tasks, **kw)
+    small = evaluate(tiny_model, tasks, window_tokens=24, **kw)
+    assert full["window_tokens"] is None and small["window_tokens"] == 24
+    # the suffix lines left out of the window are not in the prompt (the prefix lines are, as far prefix)
+    assert small["mean_prompt_tokens"] < full["mean_prompt_tokens"] - 30
