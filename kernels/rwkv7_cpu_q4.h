@@ -91,6 +91,8 @@ inline void q4_tile_avx2(const int16_t* xq, const float* xs, const int32_t* xsum
   for (int64_t b = 0; b < NB; ++b) {
     const uint8_t* wb = wt + b * kQ4TileBlockBytes;
     const int16_t* xb = xq + b * kBlock;
+    for (int64_t line = 0; line < kQ4TileBlockBytes; line += 64)  // 8 tile-blocks (2 KiB) ahead
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * kQ4TileBlockBytes + line), _MM_HINT_T0);
     __m256i ilo[R], ihi[R];
     for (int r = 0; r < R; ++r) ilo[r] = ihi[r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
