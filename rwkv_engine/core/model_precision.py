@@ -158,8 +158,9 @@ def decide(mode: str, top1: float, kl: float, tokens: int) -> dict:
 
 
 class Reference:
-    """fp32's logits of one model on the gate's tokens, computed on first use and shared by
-    the modes checked in turn (``auto``'s ladder): one fp32 pass however many are tried."""
+    """The reference mode's logits (fp32; int8 for a model whose fp32 copy does not fit) of
+    one model on the gate's tokens, computed on first use and shared by the modes checked in
+    turn (``auto``'s ladder): one reference pass however many are tried."""
 
     def __init__(self, path, mode: str = REFERENCE):
         self.path = path
@@ -190,7 +191,7 @@ class Reference:
 def measure(path, mode: str, step: Step = None, reference: Optional[Reference] = None) -> Dict[str, float]:
     """{"top1", "kl", "tokens"} of ``mode`` against fp32 on the checkpoint at ``path``.
     ``step(message)`` runs between the forward passes (progress, the engine's pause);
-    ``reference``: fp32's logits, shared with other modes' checks of the same model."""
+    ``reference``: the reference's logits (default: fp32), shared with other modes' checks."""
     import torch
 
     from .checkpoint import load_checkpoint

@@ -199,13 +199,13 @@ def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict
             raise
         except Exception as e:
             log.warning("rwkv.nvim: the model precision check failed", exc_info=True)
-            say(warn, f"could not check {mode} on this model ({one_line(e, 120)}): running fp32")
+            say(warn, f"could not check {mode} on this model ({one_line(e, 120)}): running {ref_mode}")
             return ref_mode, dict(record, mode=ref_mode, summary=f"{ref_mode} (auto: {mode} not "
                                   f"checked on this model: {one_line(e, 80)})", why=one_line(e, 160))
         summary = mp.summary(cp.speed_line(verdict, mode) or verdict.get("why", ""), mode, result, failed, ref_mode)
         if result is None:
             return ref_mode, dict(record, mode=ref_mode, pending=True, summary=summary,
-                                      why=f"this CPU prefers {mode}; checking it on this model first")
+                                  why=f"this CPU prefers {mode}; checking it on this model first")
         why = f"{record['why']}; this model: " + "; ".join(
             [f"{m} failed: {r['why']}" for m, r in failed] + [result["why"]])
         if result["passed"]:
