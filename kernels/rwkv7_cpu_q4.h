@@ -138,24 +138,12 @@ inline void q4_tile_avx2(const int16_t* xq, const float* xs, const int32_t* xsum
 
 inline void q4_tiles_avx2(const Q8Rows& x, const int32_t* xsum, const uint8_t* wq, const uint16_t* ws,
                           int64_t O, float* y, bool accumulate, int64_t t0, int64_t t1) {
-  const int64_t I = x.I, NB = I / kBlock, M = x.M;
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = wq + t * NB * kQ4TileBlockBytes;
-    const uint16_t* st = ws + t * NB * kTile;
-    for (int64_t m0 = 0; m0 < M; m0 += kQ4X86MaxRows) {
-      const int64_t rows = std::min(kQ4X86MaxRows, M - m0);
-      const int16_t* xr = x.xq + m0 * I;
-      const float* sr = x.xs + m0 * NB;
-      const int32_t* cr = xsum + m0 * NB;
-      float* yr = y + m0 * O + t * kTile;
-      switch (rows) {
-        case 1: q4_tile_avx2<1>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        case 2: q4_tile_avx2<2>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        case 3: q4_tile_avx2<3>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        default: q4_tile_avx2<4>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-      }
-    }
-  }
+  const int64_t I = x.I, NB = I / kBlock;
+  for_tile_rows<kQ4X86MaxRows>(x.M, t0, t1, [&](auto R, int64_t t, int64_t m0) {
+    q4_tile_avx2<decltype(R)::value>(x.xq + m0 * I, x.xs + m0 * NB, xsum + m0 * NB, I, NB,
+                                     wq + t * NB * kQ4TileBlockBytes, ws + t * NB * kTile,
+                                     y + m0 * O + t * kTile, O, accumulate);
+  });
 }
 #endif  // __AVX2__
 

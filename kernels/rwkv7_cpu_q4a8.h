@@ -170,24 +170,12 @@ inline void q4a8_tile_avx2(const int8_t* xp, const float* xs, const int32_t* xsu
 
 inline void q4a8_tiles_avx2(const A8Rows& x, const uint8_t* wq, const uint16_t* ws, int64_t O, float* y,
                             bool accumulate, int64_t t0, int64_t t1) {
-  const int64_t I = x.I, NB = I / kBlock, M = x.M;
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = wq + t * NB * kQ4TileBlockBytes;
-    const uint16_t* st = ws + t * NB * kTile;
-    for (int64_t m0 = 0; m0 < M; m0 += kQ4A8X86MaxRows) {
-      const int64_t rows = std::min(kQ4A8X86MaxRows, M - m0);
-      const int8_t* xr = x.xp + m0 * I;
-      const float* sr = x.xs + m0 * NB;
-      const int32_t* cr = x.xsum + m0 * NB;
-      float* yr = y + m0 * O + t * kTile;
-      switch (rows) {
-        case 1: q4a8_tile_avx2<1>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        case 2: q4a8_tile_avx2<2>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        case 3: q4a8_tile_avx2<3>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        default: q4a8_tile_avx2<4>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-      }
-    }
-  }
+  const int64_t I = x.I, NB = I / kBlock;
+  for_tile_rows<kQ4A8X86MaxRows>(x.M, t0, t1, [&](auto R, int64_t t, int64_t m0) {
+    q4a8_tile_avx2<decltype(R)::value>(x.xp + m0 * I, x.xs + m0 * NB, x.xsum + m0 * NB, I, NB,
+                                       wq + t * NB * kQ4TileBlockBytes, ws + t * NB * kTile,
+                                       y + m0 * O + t * kTile, O, accumulate);
+  });
 }
 #endif  // __AVX2__
 
@@ -258,24 +246,12 @@ RWKV_DOTPROD_TARGET inline void q4a8_tile_dotprod(const int8_t* xp, const float*
 RWKV_DOTPROD_TARGET inline void q4a8_tiles_dotprod(const A8Rows& x, const uint8_t* wq, const uint16_t* ws,
                                                    int64_t O, float* y, bool accumulate, int64_t t0,
                                                    int64_t t1) {
-  const int64_t I = x.I, NB = I / kBlock, M = x.M;
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = wq + t * NB * kQ4TileBlockBytes;
-    const uint16_t* st = ws + t * NB * kTile;
-    for (int64_t m0 = 0; m0 < M; m0 += kQ4A8NeonMaxRows) {
-      const int64_t rows = std::min(kQ4A8NeonMaxRows, M - m0);
-      const int8_t* xr = x.xp + m0 * I;
-      const float* sr = x.xs + m0 * NB;
-      const int32_t* cr = x.xsum + m0 * NB;
-      float* yr = y + m0 * O + t * kTile;
-      switch (rows) {
-        case 1: q4a8_tile_dotprod<1>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        case 2: q4a8_tile_dotprod<2>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        case 3: q4a8_tile_dotprod<3>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-        default: q4a8_tile_dotprod<4>(xr, sr, cr, I, NB, wt, st, yr, O, accumulate); break;
-      }
-    }
-  }
+  const int64_t I = x.I, NB = I / kBlock;
+  for_tile_rows<kQ4A8NeonMaxRows>(x.M, t0, t1, [&](auto R, int64_t t, int64_t m0) {
+    q4a8_tile_dotprod<decltype(R)::value>(x.xp + m0 * I, x.xs + m0 * NB, x.xsum + m0 * NB, I, NB,
+                                          wq + t * NB * kQ4TileBlockBytes, ws + t * NB * kTile,
+                                          y + m0 * O + t * kTile, O, accumulate);
+  });
 }
 #endif  // RWKV_CPU_DOTPROD
 

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "rwkv7_cpu_linear.h"
 
@@ -136,6 +137,27 @@ struct Q8Rows {
   const int8_t* xl;   // [M, I]
   int64_t M, I;
 };
+
+// rows(std::integral_constant<int, R>{}) for the row count R (1..Max) of a group: each
+// path's tile kernel is a template on its row count.
+template <int R, int Max, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (R >= Max) {
+    f(std::integral_constant<int, Max>{});
+  } else {
+    if (rows == R) f(std::integral_constant<int, R>{});
+    else with_rows<R + 1, Max>(rows, f);
+  }
+}
+
+// The loop every path runs: tiles t0..t1, and in each the rows in groups of up to
+// MaxRows: tile(R, t, m0) with R the group's row count as an integral_constant.
+template <int MaxRows, typename Tile>
+inline void for_tile_rows(int64_t M, int64_t t0, int64_t t1, Tile&& tile) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t m0 = 0; m0 < M; m0 += MaxRows)
+      with_rows<1, MaxRows>(std::min<int64_t>(MaxRows, M - m0), [&](auto R) { tile(R, t, m0); });
+}
 
 // ---------------------------------------------------------------- scalar (the reference)
 
@@ -280,29 +302,11 @@ inline void q8_tile_x86(const int16_t* xq, const float* xs, int64_t I, int64_t N
 #define RWKV_CPU_X86_Q8 1
 inline void q8_tiles_x86(const Q8Rows& x, const int8_t* wq, const uint16_t* ws, int64_t O, float* y,
                          bool accumulate, int64_t t0, int64_t t1) {
-  const int64_t I = x.I, NB = I / kBlock, M = x.M;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int8_t* wt = wq + t * NB * kTileBlockBytes;
-    const uint16_t* st = ws + t * NB * kTile;
-    for (int64_t m0 = 0; m0 < M; m0 += kX86MaxRows) {
-      const int64_t rows = std::min(kX86MaxRows, M - m0);
-      const int16_t* xr = x.xq + m0 * I;
-      const float* sr = x.xs + m0 * NB;
-      float* yr = y + m0 * O + t * kTile;
-      switch (rows) {
-        case 1: q8_tile_x86<1>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 2: q8_tile_x86<2>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 3: q8_tile_x86<3>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 4: q8_tile_x86<4>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-#if defined(__AVX512BW__)
-        case 5: q8_tile_x86<5>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 6: q8_tile_x86<6>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 7: q8_tile_x86<7>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        default: q8_tile_x86<8>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-#endif
-      }
-    }
-  }
+  const int64_t I = x.I, NB = I / kBlock;
+  for_tile_rows<kX86MaxRows>(x.M, t0, t1, [&](auto R, int64_t t, int64_t m0) {
+    q8_tile_x86<decltype(R)::value>(x.xq + m0 * I, x.xs + m0 * NB, I, NB, wq + t * NB * kTileBlockBytes,
+                                    ws + t * NB * kTile, y + m0 * O + t * kTile, O, accumulate);
+  });
 }
 #endif
 
@@ -382,23 +386,11 @@ inline void q8_tile_neon(const int16_t* xq, const float* xs, int64_t I, int64_t 
 
 inline void q8_tiles_neon(const Q8Rows& x, const int8_t* wq, const uint16_t* ws, int64_t O, float* y,
                           bool accumulate, int64_t t0, int64_t t1) {
-  const int64_t I = x.I, NB = I / kBlock, M = x.M;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int8_t* wt = wq + t * NB * kTileBlockBytes;
-    const uint16_t* st = ws + t * NB * kTile;
-    for (int64_t m0 = 0; m0 < M; m0 += kNeonMaxRows) {
-      const int64_t rows = std::min(kNeonMaxRows, M - m0);
-      const int16_t* xr = x.xq + m0 * I;
-      const float* sr = x.xs + m0 * NB;
-      float* yr = y + m0 * O + t * kTile;
-      switch (rows) {
-        case 1: q8_tile_neon<1>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 2: q8_tile_neon<2>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 3: q8_tile_neon<3>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        default: q8_tile_neon<4>(xr, sr, I, NB, wt, st, yr, O, accumulate); break;
-      }
-    }
-  }
+  const int64_t I = x.I, NB = I / kBlock;
+  for_tile_rows<kNeonMaxRows>(x.M, t0, t1, [&](auto R, int64_t t, int64_t m0) {
+    q8_tile_neon<decltype(R)::value>(x.xq + m0 * I, x.xs + m0 * NB, I, NB, wq + t * NB * kTileBlockBytes,
+                                     ws + t * NB * kTile, y + m0 * O + t * kTile, O, accumulate);
+  });
 }
 
 #if defined(RWKV_CPU_DOTPROD)
@@ -476,24 +468,12 @@ RWKV_DOTPROD_TARGET inline void q8_tile_dotprod(const int8_t* xh, const int8_t* 
 RWKV_DOTPROD_TARGET inline void q8_tiles_dotprod(const Q8Rows& x, const int8_t* wq, const uint16_t* ws,
                                                  int64_t O, float* y, bool accumulate, int64_t t0,
                                                  int64_t t1) {
-  const int64_t I = x.I, NB = I / kBlock, M = x.M;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int8_t* wt = wq + t * NB * kTileBlockBytes;
-    const uint16_t* st = ws + t * NB * kTile;
-    for (int64_t m0 = 0; m0 < M; m0 += kNeonMaxRows) {
-      const int64_t rows = std::min(kNeonMaxRows, M - m0);
-      const int8_t* hr = x.xh + m0 * I;
-      const int8_t* lr = x.xl + m0 * I;
-      const float* sr = x.xs + m0 * NB;
-      float* yr = y + m0 * O + t * kTile;
-      switch (rows) {
-        case 1: q8_tile_dotprod<1>(hr, lr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 2: q8_tile_dotprod<2>(hr, lr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        case 3: q8_tile_dotprod<3>(hr, lr, sr, I, NB, wt, st, yr, O, accumulate); break;
-        default: q8_tile_dotprod<4>(hr, lr, sr, I, NB, wt, st, yr, O, accumulate); break;
-      }
-    }
-  }
+  const int64_t I = x.I, NB = I / kBlock;
+  for_tile_rows<kNeonMaxRows>(x.M, t0, t1, [&](auto R, int64_t t, int64_t m0) {
+    q8_tile_dotprod<decltype(R)::value>(x.xh + m0 * I, x.xl + m0 * I, x.xs + m0 * NB, I, NB,
+                                        wq + t * NB * kTileBlockBytes, ws + t * NB * kTile,
+                                        y + m0 * O + t * kTile, O, accumulate);
+  });
 }
 #endif  // RWKV_CPU_DOTPROD
 
