@@ -294,46 +294,38 @@ std::pair<int64_t, int64_t> q4_dims(const at::Tensor& wq, const at::Tensor& ws) 
   return {wq.size(1) * rwkv_cpu::kBlock, wq.size(0) * rwkv_cpu::kTile};
 }
 
-at::Tensor q4_linear_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
+// The ops on packed q4 weights (wq [O/16, I/32, 256] uint8, ws fp16): `fn` is the product
+// (q4 or q4a8, fast or the scalar reference), `op` names it in errors.
+using Q4Product = void (*)(const float*, int64_t, int64_t, const uint8_t*, const uint16_t*, int64_t, float*, bool);
+
+at::Tensor q4_weights_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, Q4Product fn,
+                         const char* op) {
   const auto [I, O] = q4_dims(wq, ws);
-  check_x(x, I, "q4_linear");
+  check_x(x, I, op);
   at::Tensor y = at::empty({x.size(0), O}, x.options());
   if (x.size(0) > 0)
-    rwkv_cpu::q4_linear(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
-                        reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
+    fn(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()),
+       O, y.data_ptr<float>(), false);
   return y;
+}
+
+at::Tensor q4_linear_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
+  return q4_weights_op(x, wq, ws, rwkv_cpu::q4_linear, "q4_linear");
 }
 
 at::Tensor q4_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
-  const auto [I, O] = q4_dims(wq, ws);
-  check_x(x, I, "q4_linear_reference");
-  at::Tensor y = at::empty({x.size(0), O}, x.options());
-  rwkv_cpu::q4_linear_reference(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
-                                reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
-  return y;
+  return q4_weights_op(x, wq, ws, rwkv_cpu::q4_linear_reference, "q4_linear_reference");
 }
 
-std::string q4_isa_op() { return rwkv_cpu::q4_isa(); }
-
 at::Tensor q4a8_linear_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
-  const auto [I, O] = q4_dims(wq, ws);
-  check_x(x, I, "q4a8_linear");
-  at::Tensor y = at::empty({x.size(0), O}, x.options());
-  if (x.size(0) > 0)
-    rwkv_cpu::q4a8_linear(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
-                          reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O, y.data_ptr<float>(), false);
-  return y;
+  return q4_weights_op(x, wq, ws, rwkv_cpu::q4a8_linear, "q4a8_linear");
 }
 
 at::Tensor q4a8_linear_reference_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws) {
-  const auto [I, O] = q4_dims(wq, ws);
-  check_x(x, I, "q4a8_linear_reference");
-  at::Tensor y = at::empty({x.size(0), O}, x.options());
-  rwkv_cpu::q4a8_linear_reference(x.data_ptr<float>(), x.size(0), I, wq.data_ptr<uint8_t>(),
-                                  reinterpret_cast<const uint16_t*>(ws.data_ptr<at::Half>()), O,
-                                  y.data_ptr<float>(), false);
-  return y;
+  return q4_weights_op(x, wq, ws, rwkv_cpu::q4a8_linear_reference, "q4a8_linear_reference");
 }
+
+std::string q4_isa_op() { return rwkv_cpu::q4_isa(); }
 
 std::string q4a8_isa_op() { return rwkv_cpu::q4a8_isa(); }
 

@@ -162,9 +162,10 @@ class Reference:
     one model on the gate's tokens, computed on first use and shared by the modes checked in
     turn (``auto``'s ladder): one reference pass however many are tried."""
 
-    def __init__(self, path, mode: str = REFERENCE):
+    def __init__(self, path, mode: str = REFERENCE, why: Optional[str] = None):
         self.path = path
         self.mode = mode         # fp32, or int8 for a model whose fp32 copy does not fit
+        self.why = why           # why it is not fp32 (``reference_mode``'s answer)
         self.batches = None      # [[1, T] token ids] per real-code file
         self.logits = None       # [tokens, V] fp32
 
@@ -231,11 +232,11 @@ def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool 
     reference itself (int8 for a model too big for fp32) passes unchecked:
     {"passed": True, "checked": False, "why": ...}, not cached (memory changes)."""
     if reference is None:
-        reference = Reference(path, reference_mode(path)[0])
+        reference = Reference(path, *reference_mode(path))
     if mode == reference.mode and mode != REFERENCE:
-        why = reference_mode(path)[1] or "fp32 does not fit"
         return {"key": gate_key(path, mode, reference.mode), "mode": mode, "passed": True, "checked": False,
-                "why": f"the reference, unchecked ({why})", "time": time.time(), "source": "measured"}
+                "why": f"the reference, unchecked ({reference.why or 'fp32 does not fit'})", "time": time.time(),
+                "source": "measured"}
     key = gate_key(path, mode, reference.mode)
     hit = load_cached(key, cache_dir)
     if hit is not None:
@@ -249,7 +250,7 @@ def check(path, mode: str, cache_dir=None, step: Step = None, measure_now: bool 
         figures = measure(path, mode, step, reference)
         result = dict(figures, **decide(mode, figures["top1"], figures["kl"], figures["tokens"]))
         if reference.mode != REFERENCE:
-            result["why"] += f" against {reference.mode} ({reference_mode(path)[1] or 'fp32 does not fit'})"
+            result["why"] += f" against {reference.mode} ({reference.why or 'fp32 does not fit'})"
     except MemoryError as e:
         return {"key": key, "mode": mode, "passed": False, "checked": False,
                 "why": f"not checked: {one_line(e, 100)}", "time": time.time(), "source": "measured"}

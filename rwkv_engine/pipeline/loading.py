@@ -188,8 +188,8 @@ def gated_by_model(config: EngineConfig, path: Path, verdict: dict, record: dict
             pause()
         if progress is not None:
             progress(msg)
-    ref_mode = mp.reference_mode(checkpoint_file(path))[0]   # fp32, or int8 when fp32 does not fit
-    reference = mp.Reference(checkpoint_file(path), ref_mode)
+    reference = mp.Reference(checkpoint_file(path), *mp.reference_mode(checkpoint_file(path)))
+    ref_mode = reference.mode                                # fp32, or int8 when fp32 does not fit
     failed: list = []
     for mode in verdict.get("ladder") or [verdict["decode"]]:
         try:

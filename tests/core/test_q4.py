@@ -11,25 +11,14 @@ from rwkv_engine.core.linear import (Q4Linear, Q8Linear, cpu_ops, dequantize_q4,
                                      quantize_q4, unpack_q4)
 from rwkv_engine.core.model import QUANT_PLAN, RWKV7, cpu_modes
 from rwkv_engine.core.random_checkpoint import make_state_dict
+from q4_cases import exact_q4_weights, fused_pair
 
 ops = cpu_ops()
 needs_kernel = pytest.mark.skipif(ops is None, reason="CPU kernels not built (no compiler?)")
 
 
-def _exact_weights(O, I, seed=0, one_scale=False):
-    """(W, q, d): W = q * d with q in [-8, 7], each block holding a -8 (so the packer's
-    scale is d exactly) and d a power of two per (output, block), or 2^-4 everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (O, I // 32, 32), generator=g)
-    q[:, :, 5] = -8
-    d = 2.0 ** torch.randint(-9, -2, (O, I // 32, 1), generator=g).float()
-    if one_scale:
-        d = torch.full_like(d, 2.0 ** -4)
-    return (q * d).reshape(O, I), q.reshape(O, I), d
-
-
 def test_q4_pack_unpack_round_trip():
-    W, q, d = _exact_weights(48, 128)
+    W, q, d = exact_q4_weights(48, 128)
     wq, ws = quantize_q4(W)
     assert wq.dtype == torch.uint8 and wq.shape == (3, 4, 256) and ws.shape == (3, 4, 16)
     assert torch.equal(unpack_q4(wq), q.to(torch.int8))
@@ -63,7 +52,7 @@ def test_q4_rounding_error_and_zero_blocks():
 def test_q4_kernel_integer_math_is_exact(M):
     """Weights and activations chosen so that every product and sum is exact in fp32: the
     AVX2 path, the scalar reference and plain torch must agree bit for bit."""
-    W, _, _ = _exact_weights(48, 256, seed=M, one_scale=True)   # sums stay below 2^24 steps
+    W, _, _ = exact_q4_weights(48, 256, seed=M, one_scale=True)   # sums stay below 2^24 steps
     lin = Q4Linear(W)
     g = torch.Generator().manual_seed(100 + M)
     x = torch.randint(-100, 101, (M, 256), generator=g).float()
@@ -165,17 +154,10 @@ def test_q4_is_a_cpu_mode_with_8_bit_head_and_loras():
     assert isinstance(make_linear(torch.zeros(24, 64), "q4"), type(make_linear(torch.zeros(24, 64), None)))
 
 
-def _fused_pair(dtype):
-    sd = make_state_dict(n_layer=3, n_embd=128, vocab=65536, seed=4)
-    shape, world_ids = infer_shape(sd, "random")
-    return (RWKV7(sd, shape, dtype=dtype, world_ids=world_ids),
-            RWKV7(sd, shape, dtype=dtype, world_ids=world_ids, fused=False))
-
-
 @needs_kernel
 @pytest.mark.parametrize("B", [1, 3, 8])
 def test_q4_fused_step_matches_the_torch_layers(B):
-    fused, unfused = _fused_pair("q4")
+    fused, unfused = fused_pair("q4")
     assert fused._fused_decode() is not None and unfused._fused_decode() is None
     prompt = torch.randint(0, 65536, (B, 7), generator=torch.Generator().manual_seed(B))
     _, state = unfused.forward(prompt, None)

@@ -13,17 +13,10 @@ from rwkv_engine.core.linear import (ACT8_MAX, Q4A8Linear, Q4Linear, Q8Linear, c
                                      quantize_activations)
 from rwkv_engine.core.model import QUANT_PLAN, RWKV7, cpu_modes
 from rwkv_engine.core.random_checkpoint import make_state_dict
+from q4_cases import exact_q4_weights, fused_pair
 
 ops = cpu_ops()
 needs_kernel = pytest.mark.skipif(ops is None, reason="CPU kernels not built (no compiler?)")
-
-
-def _exact_weights(O, I, seed):
-    """W = q * 2^-4 with q in [-8, 7] and a -8 in every block (the packer's scale is 2^-4)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (O, I // 32, 32), generator=g)
-    q[:, :, 5] = -8
-    return (q * 2.0 ** -4).reshape(O, I)
 
 
 def test_activations_are_int8_per_block():
@@ -42,7 +35,7 @@ def test_activations_are_int8_per_block():
 def test_q4a8_kernel_integer_math_is_exact(M):
     """Activations that int8 represents exactly (whole steps of 2^-10, each block holding
     +-127 steps) and power-of-two weight scales: every path equals the exact product."""
-    W = _exact_weights(48, 256, seed=M)
+    W, _, _ = exact_q4_weights(48, 256, seed=M, one_scale=True)
     lin = Q4A8Linear(W)
     g = torch.Generator().manual_seed(100 + M)
     x = torch.randint(-127, 128, (M, 256), generator=g).float()
@@ -100,17 +93,10 @@ def test_q4a8_is_a_cpu_mode_on_the_q4_weights():
     assert isinstance(Q4A8Linear(torch.zeros(16, 32)), Q4Linear)
 
 
-def _fused_pair(dtype):
-    sd = make_state_dict(n_layer=3, n_embd=128, vocab=65536, seed=4)
-    shape, world_ids = infer_shape(sd, "random")
-    return (RWKV7(sd, shape, dtype=dtype, world_ids=world_ids),
-            RWKV7(sd, shape, dtype=dtype, world_ids=world_ids, fused=False))
-
-
 @needs_kernel
 @pytest.mark.parametrize("B", [1, 3, 8])
 def test_q4a8_fused_step_matches_the_torch_layers(B):
-    fused, unfused = _fused_pair("q4a8")
+    fused, unfused = fused_pair("q4a8")
     assert fused._fused_decode().q4_a8 and unfused._fused_decode() is None
     prompt = torch.randint(0, 65536, (B, 7), generator=torch.Generator().manual_seed(B))
     _, state = unfused.forward(prompt, None)
@@ -126,7 +112,7 @@ def test_q4a8_fused_step_matches_the_torch_layers(B):
     for x, y in zip(sa.wkv + sa.att_x + sa.ffn_x, sb.wkv + sb.att_x + sb.ffn_x):
         assert x.shape == y.shape and (x - y).abs().max() <= tol * max(1.0, y.abs().max().item())
     # the fused step really ran 8-bit activations: the q4 (int16) step differs from it
-    q4_fused, _ = _fused_pair("q4")
+    q4_fused, _ = fused_pair("q4")
     lq, _ = q4_fused.forward(toks, state)
     assert (la - lq).abs().amax(1).median() > 100 * row.median()
 
