@@ -223,6 +223,37 @@ void check_q8() {
   }
 }
 
+// The best path's outputs against the scalar path's (bit for bit) and fp64's, over the
+// cases of one kind of input; reported as "<what> bit-exact vs scalar (kind k)" for the
+// exact kinds 0-2, "<what> vs scalar / fp64: real data" for kind 3.
+struct PairCheck {
+  int64_t mismatches = 0, compared = 0;
+  double worst = 0.0, worst_double = 0.0;
+
+  // ys[0]: scalar, ys[1]: best path; exact: fp64 products; y0: what was accumulated onto
+  void add(const std::vector<float> (&ys)[2], const std::vector<double>& exact, const std::vector<float>& y0,
+           bool accumulate, double scale) {
+    for (size_t i = 0; i < exact.size(); ++i) {
+      ++compared;
+      if (std::memcmp(&ys[0][i], &ys[1][i], 4) != 0) ++mismatches;
+      worst = std::max(worst, std::fabs(double(ys[1][i]) - ys[0][i]) / scale);
+      const double want = exact[i] + (accumulate ? y0[i] : 0.0);
+      worst_double = std::max(worst_double, std::fabs(double(ys[1][i]) - want) / scale);
+      worst_double = std::max(worst_double, std::fabs(double(ys[0][i]) - want) / scale);
+    }
+  }
+
+  void report_kind(const std::string& what, int kind, const char* name) const {
+    if (kind < 3) {
+      report(mismatches == 0, what + " bit-exact vs scalar (kind " + std::to_string(kind) + ")", name,
+             double(mismatches), ("mismatches/" + std::to_string(compared)).c_str());
+    } else {
+      report(worst <= 1e-5, what + " vs scalar: real data", name, worst, "max_rel_err");
+      report(worst_double <= 1e-5, what + " vs fp64: real data", name, worst_double, "max_rel_err");
+    }
+  }
+};
+
 // q4: random packed nibbles (every byte is valid), activations as the q8 kinds 0-3; the
 // best path against the scalar one (bit for bit with power-of-two scales) and fp64.
 void check_q4() {
@@ -230,8 +261,7 @@ void check_q4() {
   const int64_t shapes[][2] = {{16, 32}, {48, 96}, {256, 1024}, {320, 64}};
   const int64_t rows[] = {1, 2, 3, 4, 5, 8, 9};
   for (int kind = 0; kind < 4; ++kind) {
-    int64_t mismatches = 0, compared = 0;
-    double worst = 0.0, worst_double = 0.0;
+    PairCheck check;
     for (const auto& shape : shapes)
       for (int64_t M : rows) {
         const int64_t O = shape[0], I = shape[1], NB = I / kBlock;
@@ -260,24 +290,10 @@ void check_q4() {
             q4_tiles(paths[p], c.rows(), xsum.data(), wq.data(), c.ws.data(), O, ys[p].data(), accumulate, 0, mid);
             q4_tiles(paths[p], c.rows(), xsum.data(), wq.data(), c.ws.data(), O, ys[p].data(), accumulate, mid, tiles);
           }
-          for (int64_t i = 0; i < M * O; ++i) {
-            ++compared;
-            if (std::memcmp(&ys[0][i], &ys[1][i], 4) != 0) ++mismatches;
-            worst = std::max(worst, std::fabs(double(ys[1][i]) - ys[0][i]) / scale);
-            const double want = exact[i] + (accumulate ? c.y0[i] : 0.0);
-            worst_double = std::max(worst_double, std::fabs(double(ys[1][i]) - want) / scale);
-            worst_double = std::max(worst_double, std::fabs(double(ys[0][i]) - want) / scale);
-          }
+          check.add(ys, exact, c.y0, accumulate, scale);
         }
       }
-    const char* name = q4_path_name(q4_best_path());
-    if (kind < 3) {
-      report(mismatches == 0, "q4 bit-exact vs scalar (kind " + std::to_string(kind) + ")", name,
-             double(mismatches), ("mismatches/" + std::to_string(compared)).c_str());
-    } else {
-      report(worst <= 1e-5, "q4 vs scalar: real data", name, worst, "max_rel_err");
-      report(worst_double <= 1e-5, "q4 vs fp64: real data", name, worst_double, "max_rel_err");
-    }
+    check.report_kind("q4", kind, q4_path_name(q4_best_path()));
   }
 }
 
@@ -289,8 +305,7 @@ void check_q4a8() {
   const int64_t shapes[][2] = {{16, 32}, {48, 96}, {256, 1024}, {320, 64}};
   const int64_t rows[] = {1, 2, 3, 4, 5, 8, 9};
   for (int kind = 0; kind < 4; ++kind) {
-    int64_t mismatches = 0, compared = 0;
-    double worst = 0.0, worst_double = 0.0;
+    PairCheck check;
     for (const auto& shape : shapes)
       for (int64_t M : rows) {
         const int64_t O = shape[0], I = shape[1], NB = I / kBlock;
@@ -340,24 +355,10 @@ void check_q4a8() {
             q4a8_tiles(paths[p], x, wq.data(), ws.data(), O, ys[p].data(), accumulate, 0, mid);
             q4a8_tiles(paths[p], x, wq.data(), ws.data(), O, ys[p].data(), accumulate, mid, tiles);
           }
-          for (int64_t i = 0; i < M * O; ++i) {
-            ++compared;
-            if (std::memcmp(&ys[0][i], &ys[1][i], 4) != 0) ++mismatches;
-            worst = std::max(worst, std::fabs(double(ys[1][i]) - ys[0][i]) / scale);
-            const double want = exact[i] + (accumulate ? y0[i] : 0.0);
-            worst_double = std::max(worst_double, std::fabs(double(ys[1][i]) - want) / scale);
-            worst_double = std::max(worst_double, std::fabs(double(ys[0][i]) - want) / scale);
-          }
+          check.add(ys, exact, y0, accumulate, scale);
         }
       }
-    const char* name = q4a8_path_name(q4a8_best_path());
-    if (kind < 3) {
-      report(mismatches == 0, "q4a8 bit-exact vs scalar (kind " + std::to_string(kind) + ")", name,
-             double(mismatches), ("mismatches/" + std::to_string(compared)).c_str());
-    } else {
-      report(worst <= 1e-5, "q4a8 vs scalar: real data", name, worst, "max_rel_err");
-      report(worst_double <= 1e-5, "q4a8 vs fp64: real data", name, worst_double, "max_rel_err");
-    }
+    check.report_kind("q4a8", kind, q4a8_path_name(q4a8_best_path()));
   }
 }
 
